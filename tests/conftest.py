@@ -1,0 +1,80 @@
+"""Shared fixtures: the real MiniLM encoder, shipped route sets, and the dev broker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sieve.broker import start_dev_broker
+from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
+from sieve.routeset import RouteSet, load_route_set
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def minilm() -> SentenceTransformerEncoder:
+    """The real all-MiniLM-L6-v2, loaded once per test session (1 thread: steadier)."""
+    return SentenceTransformerEncoder(batch_size=32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trivial_encoder() -> TrivialEncoder:
+    return TrivialEncoder()
+
+
+@pytest.fixture(scope="session")
+def moderation_set() -> RouteSet:
+    return load_route_set(REPO / "routes" / "moderation.yaml")
+
+
+@pytest.fixture(scope="session")
+def support_set() -> RouteSet:
+    return load_route_set(REPO / "routes" / "support.yaml")
+
+
+@pytest.fixture(scope="session")
+def dev_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A tansu broker on a free loopback port for the whole session; yields bootstrap servers."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    process = start_dev_broker(port=port, log_path=log)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def worker_env(bootstrap: str, qdrant_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a `sieve worker` subprocess in tests (fast group joins)."""
+    env = {
+        **os.environ,
+        "SIEVE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "SIEVE_QDRANT__PATH": str(qdrant_path),
+        "SIEVE_KAFKA__SESSION_TIMEOUT_S": "4",
+        "SIEVE_KAFKA__HEARTBEAT_INTERVAL_S": "1",
+        "SIEVE_KAFKA__REBALANCE_TIMEOUT_S": "10",
+        "SIEVE_KAFKA__COMMIT_INTERVAL_S": "0.5",
+        "SIEVE_ROUTE_REFRESH_S": "1",
+        "SIEVE_METRICS_PORT": "0",
+        "SIEVE_TORCH_THREADS": "1",
+        "SIEVE_LOG_LEVEL": "INFO",
+    }
+    env.update(extra)
+    return env

@@ -1,0 +1,270 @@
+"""The Faust router agent: a thin shell that takes a batch, runs the pipeline, publishes, acks.
+
+Delivery: at-least-once. A batch's events are acknowledged to Faust (which then
+commits their offsets) only after every message the batch produced was
+acknowledged by the broker. No exception escapes the agent loop: Faust's
+``take`` acks a buffered batch in a ``finally`` even when the body raised, so a
+batch that did not finish has its events marked so that ``take`` cannot ack
+them, and they are consumed again after a restart or rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+from faust.types import EventT
+
+from sieve import metrics
+from sieve.dead_letter import RawRecord, make_dead_letter
+from sieve.kafka import ssl_context
+from sieve.pipeline import BatchResult, RouterPipeline
+from sieve.publish import Outbound, plan_dead_letters
+from sieve.settings import Settings
+from sieve.store import RouteStore
+from sieve.topology import Topology
+
+log = logging.getLogger(__name__)
+
+_MAX_PROCESS_ATTEMPTS = 3
+
+
+def _credentials(settings: Settings) -> Any:
+    kafka = settings.kafka
+    context = ssl_context(kafka)
+    if kafka.sasl_mechanism is not None:
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def build_app(topology: Topology, settings: Settings) -> faust.App:
+    """A Faust app for one topology: stateless, at-least-once, no web server of its own."""
+    kafka = settings.kafka
+    return faust.App(
+        topology.consumer_group,
+        broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
+        broker_credentials=_credentials(settings),
+        broker_client_id=kafka.client_id,
+        store="memory://",
+        autodiscover=False,
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_partitions=topology.input.partitions,
+        topic_replication_factor=topology.input.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger_ms=5,
+        broker_session_timeout=kafka.session_timeout_s,
+        broker_heartbeat_interval=kafka.heartbeat_interval_s,
+        broker_rebalance_timeout=kafka.rebalance_timeout_s,
+        broker_commit_interval=kafka.commit_interval_s,
+        stream_buffer_maxsize=max(4096, 2 * topology.batching.max_events),
+        processing_guarantee="at_least_once",
+    )
+
+
+def _raw_record(event: EventT) -> RawRecord:
+    message = event.message
+    return RawRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key if isinstance(message.key, bytes | None) else None,
+        value=message.value if isinstance(message.value, bytes) else None,
+        timestamp=message.timestamp,
+    )
+
+
+class RouterWorker:
+    """One topology's router: the Faust agent, route refresh and graceful drain."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        settings: Settings,
+        pipeline: RouterPipeline,
+        store: RouteStore | None = None,
+        app: faust.App | None = None,
+    ) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.pipeline = pipeline
+        self.store = store
+        self.app = app or build_app(topology, settings)
+        self.source = self.app.topic(
+            *topology.input.topics,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=topology.input.partitions,
+        )
+        self.agent = self.app.agent(self.source, name=f"sieve.{topology.name}.router")(self._consume)
+        if store is not None:
+            self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
+        # Encoding runs here, off the event loop, one batch at a time.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="sieve-encode")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
+        self._busy = False
+        self.draining = False
+        self.send: Callable[[Outbound], Any] = self._send_via_producer
+
+    # -- the agent ---------------------------------------------------------------------------
+
+    async def _consume(self, stream: faust.StreamT) -> None:
+        batching = self.topology.batching
+        async for events in stream.take_events(batching.max_events, within=batching.max_wait_s):
+            if self.draining:
+                self._keep_unacked(events)
+                await asyncio.Event().wait()  # until the worker stops and cancels us
+            self._busy = True
+            try:
+                await self.handle(events)
+            except BaseException:
+                self._keep_unacked(events)
+                raise
+            finally:
+                self._busy = False
+
+    @staticmethod
+    def _keep_unacked(events: Sequence[EventT]) -> None:
+        """Stop ``take`` from acking events whose batch did not finish (so no commit covers them)."""
+        for event in events:
+            event.message.acked = True
+
+    async def handle(self, events: Sequence[EventT]) -> BatchResult:
+        """Process one batch to the end: it returns only once every output is acknowledged."""
+        metrics.IN_FLIGHT.labels(self.topology.name).set(1)
+        try:
+            records = [_raw_record(event) for event in events]
+            result = await self._process(records)
+            started = time.perf_counter()
+            await self._publish(result.outbound)
+            publish_seconds = time.perf_counter() - started
+            metrics.record_batch(self.topology.name, records, result, publish_seconds)
+            return result
+        finally:
+            metrics.IN_FLIGHT.labels(self.topology.name).set(0)
+
+    async def _process(self, records: list[RawRecord]) -> BatchResult:
+        """Run the pipeline off the loop; retry; isolate a record that keeps failing."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, _MAX_PROCESS_ATTEMPTS + 1):
+            try:
+                return await loop.run_in_executor(self._compute, self.pipeline.process, records)
+            except Exception:
+                log.exception("batch of %d failed (attempt %d)", len(records), attempt)
+                metrics.BATCH_RETRIES.labels(self.topology.name, "process").inc()
+                await asyncio.sleep(0.1 * 2**attempt)
+        # The batch keeps failing: process record by record; dead-letter what fails alone.
+        merged = BatchResult([], [], [])
+        for record in records:
+            try:
+                one = await loop.run_in_executor(self._compute, self.pipeline.process, [record])
+            except Exception as exc:
+                letter = make_dead_letter(
+                    record,
+                    stage="decide",
+                    reason="pipeline_error",
+                    error=f"{type(exc).__name__}: {exc}",
+                    worker=self.settings.worker_name,
+                    topology=self.topology.name,
+                    max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
+                )
+                one = BatchResult([], [letter], plan_dead_letters([letter], self.topology.output))
+            merged.decisions += one.decisions
+            merged.dead_letters += one.dead_letters
+            merged.outbound += one.outbound
+        return merged
+
+    async def _send_via_producer(self, message: Outbound) -> Any:
+        return await self.app.producer.send(
+            message.topic, message.key, message.value, None, None, list(message.headers)
+        )
+
+    async def _publish(self, outbound: list[Outbound]) -> None:
+        """Queue every send, then await the acknowledgements together; retry until they land.
+
+        A retry re-sends the whole batch: consumers may see a message twice and
+        deduplicate by decision id. Nothing is skipped.
+        """
+        delay = 0.2
+        while True:
+            try:
+                pending = [await self.send(message) for message in outbound]
+                await asyncio.gather(*pending)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("publishing %d messages failed; retrying in %.1fs", len(outbound), delay)
+                metrics.BATCH_RETRIES.labels(self.topology.name, "publish").inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # -- route-set refresh -------------------------------------------------------------------
+
+    async def _refresh_route_set(self) -> None:
+        """Pick up a newly synced route-set version without a restart."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        name = self.topology.route_set.name
+        encoder_id = self.pipeline.encoder.id
+        try:
+            version = await loop.run_in_executor(self._io, self.store.current_version, name, encoder_id)
+            if version is None or version == self.pipeline.index.version:
+                return
+            index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
+            self.pipeline.swap_index(index)
+            metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
+            metrics.ROUTE_SET.info({"route_set": name, "version": index.version, "encoder": encoder_id})
+            log.info("route set %s: now at version %s", name, index.version)
+        except Exception:
+            log.exception("route-set refresh failed; keeping version %s", self.pipeline.index.version)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Finish the batch in flight, take no new one, and commit what was acknowledged."""
+        self.draining = True
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        try:
+            await self.app.consumer.commit()
+        except Exception:
+            log.exception("final commit failed; uncommitted events will be decided again")
+
+
+class DrainingWorker(faust.Worker):
+    """A Faust worker whose SIGTERM/SIGINT first lets the router finish its batch and commit."""
+
+    def __init__(self, router: RouterWorker, *args: Any, **kwargs: Any) -> None:
+        super().__init__(router.app, *args, **kwargs)
+        self.router = router
+
+    def _on_sigterm(self) -> None:
+        asyncio.ensure_future(self._drain_then_stop(signal.SIGTERM), loop=self.loop)
+
+    def _on_sigint(self) -> None:
+        asyncio.ensure_future(self._drain_then_stop(signal.SIGINT), loop=self.loop)
+
+    async def _drain_then_stop(self, signum: signal.Signals) -> None:
+        if self.router.draining:
+            return
+        log.info("signal %s: draining the batch in flight", signum.name)
+        await self.router.drain()
+        self._schedule_shutdown(signum)

