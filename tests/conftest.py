@@ -8,11 +8,16 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (import before Faust runs: see below)
 import pytest
 
 from sieve.broker import start_dev_broker
 from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
 from sieve.routeset import RouteSet, load_route_set
+
+# hypothesis is imported here, at collection, on purpose: its pytest plugin imports it
+# lazily at the end of the session, and on CPython 3.11 that late import's ast.parse
+# failed ("AST constructor recursion depth mismatch") after the Faust agent tests.
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -112,7 +112,8 @@ class RouteStore:
                 name,
                 vectors_config=models.VectorParams(size=encoder.dim, distance=models.Distance.COSINE),
             )
-            client.create_payload_index(name, "set", models.PayloadSchemaType.KEYWORD)
+            if self.settings.url is not None:  # local mode has no payload indexes
+                client.create_payload_index(name, "set", models.PayloadSchemaType.KEYWORD)
         if not client.collection_exists(self.meta_collection):
             client.create_collection(
                 self.meta_collection,

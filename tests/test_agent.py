@@ -1,0 +1,93 @@
+"""Agent wiring with Faust's test_context(): no broker; the send function is replaced.
+
+The replaced ``send`` is a capture: it records each outbound message and returns
+an already-acknowledged future, or (fault injection) fails the first attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from sieve.agent import RouterWorker
+from sieve.match import RouteIndex
+from sieve.pipeline import RouterPipeline
+from sieve.publish import Outbound
+from sieve.settings import Settings
+from sieve.topology import load_topology
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CapturingSend:
+    """Records messages; optionally fails the first ``fail_first`` sends (fault injection)."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.sent: list[Outbound] = []
+        self.fail_first = fail_first
+        self.calls = 0
+
+    async def __call__(self, message: Outbound) -> asyncio.Future:
+        self.calls += 1
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        if self.calls <= self.fail_first:
+            future.set_exception(ConnectionError("injected: broker unreachable"))
+        else:
+            self.sent.append(message)
+            future.set_result(None)
+        return future
+
+
+@pytest.fixture
+def router(minilm, moderation_set) -> RouterWorker:
+    topology = load_topology(REPO / "topologies" / "moderation.yaml")
+    topology = topology.model_copy(
+        update={"batching": topology.batching.model_copy(update={"max_events": 8, "max_wait_s": 0.05})}
+    )
+    pipeline = RouterPipeline(topology, minilm, RouteIndex.build(moderation_set, minilm), "test")
+    return RouterWorker(topology, Settings(metrics_port=0), pipeline)
+
+
+def _event(i: int, text: str) -> bytes:
+    return json.dumps({"id": f"ev-{i}", "text": text}).encode()
+
+
+async def _run(router: RouterWorker, payloads: list[bytes], expect: int) -> None:
+    async with router.agent.test_context() as agent:
+        for payload in payloads:
+            await agent.put(payload, key=b"k", wait=False)
+        for _ in range(400):
+            if len({m.key for m in getattr(router.send, "sent", [])}) >= expect:
+                break
+            await asyncio.sleep(0.025)
+
+
+async def test_agent_decides_and_dead_letters_in_batches(router: RouterWorker) -> None:
+    capture = CapturingSend()
+    router.send = capture
+    payloads = [_event(i, f"what a lovely morning for a walk number {i}") for i in range(10)]
+    payloads += [b"{not json", json.dumps({"id": "x", "text": "  "}).encode()]
+    await _run(router, payloads, expect=11)
+    by_topic: dict[str, list[dict]] = {}
+    for message in capture.sent:
+        by_topic.setdefault(message.topic, []).append(json.loads(message.value))
+    verdicts = [d for t, ds in by_topic.items() if t.startswith("sieve.") and t != "sieve.dead-letter"
+                for d in ds]
+    assert sorted(d["event_id"] for d in verdicts) == sorted(f"ev-{i}" for i in range(10))
+    reasons = sorted(d["reason"] for d in by_topic["sieve.dead-letter"])
+    assert reasons == ["empty_text", "not_json"]
+    for decision in verdicts:
+        if decision["route"]:
+            assert decision["id"] in {d["id"] for d in by_topic["route." + decision["route"]]}
+
+
+async def test_agent_retries_publish_until_acknowledged(router: RouterWorker) -> None:
+    capture = CapturingSend(fail_first=3)
+    router.send = capture
+    await _run(router, [_event(i, "see you at the game tonight") for i in range(4)], expect=4)
+    keys = {m.key for m in capture.sent if m.topic == "sieve.clean"}
+    assert keys == {f"ev-{i}".encode() for i in range(4)}
+    assert capture.calls > len(capture.sent)  # the failed attempts were retried, not dropped
