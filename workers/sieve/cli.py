@@ -219,8 +219,12 @@ def _maybe_json(text: str) -> object:
 def dead_letters_replay(
     topic: Annotated[str, typer.Option(help="The dead-letter topic.")] = "sieve.dead-letter",
     to: Annotated[str | None, typer.Option(help="Send here instead of each letter's source topic.")] = None,
-    reason: Annotated[list[str] | None, typer.Option(help="Only letters with this reason (repeatable).")] = None,
-    group: Annotated[str, typer.Option(help="Consumer group that remembers what was replayed.")] = "sieve-dead-letter-replay",
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Only letters with this reason (repeatable).")
+    ] = None,
+    group: Annotated[
+        str, typer.Option(help="Consumer group that remembers what was replayed.")
+    ] = "sieve-dead-letter-replay",
     idle: Annotated[float, typer.Option(help="Stop after this many idle seconds.")] = 3.0,
     dry_run: Annotated[bool, typer.Option(help="Only count what would be replayed.")] = False,
 ) -> None:

@@ -75,8 +75,8 @@ class SentenceTransformerEncoder:
         max_seq_length: int | None = None,
         torch_threads: int | None = None,
     ) -> None:
-        import torch
-
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         if model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             model_path = bundled_minilm_path()
@@ -84,8 +84,9 @@ class SentenceTransformerEncoder:
         else:
             model_path = model
             self._name = model.rstrip("/").rsplit("/", 1)[-1]
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
+        # OpenMP thread counts are per OS thread: encode() re-applies this in the
+        # thread that calls it (the worker's executor thread, not the main one).
+        self.torch_threads = torch_threads
         from sentence_transformers import SentenceTransformer
 
         self.device = resolve_device(device)
@@ -118,6 +119,11 @@ class SentenceTransformerEncoder:
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
         with self._lock:
+            if self.torch_threads is not None:
+                import torch
+
+                if torch.get_num_threads() != self.torch_threads:
+                    torch.set_num_threads(self.torch_threads)
             vectors = self._model.encode(
                 texts,
                 batch_size=self.batch_size,

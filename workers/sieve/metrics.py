@@ -36,7 +36,9 @@ BATCH_RETRIES = Counter(
     "sieve_batch_retries_total", "Batches retried after a failure.", ["topology", "stage"]
 )
 ROUTE_SET = Info("sieve_route_set", "Route set in use.")
-ROUTE_SET_RELOADS = Counter("sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"])
+ROUTE_SET_RELOADS = Counter(
+    "sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"]
+)
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
 
 
