@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check workers tests load-tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 schemas: $(STAMP)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 from aiokafka import AIOKafkaConsumer
+
 from sieve.broker import start_dev_broker
 from sieve.demo import free_port, sample_events, steady_rate
 from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder

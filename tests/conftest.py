@@ -13,6 +13,7 @@ import pytest
 
 from sieve.broker import start_dev_broker
 from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
+from sieve.match import RouteIndex
 from sieve.routeset import RouteSet, load_route_set
 
 # hypothesis is imported here, at collection, on purpose: its pytest plugin imports it
@@ -48,6 +49,17 @@ def moderation_set() -> RouteSet:
 @pytest.fixture(scope="session")
 def support_set() -> RouteSet:
     return load_route_set(REPO / "routes" / "support.yaml")
+
+
+@pytest.fixture(scope="session")
+def moderation_index(minilm, moderation_set) -> RouteIndex:
+    """The shipped moderation set encoded with MiniLM (about 10 s), once per session."""
+    return RouteIndex.build(moderation_set, minilm)
+
+
+@pytest.fixture(scope="session")
+def support_index(minilm, support_set) -> RouteIndex:
+    return RouteIndex.build(support_set, minilm)
 
 
 @pytest.fixture(scope="session")

@@ -220,7 +220,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         lambda d: d["routes"][1].__setitem__("name", "alpha"),
-        ["route names must be unique", "repeated: alpha"],
+        ["route names must be unique", "route 'alpha' (routes[1]), field 'name'"],
         id="duplicate-route-names",
     ),
     pytest.param(
@@ -275,15 +275,6 @@ def test_every_error_is_reported_with_its_own_location(tmp_path):
     assert "route 'beta' (routes[1]), field 'utterances'" in lines[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "routeset.RouteSet._unique_route_names runs as a model-level validator, so its "
-        "errors are located at 'top level': a duplicate route name and a route whose merged "
-        "thresholds have review > accept are reported by name only, without the route's "
-        "index (routes[i]) or the field ('name' / 'thresholds') the module promises"
-    ),
-)
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -382,9 +373,8 @@ def test_dump_round_trips_shipped_sets(file):
     assert "null" not in text
 
 
-# Texts whose characters YAML can carry. U+0085 (NEL) is left out here: it has its
-# own (failing) test below.
-_TEXT = st.characters(codec="utf-8", exclude_characters="\x85")
+# Any text YAML can carry, U+0085 (NEL) and the Unicode line separators included.
+_TEXT = st.characters(codec="utf-8")
 _names = st.from_regex(NAME_PATTERN, fullmatch=True)
 _utterance = st.text(_TEXT, min_size=1, max_size=30).filter(lambda s: s.strip())
 _route = st.fixed_dictionaries(
@@ -417,15 +407,6 @@ def test_dump_parse_round_trip_property(routes, default, description):
     assert back.version == route_set.version
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "routeset.dump_route_set uses yaml.safe_dump(allow_unicode=True), which writes U+0085 "
-        "(NEL, e.g. a mojibake '…' from cp1252) raw inside a single-quoted scalar when a "
-        "non-space follows it; YAML treats it as a line break and folds it to a space on load, so the dumped set parses back with a "
-        "different utterance and a different version"
-    ),
-)
 def test_dump_round_trips_nel_character():
     data = base_data()
     data["routes"][0]["utterances"].append("wait for it\x85here")

@@ -126,7 +126,9 @@ class RouterWorker:
 
     async def _consume(self, stream: faust.StreamT) -> None:
         batching = self.topology.batching
-        async for events in stream.take_events(batching.max_events, within=batching.max_wait_s):
+        # take_events (faust-streaming >= 0.11) yields the events, so offsets and raw bytes are at hand.
+        batches = stream.take_events(batching.max_events, within=batching.max_wait_s)  # type: ignore[attr-defined]
+        async for events in batches:
             if self.draining:
                 self._keep_unacked(events)
                 await asyncio.Event().wait()  # until the worker stops and cancels us

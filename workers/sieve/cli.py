@@ -13,7 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sieve.routeset import RouteSet
 from sieve.settings import get_settings
+from sieve.topology import Topology
 
 app = typer.Typer(help="Sieve: route and moderate text events by meaning, at stream speed.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -111,7 +113,7 @@ def topics_create(topology_path: Path) -> None:
     console.print(f"created {len(created)} topics: {', '.join(created) or '-'}")
 
 
-async def _create_topics(topology, route_set) -> list[str]:  # type: ignore[no-untyped-def]
+async def _create_topics(topology: Topology, route_set: RouteSet) -> list[str]:
     from sieve.kafka import ensure_topics
 
     settings = get_settings()

@@ -5,10 +5,10 @@ The policy, per event, with the top route ``r1`` (score ``s1``) and runner-up ``
 1. ``s1 >= accept(r1)``: ``r1``'s outcome, unless ``r2`` has a different outcome,
    is itself inside its review band and trails by less than ``margin`` — then
    ``needs_review`` (reason ``ambiguous``).
-2. Otherwise, the best-scoring route whose outcome differs from the set's
-   default: if its score is at least its ``review`` threshold, ``needs_review``
-   (reason ``review_band``). A route with the default outcome has no review
-   band: below its accept threshold it is the default anyway.
+2. Otherwise, if any route whose outcome differs from the set's default scores
+   at least its own ``review`` threshold: ``needs_review`` (reason
+   ``review_band``, the best such route). A route with the default outcome has
+   no review band: below its accept threshold it is the default anyway.
 3. Otherwise the set's default outcome (reason ``no_match``, no route).
 """
 
@@ -79,12 +79,11 @@ def decide_scores(route_scores: np.ndarray, policy: Policy) -> list[Verdict]:
                     continue
             verdicts.append(Verdict(outcome, "accept", first))
             continue
-        candidates = np.where(non_default)[0]
-        if candidates.size:
-            best = int(candidates[np.argmax(scores[candidates])])
-            if scores[best] >= policy.review[best]:
-                verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
-                continue
+        in_band = np.where(non_default & (scores >= policy.review))[0]
+        if in_band.size:
+            best = int(in_band[np.argmax(scores[in_band])])
+            verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
+            continue
         verdicts.append(Verdict(policy.default_outcome, "no_match", None))
     return verdicts
 

@@ -59,6 +59,8 @@ def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Rejected("not_json", f"payload is not JSON: {exc.msg} at {exc.pos}") from None
+    except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
+        raise _Rejected("not_json", f"payload is not usable JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise _Rejected("schema", f"an event is a JSON object, got {type(data).__name__}")
     raw_id = data.get("id")

@@ -80,7 +80,7 @@ def steady_rate(records: list) -> tuple[float, float]:
 
 
 def _dedupe(records: list) -> list:
-    unique = {}
+    unique: dict[str, object] = {}
     for record in records:
         unique.setdefault(json.loads(record.value)["id"], record)
     return list(unique.values())

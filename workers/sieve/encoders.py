@@ -97,9 +97,9 @@ class SentenceTransformerEncoder:
             self._model.max_seq_length = max_seq_length
         self._model.eval()
         self.batch_size = batch_size
-        dim = self._model.get_embedding_dimension() if hasattr(
-            self._model, "get_embedding_dimension"
-        ) else self._model.get_sentence_embedding_dimension()
+        dim = self._model.get_embedding_dimension()
+        if dim is None:
+            raise ValueError(f"model {model_path} does not say its embedding size")
         self._dim = int(dim)
         # torch modules are not safe to call from two threads at once.
         self._lock = threading.Lock()

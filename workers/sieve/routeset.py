@@ -130,16 +130,19 @@ class RouteSet(BaseModel):
 
     @model_validator(mode="after")
     def _unique_route_names(self) -> RouteSet:
-        names = [route.name for route in self.routes]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"route names must be unique; repeated: {', '.join(duplicates)}")
-        for route in self.routes:
+        first_at: dict[str, int] = {}
+        for index, route in enumerate(self.routes):
+            if route.name in first_at:
+                raise ValueError(
+                    f"route {route.name!r} (routes[{index}]), field 'name': repeats the name "
+                    f"of routes[{first_at[route.name]}]; route names must be unique"
+                )
+            first_at[route.name] = index
             merged = (route.thresholds or ThresholdOverrides()).over(self.defaults.thresholds)
             if merged.review > merged.accept:
                 raise ValueError(
-                    f"route '{route.name}': review ({merged.review}) exceeds accept "
-                    f"({merged.accept}) once merged with the defaults"
+                    f"route {route.name!r} (routes[{index}]), field 'thresholds': review "
+                    f"({merged.review}) exceeds accept ({merged.accept}) once merged with the defaults"
                 )
         return self
 
@@ -198,6 +201,8 @@ def parse_route_set(data: object, source: str = "<memory>") -> RouteSet:
     except ValidationError as exc:
         lines = [
             f"{source}: {_describe_location(data, tuple(err['loc']))}: {err['msg']}"
+            if err["loc"]
+            else f"{source}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         ]
         raise RouteSetError("\n".join(lines)) from None
@@ -217,7 +222,22 @@ def load_route_set(path: str | Path) -> RouteSet:
     return parse_route_set(data, str(path))
 
 
+_YAML_BREAKS = ("\x85", "\u2028", "\u2029")
+
+
+class _RouteSetDumper(yaml.SafeDumper):
+    """Safe YAML, but strings holding YAML's extra line breaks are double-quoted (escaped)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if any(ch in value for ch in _YAML_BREAKS) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_RouteSetDumper.add_representer(str, _represent_str)
+
+
 def dump_route_set(route_set: RouteSet) -> str:
-    """The route set as YAML a person can read and edit."""
+    """The route set as YAML a person can read and edit (round-trips exactly)."""
     data = route_set.model_dump(mode="json", exclude_none=True)
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(data, Dumper=_RouteSetDumper, sort_keys=False, allow_unicode=True, width=100)

@@ -194,7 +194,8 @@ class RouteStore:
             for pid in changed_ids:
                 client.set_payload(collection, {**wanted[pid], "version": version}, points=[pid])
             if stale_ids:
-                client.delete(collection, points_selector=models.PointIdsList(points=stale_ids))
+                stale: list[models.ExtendedPointId] = list(stale_ids)
+                client.delete(collection, points_selector=models.PointIdsList(points=stale))
             client.upsert(
                 self.meta_collection,
                 points=[

@@ -7,8 +7,9 @@ topics are built from it (:mod:`sieve.agent`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sieve.routeset import NAME_PATTERN, RouteSet, ThresholdOverrides, load_route_set
 
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
+TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]
 
 
 class TopologyError(ValueError):
@@ -27,7 +29,7 @@ class InputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    topics: list[str] = Field(min_length=1)
+    topics: list[TopicName] = Field(min_length=1)
     partitions: int = Field(default=4, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=16)
 
@@ -83,12 +85,12 @@ class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Explicit outcome -> topic pairs, e.g. {clean: sieve.clean, needs_review: sieve.needs-review}.
-    outcome_topics: dict[str, str] = Field(default_factory=dict)
+    outcome_topics: dict[str, TopicName] = Field(default_factory=dict)
     # For outcomes not listed: a template with {outcome}, e.g. "support.{outcome}". Null: none.
     outcome_topic_template: str | None = None
     # Every decision with a route also goes to <prefix><route>; null turns it off.
     route_topic_prefix: str | None = "route."
-    dead_letter_topic: str = "sieve.dead-letter"
+    dead_letter_topic: TopicName = "sieve.dead-letter"
     partitions: int = Field(default=4, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=16)
 
@@ -130,6 +132,12 @@ class Topology(BaseModel):
                 self.output.topic_for(outcome)
             except KeyError:
                 missing.append(outcome)
+        bad = [t for t in self.output_topics(route_set, check=False) if not re.match(TOPIC_PATTERN, t)]
+        if bad:
+            raise TopologyError(
+                f"topology {self.name!r}: output topic name(s) {', '.join(bad)} are not legal "
+                "Kafka topic names (letters, digits, '.', '_', '-')"
+            )
         if missing:
             raise TopologyError(
                 f"topology {self.name!r}: output has no topic for outcome(s) "
@@ -137,9 +145,16 @@ class Topology(BaseModel):
                 "output.outcome_topics or set output.outcome_topic_template"
             )
 
-    def output_topics(self, route_set: RouteSet) -> list[str]:
+    def output_topics(self, route_set: RouteSet, *, check: bool = True) -> list[str]:
         """Every topic this topology may write to, for creating them up front."""
-        topics = {self.output.topic_for(o) for o in route_set.outcomes}
+        if check:
+            self.check_outcomes(route_set)
+        topics = set()
+        for outcome in route_set.outcomes:
+            try:
+                topics.add(self.output.topic_for(outcome))
+            except KeyError:
+                continue
         if self.output.route_topic_prefix is not None:
             topics |= {self.output.route_topic_prefix + r.name for r in route_set.routes}
         topics.add(self.output.dead_letter_topic)
