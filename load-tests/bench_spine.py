@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -78,6 +79,17 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def stage_seconds(port: int) -> dict[str, float]:
+    """Seconds the worker spent in each stage, summed over its batches (from /metrics)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sieve_stage_seconds_sum{"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            totals[stage] = totals.get(stage, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 def worker_run(kind: str, events: list[dict], batch: int, threads: int, tmp: Path) -> dict:
     """One worker over a backlog: events/s from its first to its last decision, and peak memory."""
     port = free_port()
@@ -97,8 +109,9 @@ def worker_run(kind: str, events: list[dict], batch: int, threads: int, tmp: Pat
     }
     topology_path = tmp / f"topology-{kind}.yaml"
     topology_path.write_text(yaml.safe_dump(topology))
+    metrics_port = free_port()
     env = {**os.environ, "SIEVE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-           "SIEVE_QDRANT__PATH": str(qdrant), "SIEVE_METRICS_PORT": "0",
+           "SIEVE_QDRANT__PATH": str(qdrant), "SIEVE_METRICS_PORT": str(metrics_port),
            "SIEVE_TORCH_THREADS": str(threads), "SIEVE_LOG_LEVEL": "WARNING",
            "SIEVE_KAFKA__SESSION_TIMEOUT_S": "4", "SIEVE_KAFKA__HEARTBEAT_INTERVAL_S": "1"}
     asyncio.run(produce(kafka, "bench.in", [(e["id"].encode(), json.dumps(e).encode()) for e in events]))
@@ -108,6 +121,7 @@ def worker_run(kind: str, events: list[dict], batch: int, threads: int, tmp: Pat
         records = asyncio.run(_decisions(kafka, ["bench.clean", "bench.violating", "bench.needs-review"],
                                          len(events), timeout_s=1800))
         memory = peak_rss_mib(worker.pid)
+        stages = stage_seconds(metrics_port)
     finally:
         worker.terminate()
         worker.wait(60)
@@ -115,7 +129,7 @@ def worker_run(kind: str, events: list[dict], batch: int, threads: int, tmp: Pat
         broker.wait(10)
     decided = len({json.loads(r.value)["event_id"] for r in records})
     rate, _ = steady_rate(records)
-    return {"decided": decided, "rate": rate, "memory_mib": memory}
+    return {"decided": decided, "rate": rate, "memory_mib": memory, "stage_seconds": stages}
 
 
 def main() -> None:
@@ -150,6 +164,11 @@ def main() -> None:
     print(f"| worker end to end, trivial encoder (ceiling) | {ceiling['decided']} events "
           f"| {ceiling['rate']:.0f} | {ceiling['memory_mib']:.0f} MiB |")
     print(f"\nend to end / encoder best: {e2e['rate'] / best['rate']:.0%} (target ≥ 80%)")
+    for label, run in (("MiniLM", e2e), ("trivial", ceiling)):
+        stages = run["stage_seconds"]
+        total = sum(stages.values())
+        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
+        print(f"worker time by stage ({label}, {total:.1f} s in batches): {shares}")
     if args.json:
         args.json.write_text(json.dumps({"encoder": enc_rows, "best": best, "end_to_end": e2e,
                                          "ceiling": ceiling}, indent=2))

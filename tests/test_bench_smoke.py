@@ -1,0 +1,28 @@
+"""The spine benchmark runs in CI at a small size, so it cannot go stale (figures not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_spine_runs_and_prints_its_table(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "load-tests" / "bench_spine.py"), "--events", "300", "--quick",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "| worker end to end, MiniLM |" in result.stdout
+    assert "| worker end to end, trivial encoder (ceiling) |" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["end_to_end"]["decided"] == 300
+    assert figures["best"]["rate"] > 0 and figures["end_to_end"]["memory_mib"] > 0
