@@ -130,7 +130,8 @@ def worker(
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.agent import DrainingWorker, RouterWorker
     from sieve.encoders import build_text_encoder
-    from sieve.metrics import ROUTE_SET, serve
+    from sieve.health import attach_router, serve
+    from sieve.metrics import ROUTE_SET
     from sieve.pipeline import RouterPipeline
     from sieve.routeset import RouteSetError
     from sieve.store import RouteStore, RouteStoreError
@@ -153,14 +154,33 @@ def worker(
         _fail(str(exc))
     asyncio.run(_create_topics(topology, index.route_set))
     ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": encoder.id})
-    serve(settings.metrics_host, settings.metrics_port)
     router = RouterWorker(topology, settings, pipeline, store)
+    attach_router(router)  # /healthz heartbeat, /readyz checks, consumer-lag gauges
+    serve(settings.metrics_host, settings.metrics_port, settings.health)
     console.print(
         f"worker {settings.worker_name}: topology {topology.name}, route set "
         f"{index.route_set.name}@{index.version}, encoder {encoder.id}, "
         f"metrics :{settings.metrics_port}"
     )
     DrainingWorker(router, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def review(
+    topology_path: Annotated[Path, typer.Argument(help="Topology YAML, e.g. topologies/moderation.yaml")],
+) -> None:
+    """Run an LLM reviewer for a topology's needs-review topic (settings: SIEVE_LLM__*)."""
+    from sieve.reviewer import run_reviewer
+    from sieve.routeset import RouteSetError
+    from sieve.topology import TopologyError, load_topology, load_topology_route_set
+
+    _setup_logging()
+    try:
+        topology = load_topology(topology_path)
+        route_set = load_topology_route_set(topology)
+    except (TopologyError, RouteSetError, ValueError) as exc:
+        _fail(str(exc))
+    run_reviewer(topology, route_set, get_settings(), console.print)
 
 
 @app.command()

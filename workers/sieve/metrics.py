@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from sieve.dead_letter import RawRecord
 from sieve.pipeline import BatchResult
@@ -40,6 +40,20 @@ ROUTE_SET_RELOADS = Counter(
     "sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"]
 )
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
+CONSUMER_LAG = Gauge(
+    "sieve_consumer_lag",
+    "Records not yet committed per assigned input partition: the high-water mark from the last "
+    "Fetch response minus the group's committed offset.",
+    ["topology", "topic", "partition"],
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "sieve_assigned_partitions", "Input partitions assigned to this worker.", ["topology"]
+)
+HEARTBEAT = Gauge(
+    "sieve_heartbeat_timestamp_seconds",
+    "Unix time of the event loop's last heartbeat (what /healthz checks).",
+    ["topology"],
+)
 
 
 def record_batch(
@@ -64,6 +78,7 @@ def record_batch(
 
 
 def serve(host: str, port: int) -> None:
-    """Start the /metrics endpoint in a background thread (port 0: off)."""
-    if port:
-        start_http_server(port, addr=host)
+    """Start /metrics, /healthz and /readyz in a background thread (port 0: off); see health.py."""
+    from sieve import health  # health imports this module
+
+    health.serve(host, port)

@@ -63,6 +63,19 @@ class DevBrokerSettings(BaseModel):
     port: int = 19092
 
 
+class HealthSettings(BaseModel):
+    """What a worker's ``/healthz`` (liveness) and ``/readyz`` (readiness) answer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Not alive when the event loop's heartbeat (every heartbeat_s) is older than this.
+    stall_s: float = Field(default=30.0, gt=0)
+    # Before its first heartbeat a worker counts as alive for this long (group join, Kafka down).
+    startup_s: float = Field(default=300.0, gt=0)
+    # How often the heartbeat and the consumer-lag gauges are updated.
+    heartbeat_s: float = Field(default=1.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Process-wide settings. Build once with :func:`get_settings`."""
 
@@ -80,6 +93,8 @@ class Settings(BaseSettings):
     # Prometheus endpoint of a worker; 0 turns it off.
     metrics_port: int = 9108
     metrics_host: str = "0.0.0.0"
+    # Liveness and readiness endpoints, served on metrics_port next to /metrics.
+    health: HealthSettings = HealthSettings()
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # How often a worker asks the route store whether its route set changed.
     route_refresh_s: float = 5.0
