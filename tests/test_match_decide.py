@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sieve.contracts import NEEDS_REVIEW, Decision, Event
+from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
 from sieve.decide import Policy, decide, decide_scores
 from sieve.match import RouteIndex, aggregate, example_id, match_batch
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
@@ -117,10 +117,12 @@ def test_route_index_layout():
     assert index.vectors.shape == (5, 3) and index.vectors.dtype == np.float32
 
 
-def test_route_index_refuses_a_route_without_examples():
+def test_route_index_leaves_out_routes_without_examples_in_its_space():
     examples = {"a": [("id", "a0", np.array([1.0, 0.0, 0.0]))]}
-    with pytest.raises(ValueError, match="route 'b' has no example vectors"):
-        RouteIndex.from_examples(HAND, HAND.version, "hand:3d", examples)
+    index = RouteIndex.from_examples(HAND, HAND.version, "hand:3d", examples)
+    assert index.route_names == ["a"] and index.bounds == ((0, 1),)
+    with pytest.raises(ValueError, match="no examples in the text space"):
+        RouteIndex.from_examples(HAND, HAND.version, "hand:3d", {})
 
 
 def test_example_id_is_deterministic_and_distinct():
@@ -349,7 +351,8 @@ def test_decide_metadata_and_ids():
         assert decision.decided_by == "router"
         assert decision.decided_at == DECIDED_AT
         assert decision.modality == "text"
-        assert decision.event == Event(id=f"e{i}", text=f"text {i}")
+        assert decision.event == EventView.of(Event(id=f"e{i}", text=f"text {i}"))
+        assert decision.image is None
     assert decisions[0].latency_ms == pytest.approx(250.0, abs=1e-3)
     assert decisions[1].latency_ms is None
     assert decisions[2].latency_ms == pytest.approx(2000.0, abs=1e-3)

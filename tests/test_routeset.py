@@ -155,12 +155,12 @@ def test_version_ignores_explicit_defaults():
 ERROR_CASES = [
     pytest.param(
         lambda d: d["routes"][1].pop("utterances"),
-        ["route 'beta' (routes[1])", "field 'utterances'", "Field required"],
+        ["route 'beta' (routes[1])", "a route needs examples"],
         id="missing-utterances",
     ),
     pytest.param(
         lambda d: d["routes"][1].__setitem__("utterances", []),
-        ["route 'beta' (routes[1])", "field 'utterances'"],
+        ["route 'beta' (routes[1])", "a route needs examples"],
         id="no-utterances",
     ),
     pytest.param(

@@ -64,6 +64,39 @@ class Event(BaseModel):
         return self
 
 
+class ImageRef(BaseModel):
+    """What a decision carries of an image instead of its pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str
+    uri: str | None = Field(default=None, description="The event's image_uri; null for inline images.")
+    format: str
+    width: int
+    height: int
+    bytes: int
+
+
+class EventView(BaseModel):
+    """The event as a decision carries it: everything but inline image bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: EventId
+    modality: Modality = "text"
+    text: str | None = None
+    image_uri: str | None = None
+    tenant: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+    @classmethod
+    def of(cls, event: Event) -> EventView:
+        """The view of an event (drops ``image_b64``)."""
+        return cls(id=event.id, modality=event.modality, text=event.text, image_uri=event.image_uri,
+                   tenant=event.tenant, metadata=event.metadata, created_at=event.created_at)
+
+
 class RouteScore(BaseModel):
     """A route's aggregated similarity to the event."""
 
@@ -83,6 +116,34 @@ class NearestExample(BaseModel):
     route: str
     text: str
     score: float
+
+
+class Review(BaseModel):
+    """What the LLM reviewer made of a ``needs_review`` decision (``decided_by: llm``, or a hand-off).
+
+    On a verdict, the decision's ``outcome`` and ``route`` are the LLM's and the
+    router's scores are kept. On a hand-off to human review, ``verdict`` is null
+    (or the LLM's answer that was not used) and ``handoff_reason`` says why.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="The LLM that was asked (or would have been).")
+    verdict: str | None = Field(default=None, description="The outcome the LLM chose.")
+    route: str | None = Field(default=None, description="The route the LLM chose; null for none.")
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    rationale: str | None = None
+    handoff_reason: str | None = Field(
+        default=None,
+        description="Set when the event went to human review: e.g. 'malformed_reply', "
+        "'over_daily_token_budget', 'image_not_accepted'.",
+    )
+    error: str | None = Field(default=None, description="Detail of the hand-off reason.")
+    router_decision_id: str = Field(description="The id of the needs_review decision reviewed.")
+    tokens_in: int = 0
+    tokens_out: int = 0
+    attempts: int = Field(default=0, description="HTTP requests made for this review.")
+    review_ms: float | None = Field(default=None, description="Time spent reviewing, waits included.")
 
 
 class Decision(BaseModel):
@@ -110,8 +171,10 @@ class Decision(BaseModel):
     )
     decided_at: datetime
     modality: Modality
-    event: Event
+    event: EventView
+    image: ImageRef | None = Field(default=None, description="For image events: the image, by reference.")
     source_topic: str | None = None
+    review: Review | None = Field(default=None, description="Set by the LLM reviewer.")
 
     @staticmethod
     def make_id(event_id: str, route_set_version: str) -> str:

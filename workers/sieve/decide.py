@@ -9,7 +9,8 @@ The policy, per event, with the top route ``r1`` (score ``s1``) and runner-up ``
    at least its own ``review`` threshold: ``needs_review`` (reason
    ``review_band``, the best such route). A route with the default outcome has
    no review band: below its accept threshold it is the default anyway.
-3. Otherwise the set's default outcome (reason ``no_match``, no route).
+3. Otherwise the set's default outcome (reason ``no_match``, no route), or
+   ``needs_review`` when the set says ``defaults.no_match: needs_review``.
 """
 
 from __future__ import annotations
@@ -19,32 +20,46 @@ from datetime import datetime
 
 import numpy as np
 
-from sieve.contracts import NEEDS_REVIEW, Decision, DecisionReason, Event, NearestExample, RouteScore
+from sieve.contracts import (
+    NEEDS_REVIEW,
+    Decision,
+    DecisionReason,
+    Event,
+    EventView,
+    ImageRef,
+    NearestExample,
+    RouteScore,
+)
 from sieve.match import MatchResult, RouteIndex
 from sieve.routeset import ThresholdOverrides
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Per-route thresholds as arrays aligned with a :class:`RouteIndex`'s routes."""
+    """Per-route thresholds as arrays aligned with a :class:`RouteIndex`'s routes (one space)."""
 
     accept: np.ndarray
     review: np.ndarray
     margin: np.ndarray
     outcomes: tuple[str, ...]
     default_outcome: str
+    # True: an event no route accepts or holds in its review band goes to review, not the default.
+    no_match_review: bool = False
 
     @classmethod
     def for_index(cls, index: RouteIndex, overrides: ThresholdOverrides | None = None) -> Policy:
-        """Thresholds of every route: set defaults < topology overrides < route's own."""
+        """Thresholds of the index's routes in its space: set defaults < topology overrides < route's own."""
         route_set = index.route_set
-        merged = [route_set.thresholds_for(route, overrides) for route in route_set.routes]
+        merged = [route_set.thresholds_for(route, overrides, index.space) for route in index.routes]
         return cls(
             accept=np.array([t.accept for t in merged], dtype=np.float32),
             review=np.array([t.review for t in merged], dtype=np.float32),
             margin=np.array([t.margin for t in merged], dtype=np.float32),
-            outcomes=tuple(route.outcome for route in route_set.routes),
+            outcomes=tuple(route.outcome for route in index.routes),
             default_outcome=route_set.default_outcome,
+            no_match_review=(
+                route_set.defaults if index.space == "text" else route_set.image_defaults
+            ).no_match == "needs_review",
         )
 
 
@@ -84,7 +99,8 @@ def decide_scores(route_scores: np.ndarray, policy: Policy) -> list[Verdict]:
             best = int(in_band[np.argmax(scores[in_band])])
             verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
             continue
-        verdicts.append(Verdict(policy.default_outcome, "no_match", None))
+        no_match = NEEDS_REVIEW if policy.no_match_review else policy.default_outcome
+        verdicts.append(Verdict(no_match, "no_match", None))
     return verdicts
 
 
@@ -97,11 +113,12 @@ def decide(
     decided_at: datetime,
     event_times: list[float | None] | None = None,
     source_topics: list[str | None] | None = None,
+    images: list[ImageRef | None] | None = None,
     top_routes: int = 5,
 ) -> list[Decision]:
     """One Decision per event, in order."""
     verdicts = decide_scores(match.route_scores, policy)
-    routes = index.route_set.routes
+    routes = index.routes
     decided_ts = decided_at.timestamp()
     decisions: list[Decision] = []
     for i, (event, verdict) in enumerate(zip(events, verdicts, strict=True)):
@@ -138,7 +155,8 @@ def decide(
                 latency_ms=(decided_ts - event_time) * 1000.0 if event_time else None,
                 decided_at=decided_at,
                 modality=event.modality,
-                event=event,
+                event=EventView.of(event),
+                image=images[i] if images else None,
                 source_topic=source_topics[i] if source_topics else None,
             )
         )

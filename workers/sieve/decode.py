@@ -41,6 +41,40 @@ def _validation_summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+MAX_JSON_DEPTH = 64
+
+
+def nesting_depth(payload: bytes, stop_at: int = MAX_JSON_DEPTH + 1) -> int:
+    """How deep JSON arrays/objects nest (strings skipped); stops counting at ``stop_at``.
+
+    Checked before ``json.loads`` so deep nesting is refused without a RecursionError
+    (after which CPython 3.11 can fail later ``ast.parse`` calls in the same thread).
+    """
+    if payload.count(b"[") + payload.count(b"{") < stop_at:
+        return 0  # cannot nest deeper than the number of openers
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest >= stop_at:
+                    return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]) -> Event:
     """Decode one record or raise ``_Rejected`` with a reason code."""
     payload = record.value
@@ -55,11 +89,14 @@ def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _Rejected("invalid_utf8", f"payload is not UTF-8 at byte {exc.start}") from None
+    depth = nesting_depth(payload)
+    if depth > MAX_JSON_DEPTH:
+        raise _Rejected("not_json", f"JSON nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Rejected("not_json", f"payload is not JSON: {exc.msg} at {exc.pos}") from None
-    except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
+    except (RecursionError, ValueError) as exc:  # integers too long, or a nesting we missed
         raise _Rejected("not_json", f"payload is not usable JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise _Rejected("schema", f"an event is a JSON object, got {type(data).__name__}")

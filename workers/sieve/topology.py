@@ -59,6 +59,23 @@ class EncoderSpec(BaseModel):
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
 
 
+class ImageEncoderSpec(BaseModel):
+    """The image encoder: an open_clip model.
+
+    ``model`` is an open_clip model name (``ViT-B-32``) with ``pretrained`` a tag
+    (``laion2b_s34b_b79k``), or ``local-dir:/abs/path`` holding
+    ``open_clip_config.json`` + ``open_clip_model.safetensors`` (``pretrained`` null).
+    Relative ``local-dir:`` paths resolve against the topology file.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["open_clip"] = "open_clip"
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+
 class BatchingSpec(BaseModel):
     """How events are gathered: up to ``max_events``, or what came in ``max_wait_s``."""
 
@@ -77,6 +94,11 @@ class LimitsSpec(BaseModel):
     max_event_bytes: int = Field(default=1_000_000, ge=64)
     # A dead letter whose payload is larger carries a truncated copy plus size and hash.
     max_dead_letter_payload_bytes: int = Field(default=512_000, ge=64)
+    # Images: encoded size (inline or downloaded), pixels (decompression bombs), formats.
+    max_image_bytes: int = Field(default=10_000_000, ge=64)
+    max_image_pixels: int = Field(default=40_000_000, ge=64)
+    max_image_frames: int = Field(default=1000, ge=1)
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 
 class OutputSpec(BaseModel):
@@ -104,6 +126,38 @@ class OutputSpec(BaseModel):
         return topic
 
 
+class ReviewSpec(BaseModel):
+    """The LLM reviewer of this topology's needs-review topic (``sieve review``).
+
+    Token budgets count prompt plus completion tokens. ``daily_token_budget`` is
+    per reviewer process (a UTC day): the cluster's budget is the sum over replicas.
+    What is over a budget goes to ``human_review_topic``, never dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Null: the topic the needs_review outcome maps to in ``output``.
+    input_topic: TopicName | None = None
+    # Null: "<the topology's consumer group>-review".
+    group_id: str | None = None
+    human_review_topic: TopicName = "sieve.human-review"
+    batching: BatchingSpec = BatchingSpec(max_events=32, max_wait_s=0.5)
+    max_concurrency: int = Field(default=8, ge=1, le=1024)
+    max_reviews_per_s: float = Field(default=10.0, gt=0)
+    # Sent as the completion limit of each request.
+    max_output_tokens: int = Field(default=300, ge=16)
+    # Estimated prompt tokens + max_output_tokens; a review that would need more is handed off.
+    max_tokens_per_review: int = Field(default=4000, ge=64)
+    # Null: no daily limit.
+    daily_token_budget: int | None = Field(default=5_000_000, ge=1)
+    # A verdict below this confidence goes to human review (with the LLM's answer attached).
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Image events: attached to the request when true, else handed to human review.
+    accepts_images: bool = False
+    # Nearest route examples (carried in the decision) shown to the LLM.
+    max_examples: int = Field(default=8, ge=0, le=100)
+
+
 class Topology(BaseModel):
     """One worker's pipeline."""
 
@@ -114,10 +168,20 @@ class Topology(BaseModel):
     input: InputSpec
     route_set: RouteSetRef
     encoder: EncoderSpec = EncoderSpec()
+    # Set to route image events; without it they go to the dead-letter topic.
+    image_encoder: ImageEncoderSpec | None = None
     batching: BatchingSpec = BatchingSpec()
     limits: LimitsSpec = LimitsSpec()
     thresholds: ThresholdOverrides | None = None
+    image_thresholds: ThresholdOverrides | None = None
     output: OutputSpec
+    # The LLM reviewer of the needs-review topic; null: `sieve review` runs with the defaults.
+    review: ReviewSpec | None = None
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        """The event modalities this topology decides."""
+        return frozenset({"text", "image"} if self.image_encoder is not None else {"text"})
 
     @property
     def consumer_group(self) -> str:
@@ -184,6 +248,12 @@ def load_topology(path: str | Path) -> Topology:
     if ref.file is not None and not ref.file.is_absolute():
         ref = ref.model_copy(update={"file": (path.parent / ref.file).resolve()})
         topology = topology.model_copy(update={"route_set": ref})
+    spec = topology.image_encoder
+    if spec is not None and spec.model.startswith("local-dir:"):
+        local = Path(spec.model.removeprefix("local-dir:"))
+        if not local.is_absolute():
+            spec = spec.model_copy(update={"model": f"local-dir:{(path.parent / local).resolve()}"})
+            topology = topology.model_copy(update={"image_encoder": spec})
     return topology
 
 
