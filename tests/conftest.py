@@ -12,7 +12,7 @@ import hypothesis  # noqa: F401  (import before Faust runs: see below)
 import pytest
 
 from sieve.broker import start_dev_broker
-from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
+from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder, TrivialEncoder, save_tiny_clip
 from sieve.match import RouteIndex
 from sieve.routeset import RouteSet, load_route_set
 
@@ -60,6 +60,17 @@ def moderation_index(minilm, moderation_set) -> RouteIndex:
 @pytest.fixture(scope="session")
 def support_index(minilm, support_set) -> RouteIndex:
     return RouteIndex.build(support_set, minilm)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny open_clip model with seeded random weights, saved once per session."""
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_dir: Path) -> OpenClipEncoder:
+    return OpenClipEncoder(f"local-dir:{tiny_clip_dir}", None, device="cpu")
 
 
 @pytest.fixture(scope="session")

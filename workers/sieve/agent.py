@@ -224,18 +224,21 @@ class RouterWorker:
         assert self.store is not None
         loop = asyncio.get_running_loop()
         name = self.topology.route_set.name
-        encoder_id = self.pipeline.encoder.id
-        try:
-            version = await loop.run_in_executor(self._io, self.store.current_version, name, encoder_id)
-            if version is None or version == self.pipeline.index.version:
-                return
-            index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
-            self.pipeline.swap_index(index)
-            metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
-            metrics.ROUTE_SET.info({"route_set": name, "version": index.version, "encoder": encoder_id})
-            log.info("route set %s: now at version %s", name, index.version)
-        except Exception:
-            log.exception("route-set refresh failed; keeping version %s", self.pipeline.index.version)
+        for space, current in self.pipeline.indexes.items():
+            encoder_id = current.encoder_id
+            try:
+                version = await loop.run_in_executor(
+                    self._io, self.store.current_version, name, encoder_id
+                )
+                if version is None or version == current.version:
+                    continue
+                index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
+                self.pipeline.swap_index(index)
+                metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
+                metrics.ROUTE_SET.info({"route_set": name, "version": index.version, "encoder": encoder_id})
+                log.info("route set %s (%s space): now at version %s", name, space, index.version)
+            except Exception:
+                log.exception("route-set refresh failed; keeping version %s", current.version)
 
     # -- shutdown ----------------------------------------------------------------------------
 

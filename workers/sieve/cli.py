@@ -78,29 +78,68 @@ def routes_check(path: Path) -> None:
 
 
 @routes_app.command("sync")
-def routes_sync(path: Path, encoder: EncoderKind = "sentence-transformers", model: ModelOpt = None) -> None:
-    """Encode a route file's examples and write them to the route store (only what changed)."""
-    from sieve.encoders import build_text_encoder
+def routes_sync(
+    path: Path,
+    encoder: EncoderKind = "sentence-transformers",
+    model: ModelOpt = None,
+    image_model: Annotated[
+        str | None, typer.Option(help="open_clip model for image examples and prompts, e.g. ViT-B-32 "
+                                      "or local-dir:/path; default: the topology's, else none.")
+    ] = None,
+    image_pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag.")] = None,
+    topology_path: Annotated[
+        Path | None, typer.Option("--topology", help="Take the encoders from this topology.")
+    ] = None,
+) -> None:
+    """Encode a route file's examples and write them to the route store (only what changed).
+
+    Utterances go to the text encoder's collection; example images and CLIP prompts
+    to the image encoder's, when one is given (directly or by a topology).
+    """
+    from sieve.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
     from sieve.routeset import RouteSetError, load_route_set
     from sieve.store import RouteStore, RouteStoreError
-    from sieve.topology import EncoderSpec
+    from sieve.topology import EncoderSpec, ImageEncoderSpec, TopologyError, load_topology
 
     settings = get_settings()
     try:
         route_set = load_route_set(path)
-        text_encoder = build_text_encoder(
-            EncoderSpec(kind=encoder, model=model),  # type: ignore[arg-type]
-            device=settings.device,
-            torch_threads=settings.torch_threads,
-        )
-        report = RouteStore(settings.qdrant).sync(route_set, text_encoder)
-    except (RouteSetError, RouteStoreError, ValueError) as exc:
+        text_spec = EncoderSpec(kind=encoder, model=model)  # type: ignore[arg-type]
+        image_spec = None
+        if topology_path is not None:
+            topology = load_topology(topology_path)
+            text_spec, image_spec = topology.encoder, topology.image_encoder
+        if image_model is not None:
+            image_spec = ImageEncoderSpec(model=image_model, pretrained=image_pretrained)
+        encoders: list[TextEncoder | ImageEncoder] = []
+        if route_set.routes_in("text"):
+            encoders.append(build_text_encoder(text_spec, device=settings.device,
+                                               torch_threads=settings.torch_threads))
+        if route_set.routes_in("image"):
+            if image_spec is None:
+                _fail(f"{path} has image examples or prompts: give --image-model or --topology")
+            else:
+                encoders.append(build_image_encoder(image_spec, device=settings.device,
+                                                    torch_threads=settings.torch_threads))
+        store = RouteStore(settings.qdrant)
+        reports = [store.sync(route_set, text_or_image) for text_or_image in encoders]
+    except (RouteSetError, RouteStoreError, TopologyError, ValueError) as exc:
         _fail(str(exc))
-    console.print(
-        f"synced {report.route_set} {report.previous_version or '(new)'} -> {report.version} "
-        f"in {report.collection}: +{report.added} ~{report.updated} -{report.deleted} "
-        f"={report.unchanged}"
-    )
+    for report in reports:
+        console.print(
+            f"synced {report.route_set} {report.previous_version or '(new)'} -> {report.version} "
+            f"in {report.collection}: +{report.added} ~{report.updated} -{report.deleted} "
+            f"={report.unchanged}"
+        )
+
+
+@app.command("tiny-clip")
+def tiny_clip(directory: Path, seed: int = 0) -> None:
+    """Write a tiny open_clip model with seeded random weights (tests and the offline image demo)."""
+    from sieve.encoders import save_tiny_clip
+
+    save_tiny_clip(directory, seed)
+    console.print(f"wrote a tiny open_clip model to {directory}; use model: local-dir:{directory.resolve()}")
 
 
 @topics_app.command("create")
@@ -129,7 +168,7 @@ def worker(
 ) -> None:
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.agent import DrainingWorker, RouterWorker
-    from sieve.encoders import build_text_encoder
+    from sieve.encoders import build_image_encoder, build_text_encoder
     from sieve.health import attach_router, serve
     from sieve.metrics import ROUTE_SET
     from sieve.pipeline import RouterPipeline
@@ -145,11 +184,21 @@ def worker(
         encoder = build_text_encoder(
             topology.encoder, device=settings.device, torch_threads=settings.torch_threads
         )
+        image_encoder = None
+        if topology.image_encoder is not None:
+            image_encoder = build_image_encoder(
+                topology.image_encoder, device=settings.device, torch_threads=settings.torch_threads
+            )
         store = RouteStore(settings.qdrant)
         if sync:
             store.sync(route_set, encoder)
+            if image_encoder is not None:
+                store.sync(route_set, image_encoder)
         index = store.load(topology.route_set.name, encoder.id)
-        pipeline = RouterPipeline(topology, encoder, index, settings.worker_name)
+        image_index = store.load(topology.route_set.name, image_encoder.id) if image_encoder else None
+        pipeline = RouterPipeline(topology, encoder, index, settings.worker_name,
+                                  image_encoder=image_encoder, image_index=image_index,
+                                  image_fetch=settings.images)
     except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
         _fail(str(exc))
     asyncio.run(_create_topics(topology, index.route_set))
@@ -159,7 +208,8 @@ def worker(
     serve(settings.metrics_host, settings.metrics_port, settings.health)
     console.print(
         f"worker {settings.worker_name}: topology {topology.name}, route set "
-        f"{index.route_set.name}@{index.version}, encoder {encoder.id}, "
+        f"{index.route_set.name}@{index.version}, encoder {encoder.id}"
+        f"{', image encoder ' + image_encoder.id if image_encoder else ''}, "
         f"metrics :{settings.metrics_port}"
     )
     DrainingWorker(router, loglevel=settings.log_level, quiet=True).execute_from_commandline()
