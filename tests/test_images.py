@@ -421,7 +421,8 @@ def test_mixed_text_and_image_stream_each_decided_once(dev_broker, image_route_f
                                            "image_b64": base64.b64encode(b"nope").decode()}).encode()))
         asyncio.run(produce(kafka, f"{prefix}.text", texts))
         asyncio.run(produce(kafka, f"{prefix}.images", images))
-        outcomes = {f"{prefix}.{o}" for o in ("violating", "clean", "boats", "trees", "unrouted", "needs-review")}
+        names = ("violating", "clean", "boats", "trees", "unrouted", "needs-review")
+        outcomes = {f"{prefix}.{o}" for o in names}
         wanted = {f"t{i}" for i in range(100)} | {f"i{i}" for i in range(100)}
         decisions = asyncio.run(read_all(kafka, sorted(outcomes), until=wanted, timeout_s=180))
         assert worker.poll() is None, log.read_text()[-3000:]
