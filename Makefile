@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint schemas bench clean
+.PHONY: demo test lint schemas bench clean deploy-tools load
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sieve demo
 
-test: $(STAMP)
+test: $(STAMP) deploy-tools
 	$(BIN)/ruff check workers tests load-tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The production stack's checkers (tests/test_deploy_*.py): `docker-compose config` and
+# promtool, from Debian. Installed once (as root, or with sudo); quick when already there.
+DEPLOY_TOOLS_APT := docker-compose prometheus
+deploy-tools:
+	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -qq --no-install-recommends $(DEPLOY_TOOLS_APT) >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(DEPLOY_TOOLS_APT); }; }
+
+load: $(STAMP)
+	$(BIN)/python load-tests/scaling.py
 
 schemas: $(STAMP)
 	$(BIN)/sieve schemas export

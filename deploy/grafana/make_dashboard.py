@@ -1,0 +1,269 @@
+"""Write the Sieve Grafana dashboard (JSON) from the panel list below.
+
+    python deploy/grafana/make_dashboard.py           # writes dashboards/sieve.json
+    python deploy/grafana/make_dashboard.py --check   # fails if it differs from this file
+
+The dashboard, deploy/grafana/dashboards/sieve.json, is provisioned by docker-compose and,
+through the symbolic link deploy/helm/sieve/files/dashboard.json, shipped by the Helm chart
+as a ConfigMap for Grafana's dashboard sidecar.
+tests/test_deploy_dashboard.py checks every query: metric names against the workers'
+registry, PromQL syntax with promtool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGETS = [ROOT / "deploy/grafana/dashboards/sieve.json"]
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+T = 'topology=~"$topology"'
+RATE = "[$__rate_interval]"
+
+
+def q(expr: str, legend: str = "", instant: bool = False) -> dict[str, Any]:
+    """One Prometheus query of a panel."""
+    target: dict[str, Any] = {"datasource": DS, "expr": expr, "legendFormat": legend or "__auto"}
+    if instant:
+        target["instant"] = True
+        target["range"] = False
+    return target
+
+
+def quantiles(metric: str, by: str, qs: tuple[float, ...], extra: str = "") -> list[dict[str, Any]]:
+    """histogram_quantile queries of one histogram, one per quantile."""
+    group = f"le, {by}" if by else "le"
+    label = f"{{{{{by}}}}} " if by else ""
+    return [
+        q(f"histogram_quantile({qv}, sum by ({group}) (rate({metric}_bucket{{{T}{extra}}}{RATE})))",
+          f"{label}p{round(qv * 100)}")
+        for qv in qs
+    ]
+
+
+def timeseries(title: str, description: str, targets: list[dict[str, Any]], unit: str = "short",
+               width: int = 8, stack: bool = False) -> dict[str, Any]:
+    """A time-series panel."""
+    custom: dict[str, Any] = {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}
+    if stack:
+        custom["stacking"] = {"mode": "normal", "group": "A"}
+    return {
+        "type": "timeseries", "title": title, "description": description, "datasource": DS,
+        "targets": targets, "_w": width, "_h": 8,
+        "fieldConfig": {"defaults": {"unit": unit, "custom": custom}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                    "tooltip": {"mode": "multi", "sort": "desc"}},
+    }
+
+
+def stat(title: str, description: str, target: dict[str, Any] | list[dict[str, Any]], unit: str = "short",
+         width: int = 4, thresholds: list[tuple[float | None, str]] | None = None) -> dict[str, Any]:
+    """A single-number panel."""
+    steps = [{"color": color, "value": value} for value, color in (thresholds or [(None, "green")])]
+    return {
+        "type": "stat", "title": title, "description": description, "datasource": DS,
+        "targets": target if isinstance(target, list) else [target], "_w": width, "_h": 4,
+        "fieldConfig": {"defaults": {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}},
+                        "overrides": []},
+        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                    "colorMode": "value", "graphMode": "area", "textMode": "auto"},
+    }
+
+
+def row(title: str) -> dict[str, Any]:
+    """A collapsible row header."""
+    return {"type": "row", "title": title, "collapsed": False, "panels": [], "_w": 24, "_h": 1}
+
+
+ROUTER_DECISIONS = f'sieve_decisions_total{{{T}, decided_by="router"}}'
+
+PANELS: list[dict[str, Any]] = [
+    row("Overview"),
+    stat("Events in /s", "Records consumed from the input topics, all workers.",
+         q(f"sum(rate(sieve_events_in_total{{{T}}}{RATE}))"), "ops"),
+    stat("Review-tail share", "Share of the router's decisions that went to needs-review "
+         "(the part an LLM or a person looks at). Lower is cheaper.",
+         q(f'sum(rate(sieve_decisions_total{{{T}, decided_by="router", outcome="needs_review"}}{RATE}))'
+           f" / sum(rate({ROUTER_DECISIONS}{RATE}))"), "percentunit",
+         thresholds=[(None, "green"), (0.2, "orange"), (0.4, "red")]),
+    stat("Dead-letter share", "Share of input records sent to the dead-letter topic.",
+         q(f"sum(rate(sieve_dead_letters_total{{{T}}}{RATE}))"
+           f" / sum(rate(sieve_events_in_total{{{T}}}{RATE}))"),
+         "percentunit", thresholds=[(None, "green"), (0.001, "orange"), (0.01, "red")]),
+    stat("Consumer lag", "Records waiting on the input topics (high-water mark minus committed offset, "
+         "all partitions).", q(f"sum(sieve_consumer_lag{{{T}}})"), "short",
+         thresholds=[(None, "green"), (1000, "orange"), (100000, "red")]),
+    stat("Time to drain the lag", "Consumer lag divided by the current consumption rate: how long "
+         "the backlog would take at this speed.",
+         q(f"sum(sieve_consumer_lag{{{T}}}) / sum(rate(sieve_events_in_total{{{T}}}[5m]))"), "s"),
+    stat("Workers / partitions", "Router workers reporting, and input partitions assigned to them. "
+         "Workers beyond the partition count stay idle.",
+         [q(f"count(sieve_heartbeat_timestamp_seconds{{{T}}}) or vector(0)", "workers"),
+          q(f"sum(sieve_assigned_partitions{{{T}}}) or vector(0)", "partitions")], "short"),
+
+    row("Throughput: events in and out"),
+    timeseries("Events in /s by topic", "Records consumed, by input topic.",
+               [q(f"sum by (topic) (rate(sieve_events_in_total{{{T}}}{RATE}))", "{{topic}}")], "ops"),
+    timeseries("Decisions out /s by verdict", "Published decisions by outcome (clean, violating, "
+               "needs_review, or an intent) and who decided.",
+               [q(f"sum by (outcome, decided_by) (rate(sieve_decisions_total{{{T}}}{RATE}))",
+                  "{{outcome}} ({{decided_by}})")], "ops", stack=True),
+    timeseries("Decisions out /s by route", "Decisions by the route behind them (route.<name> topics); "
+               "'none' when nothing matched.",
+               [q(f'sum by (route) (rate(sieve_decisions_total{{{T}, route!=""}}{RATE}))', "{{route}}"),
+                q(f'sum(rate(sieve_decisions_total{{{T}, route=""}}{RATE}))', "none")], "ops", stack=True),
+    timeseries("Review-tail share", "needs_review decisions over all router decisions.",
+               [q(f'sum by (topology) (rate(sieve_decisions_total{{{T}, decided_by="router", '
+                  f'outcome="needs_review"}}{RATE})) / sum by (topology) (rate({ROUTER_DECISIONS}{RATE}))',
+                  "{{topology}}")], "percentunit"),
+    timeseries("Dead letters /s by stage and reason", "Inputs sent to the dead-letter topic. "
+               "`sieve tail sieve.dead-letter` shows them; `sieve dead-letters replay` re-sends them.",
+               [q(f"sum by (stage, reason) (rate(sieve_dead_letters_total{{{T}}}{RATE}))",
+                  "{{stage}}: {{reason}}")], "ops", stack=True),
+    timeseries("Batch retries /s and route-set reloads", "Retried batches by stage (errors in the "
+               "worker log) and new route-set versions picked up without a restart.",
+               [q(f"sum by (stage) (rate(sieve_batch_retries_total{{{T}}}{RATE}))", "retry {{stage}}"),
+                q(f"sum(increase(sieve_route_set_reloads_total{{{T}}}{RATE}))", "route-set reloads")],
+               "short"),
+
+    row("Latency and batches"),
+    timeseries("End-to-end latency p50 / p95 / p99", "From the event's Kafka timestamp to its "
+               "decision acknowledged by the broker (queueing in Kafka included).",
+               quantiles("sieve_end_to_end_seconds", "", (0.5, 0.95, 0.99)), "s", width=6),
+    timeseries("Stage latency p50 per batch", "Seconds per batch in each stage.",
+               quantiles("sieve_stage_seconds", "stage", (0.5,)), "s", width=6),
+    timeseries("Stage latency p99 per batch", "Seconds per batch in each stage, 99th percentile.",
+               quantiles("sieve_stage_seconds", "stage", (0.99,)), "s", width=6),
+    timeseries("Batch size", "Records per batch: median, 99th percentile and mean. Batches near "
+               "batching.max_events mean the worker is saturated.",
+               quantiles("sieve_batch_size", "", (0.5, 0.99))
+               + [q(f"sum(rate(sieve_batch_size_sum{{{T}}}{RATE}))"
+                    f" / sum(rate(sieve_batch_size_count{{{T}}}{RATE}))",
+                    "mean")], "short", width=6),
+
+    row("Consumer group"),
+    timeseries("Consumer lag per partition", "High-water mark (from Fetch responses) minus the "
+               "committed offset, per input partition, reported by the worker that owns it.",
+               [q(f"sum by (topic, partition) (sieve_consumer_lag{{{T}}})", "{{topic}}/{{partition}}")],
+               "short", width=12),
+    timeseries("Partitions per worker", "Input partitions assigned to each worker; a worker with 0 "
+               "is idle (more workers than partitions).",
+               [q(f"sum by (instance) (sieve_assigned_partitions{{{T}}})", "{{instance}}")], "short",
+               width=6),
+    timeseries("Worker CPU (cores)", "CPU seconds per second of each Sieve process.",
+               [q(f'rate(process_cpu_seconds_total{{job=~"sieve.*"}}{RATE})', "{{job}} {{instance}}")],
+               "short", width=6),
+
+    row("LLM reviewer"),
+    timeseries("Reviews /s by final outcome", "Needs-review decisions finished by the reviewer "
+               "(human_review: handed off to people).",
+               [q(f"sum by (outcome) (rate(sieve_reviews_total{{{T}}}{RATE}))", "{{outcome}}")], "ops",
+               stack=True),
+    timeseries("LLM calls /s by result", "HTTP requests to the LLM endpoint: ok, timeout, "
+               "transport_error, http_429/5xx/4xx, malformed.",
+               [q(f"sum by (result) (rate(sieve_review_requests_total{{{T}}}{RATE}))", "{{result}}")], "ops",
+               stack=True),
+    timeseries("Review latency p50 / p99", "From the start of a review to its verdict or hand-off.",
+               quantiles("sieve_review_seconds", "", (0.5, 0.99)), "s"),
+    timeseries("Tokens /s", "Tokens spent on reviews, as reported by the endpoint.",
+               [q(f"sum by (direction) (rate(sieve_review_tokens_total{{{T}}}{RATE}))", "{{direction}}")],
+               "short", stack=True),
+    timeseries("Cost per hour", "Estimated from the price-per-1k-token settings (SIEVE_LLM__PRICE_*).",
+               [q(f"sum(rate(sieve_review_cost_total{{{T}}}{RATE})) * 3600", "cost / hour")], "short"),
+    stat("Cost in range", "Estimated cost of reviews over the dashboard's time range.",
+         q(f"sum(increase(sieve_review_cost_total{{{T}}}[$__range]))", instant=True), "short"),
+    stat("LLM agrees with router", "Share of LLM verdicts equal to the outcome of the router's top route.",
+         q(f'sum(rate(sieve_review_agreement_total{{{T}, agrees="true"}}{RATE})) / '
+           f"sum(rate(sieve_review_agreement_total{{{T}}}{RATE}))"), "percentunit"),
+    timeseries("Hand-offs to people /s by reason, breaker", "Events the reviewer handed to the "
+               "human-review topic, and 1 while its circuit breaker is open.",
+               [q(f"sum by (reason) (rate(sieve_review_handoffs_total{{{T}}}{RATE}))", "{{reason}}"),
+                q(f"max(sieve_review_breaker_open{{{T}}})", "breaker open")], "short"),
+]
+
+
+def layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Place panels left to right, wrapping at 24 columns; number them."""
+    x = y = 0
+    line_height = 0
+    placed = []
+    for number, panel in enumerate(panels, start=1):
+        panel = dict(panel)
+        w, h = panel.pop("_w"), panel.pop("_h")
+        if panel["type"] == "row" or x + w > 24:
+            y += line_height
+            x, line_height = 0, 0
+        panel["gridPos"] = {"h": h, "w": w, "x": x, "y": y}
+        panel["id"] = number
+        x += w
+        line_height = max(line_height, h)
+        if panel["type"] == "row":
+            y += h
+            x, line_height = 0, 0
+        placed.append(panel)
+    return placed
+
+
+def dashboard() -> dict[str, Any]:
+    """The whole dashboard model."""
+    return {
+        "uid": "sieve-overview",
+        "title": "Sieve",
+        "description": "Sieve router and reviewer workers: throughput, verdicts, latency, consumer lag, "
+                       "LLM reviews. Metrics from the workers' /metrics (workers/sieve/metrics.py, "
+                       "reviewer.py).",
+        "tags": ["sieve", "kafka"],
+        "timezone": "browser",
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0, "refresh": 1},
+            {"name": "topology", "label": "Topology", "type": "query", "datasource": DS,
+             "query": {"query": "label_values(sieve_events_in_total, topology)", "refId": "topology"},
+             "definition": "label_values(sieve_events_in_total, topology)",
+             "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2,
+             "sort": 1, "hide": 0},
+        ]},
+        "annotations": {"list": []},
+        "panels": layout(PANELS),
+    }
+
+
+def render() -> str:
+    """The dashboard as the committed JSON text."""
+    return json.dumps(dashboard(), indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    """Write or check the dashboard file."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="fail if the committed copies differ")
+    args = parser.parse_args()
+    text = render()
+    stale = [path for path in TARGETS if not path.exists() or path.read_text() != text]
+    if args.check:
+        if stale:
+            sys.exit(f"dashboard out of date: {', '.join(map(str, stale))}; "
+                     "run python deploy/grafana/make_dashboard.py")
+        print("dashboard up to date")
+        return
+    for path in TARGETS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
