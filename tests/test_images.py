@@ -440,3 +440,17 @@ def test_mixed_text_and_image_stream_each_decided_once(dev_broker, image_route_f
     finally:
         worker.kill()
         worker.wait(10)
+
+
+def test_shipped_multimodal_topology_and_route_set_are_consistent() -> None:
+    from sieve.topology import load_topology, load_topology_route_set
+
+    topology = load_topology(Path(__file__).resolve().parents[1] / "topologies" / "marketplace.yaml")
+    route_set = load_topology_route_set(topology)
+    assert topology.modalities == {"text", "image"}
+    assert topology.image_encoder is not None and topology.image_encoder.model == "ViT-B-32"
+    assert {r.name for r in route_set.routes_in("image")} == {r.name for r in route_set.routes}
+    assert {r.name for r in route_set.routes_in("text")} == {r.name for r in route_set.routes}
+    image_accept = [route_set.thresholds_for(r, space="image").accept for r in route_set.routes]
+    text_accept = [route_set.thresholds_for(r, space="text").accept for r in route_set.routes]
+    assert max(image_accept) < min(text_accept)  # CLIP's scale is not MiniLM's

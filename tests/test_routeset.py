@@ -469,10 +469,10 @@ def _dataset_grams() -> frozenset[tuple[str, ...]]:
 
 def _shipped_texts() -> list[tuple[str, str]]:
     shipped: list[tuple[str, str]] = []
-    for file in ("moderation.yaml", "support.yaml"):
-        route_set = load_route_set(REPO / "routes" / file)
+    for path in sorted((REPO / "routes").glob("*.yaml")):  # every shipped route set
+        route_set = load_route_set(path)
         for route in route_set.routes:
-            shipped.extend((f"{file}:{route.name}", text) for text in route.utterances)
+            shipped.extend((f"{path.name}:{route.name}", text) for text in route.utterances + route.prompts)
     demo = REPO / "routes" / "samples" / "demo-messages.jsonl"
     for number, line in enumerate(demo.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():

@@ -74,7 +74,10 @@ def routes_check(path: Path) -> None:
         _fail(str(exc))
     console.print(f"{route_set.name} version {route_set.version}: {len(route_set.routes)} routes")
     for route in route_set.routes:
-        console.print(f"  {route.name:24} -> {route.outcome:16} {len(route.utterances)} examples")
+        console.print(
+            f"  {route.name:24} -> {route.outcome:16} {len(route.utterances)} utterances, "
+            f"{len(route.images)} images, {len(route.prompts)} prompts"
+        )
 
 
 @routes_app.command("sync")
