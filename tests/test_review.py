@@ -271,6 +271,8 @@ def test_llm_settings_from_environment_keep_the_key_secret(monkeypatch: pytest.M
     assert settings.llm.base_url == "http://vllm:8000/v1" and settings.llm.max_retries == 5
     assert isinstance(settings.llm.api_key, SecretStr)
     assert "sk-test-123" not in repr(settings) and "sk-test-123" not in str(settings.llm)
+    monkeypatch.setenv("SIEVE_LLM__TEMPERATURE", "null")  # not sent at all
+    assert Settings(_env_file=None).llm.temperature is None  # type: ignore[call-arg]
 
 
 def test_topology_review_section() -> None:

@@ -259,3 +259,18 @@ async def test_cancelling_a_review_loses_nothing_and_raises(llm: ScriptedLLM) ->
         await task
     assert reviewer.budget.reserved == 0
     await reviewer.aclose()
+
+
+async def test_request_body_follows_the_endpoint_settings(llm: ScriptedLLM) -> None:
+    client = ChatClient(llm_settings(llm, temperature=None, response_format="json_object",
+                                     max_tokens_field="max_completion_tokens"))
+    try:
+        body = client.request_body([{"role": "user", "content": "x"}], max_tokens=50,
+                                   json_schema=CATALOGUE.reply_schema())
+        assert body["max_completion_tokens"] == 50 and "max_tokens" not in body
+        assert "temperature" not in body and body["response_format"] == {"type": "json_object"}
+        plain = ChatClient(llm_settings(llm, response_format="none"))
+        assert "response_format" not in plain.request_body([], max_tokens=5, json_schema={})
+        await plain.aclose()
+    finally:
+        await client.aclose()

@@ -249,6 +249,12 @@ def test_router_to_reviewer_to_final_topics_through_an_outage_and_a_kill(
         assert metrics['sieve_review_handoffs_total{reason="malformed_reply",topology="rv"}'] == 6
         assert metrics["sieve_review_agreement_total"] == 38  # every LLM verdict compared
         assert metrics["sieve_review_tokens_total"] > 0 and metrics["sieve_review_seconds_count"] > 0
+        # Probes and the needs-review lag (what reviewers are autoscaled on) share the port.
+        for path in ("/healthz", "/readyz"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                assert response.status == 200
+        assert any(key.startswith("sieve_consumer_lag{") and 'topic="rv.needs-review"' in key
+                   for key in metrics), sorted(k for k in metrics if "lag" in k)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -21,15 +21,17 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.types import EventT
 from prometheus_client import Counter, Gauge, Histogram
 
+from sieve import metrics
 from sieve.agent import build_app
 from sieve.contracts import NEEDS_REVIEW, Decision, Review, utcnow
 from sieve.dead_letter import RawRecord
+from sieve.health import PROBES, Probes
 from sieve.llm import (
     AttemptResult,
     ChatClient,
@@ -485,25 +487,84 @@ def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]
     return topics
 
 
+class ReviewerHealth:
+    """Heartbeat, readiness (group joined, not draining) and needs-review lag of one reviewer.
+
+    Served with the metrics by :func:`sieve.health.serve` (``/healthz``, ``/readyz``).
+    The lag gauge is the router's (``sieve_consumer_lag``) with the needs-review topic
+    as ``topic``: what reviewers are autoscaled on.
+    """
+
+    def __init__(self, reviewer: ReviewerWorker, probes: Probes | None = None) -> None:
+        self.reviewer = reviewer
+        self.probes = probes or PROBES
+        self.probes.settings = reviewer.settings.health
+        self.topology = reviewer.topology.name
+        self.joined = False
+        self._lag_keys: set[tuple[str, str]] = set()
+        self.probes.add_check("consumer_group", self._joined)
+        self.probes.add_check("not_draining", self._not_draining)
+        reviewer.app.on_partitions_assigned.connect(cast(Any, self._on_assigned))
+        reviewer.app.timer(self.probes.settings.heartbeat_s, name="sieve.review.health")(self.tick)
+
+    def _joined(self) -> tuple[bool, str]:
+        return self.joined, "consumer group joined" if self.joined else "waiting for the consumer group"
+
+    def _not_draining(self) -> tuple[bool, str]:
+        return not self.reviewer.draining, "draining" if self.reviewer.draining else "taking batches"
+
+    async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        self.joined = True
+
+    async def tick(self) -> None:
+        """Beat (the loop runs) and refresh the lag gauges."""
+        self.probes.beat()
+        metrics.HEARTBEAT.labels(self.topology).set(time.time())
+        try:
+            self.update_lag()
+        except Exception:  # metrics must never take the worker down
+            log.exception("consumer-lag update failed")
+
+    def update_lag(self) -> dict[tuple[str, str], int]:
+        """Lag per assigned needs-review partition: fetch high-water mark minus committed offset."""
+        consumer = self.reviewer.app.consumer
+        committed_offsets = getattr(consumer, "_committed_offset", {})
+        lags: dict[tuple[str, str], int] = {}
+        for tp in consumer.assignment():
+            if tp.topic != self.reviewer.input_topic:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            committed = committed_offsets.get(tp) or 0
+            lags[(tp.topic, str(tp.partition))] = max(0, int(highwater) - int(committed))
+        for topic, partition in self._lag_keys - set(lags):
+            metrics.CONSUMER_LAG.remove(self.topology, topic, partition)
+        for (topic, partition), lag in lags.items():
+            metrics.CONSUMER_LAG.labels(self.topology, topic, partition).set(lag)
+        metrics.ASSIGNED_PARTITIONS.labels(self.topology).set(len(lags))
+        self._lag_keys = set(lags)
+        return lags
+
+
 def run_reviewer(
     topology: Topology, route_set: RouteSet, settings: Settings, say: Callable[[str], Any] = print
 ) -> None:
-    """Create the topics, serve metrics, and run the reviewer worker until it is stopped."""
-    from prometheus_client import start_http_server
-
+    """Create the topics, serve metrics and probes, and run the reviewer worker until it is stopped."""
+    from sieve.health import serve
     from sieve.kafka import ensure_topics
 
     spec = review_spec(topology)
     catalogue = ReviewCatalogue.from_route_set(route_set)
     topics = review_topics(topology, route_set.outcomes, [r.name for r in route_set.routes])
     asyncio.run(ensure_topics(settings.kafka, topics, topology.output.replication_factor))
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     engine = ReviewEngine(topology.name, spec, catalogue, settings.llm)
     reviewer = ReviewerWorker(topology, settings, engine)
+    ReviewerHealth(reviewer)
+    serve(settings.metrics_host, settings.metrics_port, settings.health)
     say(
         f"reviewer {settings.worker_name}: topology {topology.name}, {reviewer.input_topic} -> "
         f"verdicts / {spec.human_review_topic}, model {settings.llm.model} at {settings.llm.base_url}, "
-        f"group {review_group(topology)}, metrics :{settings.metrics_port}"
+        f"group {review_group(topology)}, metrics and probes :{settings.metrics_port}"
     )
     DrainingReviewer(reviewer, loglevel=settings.log_level, quiet=True).execute_from_commandline()

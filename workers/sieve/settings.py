@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -122,11 +122,19 @@ class LLMSettings(BaseModel):
     response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
     # OpenAI's newer models take max_completion_tokens instead of max_tokens.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
-    # None: not sent (some reasoning models accept only their default).
+    # None (in the environment: "null" or empty): not sent (some reasoning models accept only
+    # their default).
     temperature: float | None = 0.0
     # Estimated cost, in your currency per 1,000 tokens; assumptions to set from your price list.
     price_in_per_1k: float = Field(default=0.0, ge=0)
     price_out_per_1k: float = Field(default=0.0, ge=0)
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _unset_temperature(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "null", "none"):
+            return None
+        return value
 
 
 class Settings(BaseSettings):

@@ -147,7 +147,7 @@ class ReviewSpec(BaseModel):
     # Sent as the completion limit of each request.
     max_output_tokens: int = Field(default=300, ge=16)
     # Estimated prompt tokens + max_output_tokens; a review that would need more is handed off.
-    max_tokens_per_review: int = Field(default=4000, ge=64)
+    max_tokens_per_review: int = Field(default=8000, ge=64)
     # Null: no daily limit.
     daily_token_budget: int | None = Field(default=5_000_000, ge=1)
     # A verdict below this confidence goes to human review (with the LLM's answer attached).
