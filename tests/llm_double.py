@@ -82,6 +82,7 @@ class ScriptedLLM:
     def __init__(self) -> None:
         self.script: deque[Step] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []
         self.request_times: list[float] = []
         self.statuses: list[int] = []
         self.outage_s = 0.0
@@ -143,6 +144,8 @@ class ScriptedLLM:
                 if self.path != "/v1/chat/completions":
                     self._send(404, b'{"error": "not found"}', {})
                     return
+                with double._lock:
+                    double.authorizations.append(self.headers.get("Authorization"))
                 step = double._next_step(body)
                 if step.delay_s:
                     time.sleep(step.delay_s)

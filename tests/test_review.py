@@ -164,6 +164,23 @@ def test_reviewed_decision_keeps_router_scores_and_goes_to_outcome_and_route_top
     assert json.loads(plan_review([final], OUTPUT, "t.human")[0].value)["review"]["route"] == "insult"
 
 
+def test_intent_routing_verdicts_are_intents_or_unrouted(support_set) -> None:
+    catalogue = ReviewCatalogue.from_route_set(support_set)
+    assert "unrouted" in catalogue.outcomes and "billing" in catalogue.outcomes
+    assert "needs_review" not in catalogue.outcomes
+    reply = parse_reply('{"verdict": "unrouted", "route": null, "confidence": 0.6, "rationale": ""}',
+                        catalogue)
+    output = OutputSpec(outcome_topics={"needs_review": "support.needs-review"},
+                        outcome_topic_template="support.{outcome}", route_topic_prefix=None)
+    decision = make_decision("a", route_set="support")
+    final = reviewed_decision(decision, reply, _review(verdict="unrouted"), decision.decided_at)
+    assert [m.topic for m in plan_review([final], output, "support.human-review")] == ["support.unrouted"]
+    billing = parse_reply('{"verdict": "billing", "route": "billing", "confidence": 0.9, '
+                          '"rationale": ""}', catalogue)
+    final = reviewed_decision(decision, billing, _review(verdict="billing"), decision.decided_at)
+    assert [m.topic for m in plan_review([final], output, "support.human-review")] == ["support.billing"]
+
+
 def test_handoff_goes_only_to_human_review_with_its_reason() -> None:
     decision = make_decision("a")
     final = handoff_decision(decision, _review(handoff_reason=MALFORMED_REPLY, error="not JSON"),

@@ -67,17 +67,11 @@ async def test_a_correct_answer_becomes_an_llm_decision(llm: ScriptedLLM) -> Non
     assert item_of(body) == "see you tomorrow [violating:threat]"
 
 
-async def test_the_api_key_is_sent_as_a_bearer_token(llm: ScriptedLLM) -> None:
-    import httpx
-
-    settings = llm_settings(llm, api_key="sk-scripted")
-    client = ChatClient(settings)
-    try:
-        headers = client._http.headers
-        assert headers["Authorization"] == "Bearer sk-scripted"
-        assert isinstance(client._http, httpx.AsyncClient)
-    finally:
-        await client.aclose()
+async def test_the_api_key_is_sent_as_a_bearer_token_and_only_when_set(llm: ScriptedLLM) -> None:
+    await review_one(llm, make_decision("a"), api_key="sk-scripted")
+    await review_one(llm, make_decision("b"))
+    await review_one(llm, make_decision("c"), api_key="")
+    assert llm.authorizations == ["Bearer sk-scripted", None, None]
 
 
 async def test_a_timeout_is_retried(llm: ScriptedLLM) -> None:
@@ -274,3 +268,14 @@ async def test_request_body_follows_the_endpoint_settings(llm: ScriptedLLM) -> N
         await plain.aclose()
     finally:
         await client.aclose()
+
+
+async def test_without_usage_in_the_reply_the_estimate_is_counted(llm: ScriptedLLM) -> None:
+    llm.script.append(Step(content=review_json("clean"), usage=None))
+    reviewer = engine(llm)
+    try:
+        final = await reviewer.review(make_decision("a"))
+    finally:
+        await reviewer.aclose()
+    assert final.review is not None and final.review.tokens_in > 300 and final.review.tokens_out > 0
+    assert reviewer.budget.used_today == final.review.tokens_in + final.review.tokens_out

@@ -112,7 +112,7 @@ class ChatClient:
         self._on_attempt = on_attempt or (lambda result: None)
         self._sleep = sleep
         headers = {"Content-Type": "application/json"}
-        if settings.api_key is not None:
+        if settings.api_key is not None and settings.api_key.get_secret_value():
             headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         self._http = httpx.AsyncClient(
             base_url=settings.base_url.rstrip("/") + "/",

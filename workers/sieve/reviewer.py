@@ -193,7 +193,8 @@ class ReviewEngine:
             decision, self.catalogue, nonce=self._nonce(), max_examples=self.spec.max_examples,
             image_url=image_url,
         )
-        estimate = estimate_tokens(messages, self._schema) + self.spec.max_output_tokens
+        prompt_estimate = estimate_tokens(messages, self._schema)
+        estimate = prompt_estimate + self.spec.max_output_tokens
         if estimate > self.spec.max_tokens_per_review:
             return state.handoff(
                 OVER_REVIEW_TOKEN_LIMIT,
@@ -213,25 +214,27 @@ class ReviewEngine:
                     f"{self.budget.used_today} of {self.spec.daily_token_budget} tokens used today "
                     "(per reviewer process)",
                 )
-            await self.limiter.acquire()
             try:
+                await self.limiter.acquire()
                 completion = await self.client.complete(body)
             except EndpointUnavailable as exc:
                 state.attempts += exc.attempts
                 self.budget.release(estimate)
                 self.breaker.record_failure()
-                BREAKER_OPEN.labels(self.topology).set(1 if self.breaker.state == "open" else 0)
+                self._breaker_gauge()
                 log.warning("review of %s waits: %s", decision.event_id, exc)
                 continue  # the event waits for the endpoint; never diverted for this
             except RequestRejected as exc:
                 state.attempts += exc.attempts
                 self.budget.release(estimate)
                 self.breaker.record_success()
+                self._breaker_gauge()
                 return state.handoff(REQUEST_REJECTED, str(exc))
             except MalformedCompletion as exc:
                 state.attempts += exc.attempts
                 self.budget.settle(estimate, estimate)
                 self.breaker.record_success()
+                self._breaker_gauge()
                 malformed += 1
                 if malformed > 1:
                     return state.handoff(MALFORMED_REPLY, str(exc))
@@ -241,9 +244,9 @@ class ReviewEngine:
                 self.breaker.release_probe()
                 raise
             self.breaker.record_success()
-            BREAKER_OPEN.labels(self.topology).set(0)
+            self._breaker_gauge()
             state.attempts += completion.attempts
-            tokens_in = completion.tokens_in if completion.tokens_in is not None else estimate
+            tokens_in = completion.tokens_in if completion.tokens_in is not None else prompt_estimate
             tokens_out = (
                 completion.tokens_out
                 if completion.tokens_out is not None
@@ -267,6 +270,9 @@ class ReviewEngine:
                     reply=reply,
                 )
             return state.verdict(reply)
+
+    def _breaker_gauge(self) -> None:
+        BREAKER_OPEN.labels(self.topology).set(1 if self.breaker.state == "open" else 0)
 
     def _account(self, decision: Decision, final: Decision, seconds: float) -> None:
         review = final.review
