@@ -139,7 +139,7 @@ def test_default_render_is_valid_kubernetes() -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["ServiceAccount", "ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "Service",
                             "Deployment", "Deployment", "Job", "PodDisruptionBudget", "PodDisruptionBudget",
-                            "ScaledObject", "ServiceMonitor", "PrometheusRule"])
+                            "ScaledObject", "ScaledObject", "ServiceMonitor", "PrometheusRule"])
     validate_core(objects)
 
 
@@ -216,7 +216,7 @@ def test_worker_commands_exist_in_the_cli() -> None:
 
 def test_keda_scales_on_the_topology_consumer_group_up_to_the_partition_count() -> None:
     objects = render()
-    scaled = one(objects, "ScaledObject")
+    scaled = one(objects, "ScaledObject", "-router")
     topology = yaml.safe_load((REPO / "topologies" / "moderation.yaml").read_text())
     router = one(objects, "Deployment", "-router")
     assert scaled["spec"]["scaleTargetRef"]["name"] == router["metadata"]["name"]
@@ -235,7 +235,8 @@ def test_keda_scales_on_the_topology_consumer_group_up_to_the_partition_count() 
 @pytest.mark.parametrize("mode", ["keda", "hpa", "none"])
 def test_one_autoscaler_at_most_never_keda_and_hpa_together(mode: str) -> None:
     objects = render({"autoscaling": {"mode": mode}, "router": {"replicas": 3}})
-    scalers = by_kind(objects, "ScaledObject") + by_kind(objects, "HorizontalPodAutoscaler")
+    scalers = [o for o in by_kind(objects, "ScaledObject") + by_kind(objects, "HorizontalPodAutoscaler")
+               if o["spec"]["scaleTargetRef"]["name"].endswith("-router")]
     assert len(scalers) == (0 if mode == "none" else 1)
     router = one(objects, "Deployment", "-router")["spec"]
     assert ("replicas" in router) == (mode == "none")
@@ -257,7 +258,7 @@ def test_the_replica_ceiling_is_the_partition_count() -> None:
     # A topology with 8 partitions (given as a value) lifts the ceiling to 8.
     wide = (REPO / "topologies" / "moderation.yaml").read_text().replace("partitions: 4", "partitions: 8")
     objects = render({"topology": "wide.yaml", "topologies": {"wide.yaml": wide}})
-    assert one(objects, "ScaledObject")["spec"]["maxReplicaCount"] == 8
+    assert one(objects, "ScaledObject", "-router")["spec"]["maxReplicaCount"] == 8
     args = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == ["worker", "topologies/wide.yaml"]
     assert "wide.yaml" in one(objects, "ConfigMap", "-topologies")["data"]
@@ -302,7 +303,7 @@ def test_secrets_are_referenced_never_rendered() -> None:
         assert "/etc/sieve/kafka-tls" in {m["mountPath"] for m in container["volumeMounts"]}, name
         if name.endswith("-reviewer"):
             assert env["SIEVE_LLM__API_KEY"] == {"secretKeyRef": {"name": "llm", "key": "token"}}
-    trigger = one(objects, "ScaledObject")["spec"]["triggers"][0]
+    trigger = one(objects, "ScaledObject", "-router")["spec"]["triggers"][0]
     assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
     auth = one(objects, "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
@@ -341,3 +342,18 @@ def test_pod_disruption_budgets_select_their_workers() -> None:
         labels = one(objects, "Deployment", f"-{component}")["spec"]["template"]["metadata"]["labels"]
         assert pdb["spec"]["maxUnavailable"] == 1
         assert all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+def test_reviewers_scale_on_the_needs_review_lag_of_their_group() -> None:
+    objects = render()
+    scaled = one(objects, "ScaledObject", "-reviewer")
+    topology = yaml.safe_load((REPO / "topologies" / "moderation.yaml").read_text())
+    metadata = scaled["spec"]["triggers"][0]["metadata"]
+    assert metadata["topic"] == topology["output"]["outcome_topics"]["needs_review"]
+    review_group = (topology.get("review") or {}).get("group_id") or f"{topology['group_id']}-review"
+    assert metadata["consumerGroup"] == review_group
+    assert scaled["spec"]["maxReplicaCount"] == topology["output"]["partitions"]
+    assert "replicas" not in one(objects, "Deployment", "-reviewer")["spec"]
+    fixed = render({"autoscaling": {"mode": "hpa"}, "reviewer": {"replicas": 2}})
+    assert one(fixed, "Deployment", "-reviewer")["spec"]["replicas"] == 2
+    assert by_kind(fixed, "ScaledObject") == [], "no KEDA objects when KEDA is off"

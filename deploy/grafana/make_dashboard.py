@@ -23,6 +23,10 @@ TARGETS = [ROOT / "deploy/grafana/dashboards/sieve.json"]
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 T = 'topology=~"$topology"'
+# The reviewer reports the same gauges (lag, heartbeat, partitions) for its needs-review topic;
+# the compose scrape config and the chart's ServiceMonitor name the jobs sieve-router / sieve-reviewer.
+ROUTER = f'job="sieve-router", {T}'
+REVIEWER = f'job="sieve-reviewer", {T}'
 RATE = "[$__rate_interval]"
 
 
@@ -95,16 +99,18 @@ PANELS: list[dict[str, Any]] = [
          q(f"sum(rate(sieve_dead_letters_total{{{T}}}{RATE}))"
            f" / sum(rate(sieve_events_in_total{{{T}}}{RATE}))"),
          "percentunit", thresholds=[(None, "green"), (0.001, "orange"), (0.01, "red")]),
-    stat("Consumer lag", "Records waiting on the input topics (high-water mark minus committed offset, "
-         "all partitions).", q(f"sum(sieve_consumer_lag{{{T}}})"), "short",
+    stat("Consumer lag", "Records waiting (high-water mark minus committed offset, all partitions): "
+         "on the routers' input topics, and on needs-review for the reviewers.",
+         [q(f"sum(sieve_consumer_lag{{{ROUTER}}}) or vector(0)", "input"),
+          q(f"sum(sieve_consumer_lag{{{REVIEWER}}}) or vector(0)", "needs-review")], "short",
          thresholds=[(None, "green"), (1000, "orange"), (100000, "red")]),
-    stat("Time to drain the lag", "Consumer lag divided by the current consumption rate: how long "
-         "the backlog would take at this speed.",
-         q(f"sum(sieve_consumer_lag{{{T}}}) / sum(rate(sieve_events_in_total{{{T}}}[5m]))"), "s"),
-    stat("Workers / partitions", "Router workers reporting, and input partitions assigned to them. "
+    stat("Time to drain the input lag", "The routers' lag divided by their current consumption rate: "
+         "how long the backlog would take at this speed.",
+         q(f"sum(sieve_consumer_lag{{{ROUTER}}}) / sum(rate(sieve_events_in_total{{{T}}}[5m]))"), "s"),
+    stat("Routers / partitions", "Router workers reporting, and input partitions assigned to them. "
          "Workers beyond the partition count stay idle.",
-         [q(f"count(sieve_heartbeat_timestamp_seconds{{{T}}}) or vector(0)", "workers"),
-          q(f"sum(sieve_assigned_partitions{{{T}}}) or vector(0)", "partitions")], "short"),
+         [q(f"count(sieve_heartbeat_timestamp_seconds{{{ROUTER}}}) or vector(0)", "routers"),
+          q(f"sum(sieve_assigned_partitions{{{ROUTER}}}) or vector(0)", "partitions")], "short"),
 
     row("Throughput: events in and out"),
     timeseries("Events in /s by topic", "Records consumed, by input topic.",
@@ -148,12 +154,14 @@ PANELS: list[dict[str, Any]] = [
 
     row("Consumer group"),
     timeseries("Consumer lag per partition", "High-water mark (from Fetch responses) minus the "
-               "committed offset, per input partition, reported by the worker that owns it.",
+               "committed offset, per partition, reported by the worker that owns it: the routers' "
+               "input topics and the reviewers' needs-review topic.",
                [q(f"sum by (topic, partition) (sieve_consumer_lag{{{T}}})", "{{topic}}/{{partition}}")],
                "short", width=12),
-    timeseries("Partitions per worker", "Input partitions assigned to each worker; a worker with 0 "
+    timeseries("Partitions per worker", "Partitions assigned to each worker; a worker with 0 "
                "is idle (more workers than partitions).",
-               [q(f"sum by (instance) (sieve_assigned_partitions{{{T}}})", "{{instance}}")], "short",
+               [q(f"sum by (job, instance) (sieve_assigned_partitions{{{T}}})", "{{job}} {{instance}}")],
+               "short",
                width=6),
     timeseries("Worker CPU (cores)", "CPU seconds per second of each Sieve process.",
                [q(f'rate(process_cpu_seconds_total{{job=~"sieve.*"}}{RATE})', "{{job}} {{instance}}")],

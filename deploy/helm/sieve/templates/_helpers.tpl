@@ -191,3 +191,19 @@ readinessProbe:
   httpGet: {path: /readyz, port: metrics}
   {{- toYaml .Values.probes.readiness | nindent 2 }}
 {{- end }}
+
+{{/* The reviewer's input (the needs-review topic), consumer group and partition count. */}}
+{{- define "sieve.review" -}}
+{{- $topology := include "sieve.topology" . | fromJson }}
+{{- $review := default dict $topology.review }}
+{{- $output := default dict $topology.output }}
+{{- $topics := default dict $output.outcome_topics }}
+{{- $topic := $review.input_topic }}
+{{- if not $topic }}{{ $topic = $topics.needs_review }}{{ end }}
+{{- if and (not $topic) $output.outcome_topic_template }}
+{{- $topic = replace "{outcome}" "needs-review" $output.outcome_topic_template }}
+{{- end }}
+{{- if not $topic }}{{ $topic = "sieve.needs-review" }}{{ end }}
+{{- $group := default (printf "%s-review" (include "sieve.consumerGroup" .)) $review.group_id }}
+{{- toJson (dict "topic" $topic "group" $group "partitions" (default 4 $output.partitions | int)) }}
+{{- end }}
