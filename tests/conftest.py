@@ -37,6 +37,23 @@ def minilm() -> SentenceTransformerEncoder:
 
 
 @pytest.fixture(scope="session")
+def cached_minilm(minilm, tmp_path_factory: pytest.TempPathFactory):
+    """MiniLM behind an embedding cache for the eval/fit/build tests: each text encoded once a session."""
+    from sieve.embedding_cache import CachedEncoder
+
+    return CachedEncoder(minilm, tmp_path_factory.mktemp("embeddings"))
+
+
+@pytest.fixture(scope="session")
+def moderation_bench(cached_minilm):
+    """openai-moderation, seeded split, 150 examples per split (long texts: ~450 encodes)."""
+    from sieve.quality import open_workbench
+
+    return open_workbench("openai-moderation", cached_minilm, datasets_dir=SHARED / "datasets", seed=0,
+                          sample=150)
+
+
+@pytest.fixture(scope="session")
 def trivial_encoder() -> TrivialEncoder:
     return TrivialEncoder()
 

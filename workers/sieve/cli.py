@@ -341,6 +341,223 @@ def demo(
     raise typer.Exit(run_demo(topology_path, events))
 
 
+# --------------------------------------------------------------------------- quality: eval, fit, build
+
+DataArg = Annotated[str, typer.Argument(help="openai-moderation, clinc150, or a labelled JSONL file.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the train/calibration/test split (and of k-means).")]
+SampleOpt = Annotated[
+    int | None, typer.Option(help="Keep at most this many examples per split (seeded, stratified).")
+]
+CacheOpt = Annotated[
+    bool, typer.Option(help="Reuse embeddings cached on disk (settings embedding_cache_dir).")
+]
+HeadOpt = Annotated[bool, typer.Option(help="Use a route file's head (<file>.head.npz) when it has one.")]
+ResplitOpt = Annotated[
+    bool,
+    typer.Option(help="Ignore the data set's own splits (clinc150's): seeded, stratified, 50/25/25."),
+]
+
+
+def _quality_bench(
+    data: str, seed: int, sample: int | None, encoder: str, model: str | None, cache: bool, resplit: bool
+):
+    from sieve.datasets import DatasetError
+    from sieve.embedding_cache import CachedEncoder
+    from sieve.encoders import TextEncoder, build_text_encoder
+    from sieve.quality import open_workbench
+    from sieve.topology import EncoderSpec
+
+    settings = get_settings()
+    text_encoder: TextEncoder = build_text_encoder(
+        EncoderSpec(kind=encoder, model=model),  # type: ignore[arg-type]
+        device=settings.device, torch_threads=settings.torch_threads,
+    )
+    if cache:
+        text_encoder = CachedEncoder(text_encoder, settings.embedding_cache_dir)
+    try:
+        return open_workbench(data, text_encoder, datasets_dir=settings.datasets_dir, seed=seed,
+                              sample=sample, source_splits=not resplit)
+    except DatasetError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+def _labelled(paths: list[Path]) -> list[tuple[str, Path]]:
+    stems = [p.stem for p in paths]
+    return [(p.stem if stems.count(p.stem) == 1 else str(p), p) for p in paths]
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "sieve " + shlex.join(sys.argv[1:])
+
+
+@app.command("eval")
+def eval_command(
+    data: DataArg,
+    routes: Annotated[Path, typer.Option("--routes", "-r", help="The route file to evaluate.")],
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Another route file, side by side (repeatable).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="test, calibration, train, or all.")] = "test",
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("out/eval"),
+    seed: SeedOpt = 0,
+    sample: SampleOpt = None,
+    resplit: ResplitOpt = False,
+    head: HeadOpt = True,
+    plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+    cache: CacheOpt = True,
+    encoder: EncoderKind = "sentence-transformers",
+    model: ModelOpt = None,
+) -> None:
+    """Run labelled data through the worker's batch functions; write a report (Markdown, JSON, PNG)."""
+    from sieve.head import HeadError
+    from sieve.quality import run_eval
+    from sieve.report import write_report
+    from sieve.routeset import RouteSetError
+
+    if split not in ("test", "calibration", "train", "all"):
+        _fail(f"--split must be test, calibration, train or all, not {split!r}")
+    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit)
+    try:
+        report = run_eval(bench, _labelled([routes, *(compare or [])]), split=split,
+                          command=_command_line(), use_head=head)
+    except (RouteSetError, HeadError, ValueError) as exc:
+        _fail(str(exc))
+    paths = write_report(report, out, plots=plots)
+    s = report.primary.summary
+    console.print(
+        f"{report.primary.label}: auto {s.auto_share:.1%} at accuracy {s.auto_accuracy or 0:.3f}, "
+        f"review {s.review_share:.1%} ({s.events} events); report {paths['markdown']}"
+    )
+
+
+def _parse_targets(min_precision: list[str] | None, min_accuracy: float | None, z: float):
+    from sieve.fit import Targets
+
+    precision: dict[str, float] = {}
+    for item in min_precision or []:
+        outcome, sep, value = item.partition("=")
+        try:
+            precision[outcome.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not outcome.strip():
+            _fail(f"--min-precision takes OUTCOME=P, e.g. violating=0.9; got {item!r}")
+    if not precision and min_accuracy is None:
+        min_accuracy = 0.95
+    try:
+        return Targets(precision=precision, accuracy=min_accuracy, z=z)
+    except ValueError as exc:
+        _fail(str(exc))
+        raise
+
+
+@app.command("fit")
+def fit_command(
+    data: DataArg,
+    routes: Annotated[Path, typer.Option("--routes", "-r", help="The route file to fit.")],
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Another route file, fitted and compared too (repeatable).")
+    ] = None,
+    min_precision: Annotated[
+        list[str] | None,
+        typer.Option(help="OUTCOME=P: automatic decisions of that outcome at least this precise "
+                          "(repeatable)."),
+    ] = None,
+    min_accuracy: Annotated[
+        float | None,
+        typer.Option(help="All automatic decisions at least this accurate (default 0.95 when no "
+                          "--min-precision is given)."),
+    ] = None,
+    z: Annotated[float, typer.Option(help="Targets must hold at the Wilson lower bound with this z (0: the "
+                                          "calibration point estimate).")] = 1.0,
+    min_support: Annotated[
+        int, typer.Option(help="A route gets thresholds of its own when it tops this many calibration events "
+                               "(0: never).")
+    ] = 50,
+    fitted: Annotated[
+        Path | None,
+        typer.Option(help="Where the fitted route file goes (default: OUT/<routes>.fitted.yaml)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("out/fit"),
+    seed: SeedOpt = 0,
+    sample: SampleOpt = None,
+    resplit: ResplitOpt = False,
+    head: HeadOpt = True,
+    plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+    cache: CacheOpt = True,
+    encoder: EncoderKind = "sentence-transformers",
+    model: ModelOpt = None,
+) -> None:
+    """Fit thresholds on calibration data to meet precision targets with the least review; report on test."""
+    from sieve.head import HeadError
+    from sieve.quality import run_fit
+    from sieve.report import write_report
+    from sieve.routeset import RouteSetError
+
+    targets = _parse_targets(min_precision, min_accuracy, z)
+    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit)
+    fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
+    try:
+        report, fit = run_fit(bench, _labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
+                              min_support=min_support or None, command=_command_line(), use_head=head)
+    except (RouteSetError, HeadError, ValueError) as exc:
+        _fail(str(exc))
+    paths = write_report(report, out, plots=plots)
+    s = report.primary.summary
+    console.print(
+        f"fitted on calibration (review {fit.calibration.review_share:.1%}, targets "
+        f"{'met' if fit.calibration.feasible else 'NOT met'}); on test: auto {s.auto_share:.1%} at accuracy "
+        f"{s.auto_accuracy or 0:.3f}, review {s.review_share:.1%}. Route file {fitted_out}; report "
+        f"{paths['markdown']}"
+    )
+
+
+@routes_app.command("build")
+def routes_build(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The route file to write.")],
+    name: Annotated[str | None, typer.Option(help="Route set name (default: <data>-built).")] = None,
+    max_examples: Annotated[int, typer.Option(help="At most this many examples per route.")] = 50,
+    default_outcome: Annotated[
+        str | None, typer.Option(help="Outcome of events far from every route (default: the data's).")
+    ] = None,
+    head: Annotated[bool, typer.Option(help="Also train a logistic-regression head, saved as "
+                                            "<out>.head.npz.")] = False,
+    head_weight: Annotated[float, typer.Option(help="Weight of the head's probability in a route's "
+                                                   "score.")] = 0.5,
+    head_c: Annotated[float, typer.Option(help="Inverse regularisation strength of the head.")] = 1.0,
+    seed: SeedOpt = 0,
+    sample: SampleOpt = None,
+    resplit: ResplitOpt = False,
+    cache: CacheOpt = True,
+    encoder: EncoderKind = "sentence-transformers",
+    model: ModelOpt = None,
+) -> None:
+    """Build a route file from the training split of labelled data: diverse examples per route."""
+    from sieve.quality import run_build
+
+    if max_examples < 1:
+        _fail("--max-examples must be at least 1")
+    if not 0.0 <= head_weight <= 1.0:
+        _fail("--head-weight must be within [0, 1]")
+    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit)
+    try:
+        result = run_build(bench, out, name=name, max_examples=max_examples, seed=seed,
+                           default_outcome=default_outcome, head=head, head_c=head_c,
+                           head_weight=head_weight, command=_command_line())
+    except ValueError as exc:
+        _fail(str(exc))
+    kept = sum(result.kept.values())
+    console.print(
+        f"built {result.route_set.name}: {len(result.route_set.routes)} routes, {kept} examples from "
+        f"{len(bench.splits.train)} training examples -> {out}"
+        + (" (+ head)" if result.head is not None else "")
+    )
+
+
 def main() -> None:
     """Entry point of the ``sieve`` console script."""
     app()

@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The LLM reviewer's endpoint (`sieve review`).
     llm: LLMSettings = LLMSettings()
+    # `sieve eval / fit / routes build`: where the public labelled data sets are (the
+    # adapters openai-moderation and clinc150), and the on-disk embedding cache.
+    datasets_dir: Path = Path("../shared/datasets")
+    embedding_cache_dir: Path = Path(".sieve/cache/embeddings")
 
 
 @lru_cache(maxsize=1)

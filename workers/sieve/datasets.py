@@ -1,0 +1,470 @@
+"""Labelled data: a JSONL format, adapters for the public sets, seeded explicit splits.
+
+A labelled example carries the text, its *gold outcome* and its *labels*:
+
+- ``outcome``: what a perfect router would decide (``violating``, an intent's
+  name, ...). ``None`` means "matches nothing": the route set's default outcome
+  (``clean``, ``unrouted``, ...), resolved when a route set is known.
+- ``labels``: the fine-grained classes the example belongs to (moderation
+  categories, an intent). A route named like a label is measured against it.
+- ``unknown``: labels whose value is not known for this example (the
+  openai-moderation set labels each row for some categories only); such an
+  example counts neither for nor against that label's route.
+
+JSONL, one object per line::
+
+    {"text": "...", "label": "billing"}                      # outcome = the label
+    {"text": "...", "labels": ["hate", "violence"], "outcome": "violating"}
+    {"text": "...", "labels": {"hate": 1, "sexual": 0, "violence": null}, "outcome": "violating"}
+    {"text": "..."}                                          # no class: the default outcome
+    {"image_uri": "file:///x.png", "label": "weapons"}       # image reference (image encoder needed)
+
+``id`` and ``split`` (``train`` / ``calibration`` / ``test``) are optional.
+Splits are explicit and seeded (:func:`split_data`): the same data, seed and
+fractions always give the same rows in the same splits, and every report records
+the seed, the method, the sizes and a digest of each split's ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from sieve.routeset import NAME_PATTERN
+
+SplitName = Literal["train", "calibration", "test"]
+SPLITS: tuple[SplitName, ...] = ("train", "calibration", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "calibration": "calibration",
+    "cal": "calibration",
+    "val": "calibration",
+    "validation": "calibration",
+    "dev": "calibration",
+    "test": "test",
+}
+
+ADAPTERS = ("openai-moderation", "clinc150")
+
+# openai-moderation category keys -> the route names of routes/moderation.yaml.
+MODERATION_CATEGORIES: dict[str, str] = {
+    "S": "sexual",
+    "H": "hate",
+    "V": "violence",
+    "HR": "harassment",
+    "SH": "self_harm",
+    "S3": "sexual_minors",
+    "H2": "hate_threatening",
+    "V2": "violence_graphic",
+}
+
+
+class DatasetError(ValueError):
+    """Labelled data that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledExample:
+    """One labelled item (see the module docstring)."""
+
+    id: str
+    text: str | None
+    outcome: str | None
+    labels: frozenset[str] = frozenset()
+    unknown: frozenset[str] = frozenset()
+    image: str | None = None
+    source_split: str | None = None
+
+    def gold(self, default_outcome: str) -> str:
+        """The gold outcome, with "matches nothing" resolved to the route set's default."""
+        return self.outcome if self.outcome is not None else default_outcome
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """A labelled data set and where it came from."""
+
+    name: str
+    examples: tuple[LabelledExample, ...]
+    # Every label name the data uses (the vocabulary a route name is matched against).
+    label_names: tuple[str, ...]
+    source: str
+    licence: str
+    # The outcome of rows with no class, as the data set calls it (moderation: clean).
+    default_outcome: str | None = None
+    # The outcome of rows with a label, where it is one outcome for all (moderation: violating).
+    positive_outcome: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def with_examples(self, examples: Iterable[LabelledExample]) -> LabelledData:
+        """The same data set description over other examples (a split or a sample)."""
+        return replace(self, examples=tuple(examples))
+
+    def label_counts(self) -> Counter[str]:
+        """How many examples carry each label."""
+        return Counter(label for ex in self.examples for label in ex.labels)
+
+    def outcome_counts(self, default_outcome: str) -> Counter[str]:
+        """How many examples have each gold outcome."""
+        return Counter(ex.gold(default_outcome) for ex in self.examples)
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+def _as_label_set(value: object, where: str) -> tuple[frozenset[str], frozenset[str]]:
+    """``labels`` as (positive, unknown): a list of names or a {name: 1/0/null} map."""
+    if isinstance(value, str):
+        return frozenset({value}), frozenset()
+    if isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise DatasetError(f"{where}: 'labels' must be a list of strings or a mapping")
+        return frozenset(value), frozenset()
+    if isinstance(value, dict):
+        positive, unknown = set(), set()
+        for name, flag in value.items():
+            if flag is None:
+                unknown.add(name)
+            elif flag in (1, True, 1.0):
+                positive.add(name)
+            elif flag not in (0, False, 0.0):
+                raise DatasetError(f"{where}: label {name!r} must be 1, 0 or null, got {flag!r}")
+        return frozenset(positive), frozenset(unknown)
+    raise DatasetError(
+        f"{where}: 'labels' must be a list of strings or a mapping, got {type(value).__name__}"
+    )
+
+
+def parse_labelled_line(obj: object, where: str, number: int) -> LabelledExample:
+    """One JSONL object as a :class:`LabelledExample` (errors name the line)."""
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: a labelled example is a JSON object, got {type(obj).__name__}")
+    text = obj.get("text")
+    image = obj.get("image_uri") or obj.get("image")
+    if text is not None and not isinstance(text, str):
+        raise DatasetError(f"{where}: 'text' must be a string")
+    if image is not None and not isinstance(image, str):
+        raise DatasetError(f"{where}: 'image_uri' must be a string")
+    if not (text and text.strip()) and not image:
+        raise DatasetError(f"{where}: needs a non-empty 'text' or an 'image_uri'")
+    if "label" in obj and "labels" in obj:
+        raise DatasetError(f"{where}: give 'label' or 'labels', not both")
+    raw = obj.get("labels", obj.get("label"))
+    positive, unknown = _as_label_set(raw, where) if raw is not None else (frozenset(), frozenset())
+    outcome = obj.get("outcome")
+    if outcome is not None and not isinstance(outcome, str):
+        raise DatasetError(f"{where}: 'outcome' must be a string")
+    if outcome is None and positive:
+        if len(positive) > 1:
+            raise DatasetError(
+                f"{where}: {len(positive)} labels and no 'outcome': say which outcome the row has"
+            )
+        outcome = next(iter(positive))
+    for name in (outcome, *positive):
+        if name is not None and not re.match(NAME_PATTERN, name):
+            raise DatasetError(f"{where}: {name!r} is not a route/outcome name ({NAME_PATTERN})")
+    split = obj.get("split")
+    if split is not None and split not in _SPLIT_ALIASES:
+        raise DatasetError(f"{where}: 'split' must be one of train, calibration, test; got {split!r}")
+    return LabelledExample(
+        id=str(obj.get("id", number)),
+        text=text,
+        outcome=outcome,
+        labels=positive,
+        unknown=unknown,
+        image=image,
+        source_split=_SPLIT_ALIASES[split] if split is not None else None,
+    )
+
+
+def load_jsonl(path: str | Path) -> LabelledData:
+    """Read a labelled JSONL file (plain or ``.gz``)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    examples: list[LabelledExample] = []
+    mentioned: set[str] = set()  # labels named anywhere, 0s included: the vocabulary
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise DatasetError(f"{where}: not JSON: {exc}") from None
+                examples.append(parse_labelled_line(obj, where, number))
+                raw = obj.get("labels")
+                if isinstance(raw, dict):
+                    mentioned.update(str(name) for name in raw)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not examples:
+        raise DatasetError(f"{path}: no labelled examples")
+    ids = Counter(ex.id for ex in examples)
+    repeated = [i for i, n in ids.items() if n > 1]
+    if repeated:
+        raise DatasetError(f"{path}: ids must be unique; {repeated[0]!r} repeats")
+    labels = sorted(mentioned | {label for ex in examples for label in ex.labels | ex.unknown})
+    return LabelledData(path.stem, tuple(examples), tuple(labels), source=str(path), licence="(your data)")
+
+
+# --------------------------------------------------------------------------- the public sets
+
+
+def load_openai_moderation(datasets_dir: Path) -> LabelledData:
+    """openai/moderation-api-release samples-1680 (MIT): 8 categories, outcome violating / clean.
+
+    Labels are the categories named as routes/moderation.yaml names them (``S`` ->
+    ``sexual``, ...). A row flagged in any category is ``violating``; every other
+    row is ``clean``, also where some categories are unknown (a missing key).
+    """
+    path = datasets_dir / "openai-moderation" / "samples-1680.jsonl.gz"
+    examples: list[LabelledExample] = []
+    try:
+        handle = gzip.open(path, "rt", encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            positive = frozenset(name for key, name in MODERATION_CATEGORIES.items() if row.get(key) == 1)
+            unknown = frozenset(name for key, name in MODERATION_CATEGORIES.items() if key not in row)
+            examples.append(
+                LabelledExample(
+                    id=f"om-{number:04d}",
+                    text=row["prompt"],
+                    outcome="violating" if positive else "clean",
+                    labels=positive,
+                    unknown=unknown,
+                )
+            )
+    return LabelledData(
+        "openai-moderation",
+        tuple(examples),
+        tuple(MODERATION_CATEGORIES.values()),
+        source="openai/moderation-api-release @ f4ab51b5, data/samples-1680.jsonl.gz (arXiv 2208.03274)",
+        licence="MIT",
+        default_outcome="clean",
+        positive_outcome="violating",
+    )
+
+
+_CLINC_SPLITS: dict[str, SplitName] = {
+    "train": "train",
+    "oos_train": "train",
+    "val": "calibration",
+    "oos_val": "calibration",
+    "test": "test",
+    "oos_test": "test",
+}
+
+
+def load_clinc150(datasets_dir: Path) -> LabelledData:
+    """clinc/oos-eval data_full (CC BY 3.0): 150 intents plus out-of-scope, with its own splits.
+
+    An intent's outcome is its name; an ``oos`` query has no class (the route set's
+    default outcome). The data set's train / val / test become train / calibration / test.
+    """
+    path = datasets_dir / "clinc150" / "data_full.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    examples: list[LabelledExample] = []
+    intents: set[str] = set()
+    for key, split in _CLINC_SPLITS.items():
+        for number, (text, intent) in enumerate(data[key]):
+            is_oos = intent == "oos"
+            if not is_oos:
+                intents.add(intent)
+            examples.append(
+                LabelledExample(
+                    id=f"clinc-{key}-{number:05d}",
+                    text=text,
+                    outcome=None if is_oos else intent,
+                    labels=frozenset() if is_oos else frozenset({intent}),
+                    source_split=split,
+                )
+            )
+    return LabelledData(
+        "clinc150",
+        tuple(examples),
+        tuple(sorted(intents)),
+        source="clinc/oos-eval @ 828f8093, data/data_full.json (Larson et al., EMNLP 2019)",
+        licence="CC BY 3.0",
+        default_outcome="oos",
+    )
+
+
+def load_data(spec: str, datasets_dir: Path) -> LabelledData:
+    """``openai-moderation``, ``clinc150`` or a path to a labelled JSONL file."""
+    if spec == "openai-moderation":
+        return load_openai_moderation(datasets_dir)
+    if spec == "clinc150":
+        return load_clinc150(datasets_dir)
+    path = Path(spec)
+    if not path.exists():
+        raise DatasetError(f"{spec}: no such file, and not one of the adapters ({', '.join(ADAPTERS)})")
+    return load_jsonl(path)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _digest(ids: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """How a data set was split: enough to reproduce and to check two reports used the same rows."""
+
+    data: str
+    method: str  # "source" (the data set's own) or "seeded-stratified"
+    seed: int
+    fractions: dict[str, float]
+    sizes: dict[str, int]
+    digests: dict[str, str]
+    sample: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return {
+            "data": self.data,
+            "method": self.method,
+            "seed": self.seed,
+            "fractions": self.fractions,
+            "sizes": self.sizes,
+            "digests": self.digests,
+            "sample_per_split": self.sample,
+        }
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train, calibration and test parts of one data set, and how they were made."""
+
+    train: LabelledData
+    calibration: LabelledData
+    test: LabelledData
+    record: SplitRecord = field(compare=False)
+
+    def part(self, name: str) -> LabelledData:
+        """A split by name (``train``, ``calibration``, ``test``)."""
+        if name not in SPLITS:
+            raise DatasetError(f"no split {name!r}: one of {', '.join(SPLITS)}")
+        part: LabelledData = getattr(self, name)
+        return part
+
+
+def _strata(example: LabelledExample) -> str:
+    # Outcome plus the rarest-looking label keeps small categories in every split.
+    return f"{example.outcome}|{','.join(sorted(example.labels))}"
+
+
+def _stratified_order(examples: Sequence[LabelledExample], rng: random.Random) -> list[LabelledExample]:
+    """Examples interleaved stratum by stratum, each stratum shuffled: any prefix is stratified."""
+    groups: dict[str, list[LabelledExample]] = {}
+    for ex in examples:
+        groups.setdefault(_strata(ex), []).append(ex)
+    keyed: list[tuple[float, str, LabelledExample]] = []
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)
+        size = len(members)
+        # position i of a stratum of size s sits at (i + u) / s: evenly spread over [0, 1)
+        offset = rng.random()
+        keyed.extend(((i + offset) / size, ex.id, ex) for i, ex in enumerate(members))
+    keyed.sort(key=lambda item: (item[0], item[1]))
+    return [ex for _, _, ex in keyed]
+
+
+def sample_data(data: LabelledData, size: int, seed: int) -> LabelledData:
+    """A seeded, stratified sample of ``size`` examples (all of them if fewer)."""
+    if size >= len(data):
+        return data
+    ordered = _stratified_order(list(data.examples), random.Random(seed))
+    return data.with_examples(ordered[:size])
+
+
+def split_data(
+    data: LabelledData,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
+    sample: int | None = None,
+    source_splits: bool = True,
+) -> Splits:
+    """Train / calibration / test.
+
+    Uses the data set's own splits where every example has one (clinc150, or a
+    JSONL with ``split``) unless ``source_splits`` is off; otherwise a seeded
+    split stratified by outcome and labels, with the given fractions. ``sample``
+    keeps at most that many examples of each split (seeded, stratified), for
+    quick runs and tests.
+    """
+    own = [ex.source_split for ex in data.examples]
+    parts: dict[str, list[LabelledExample]] = {name: [] for name in SPLITS}
+    if all(own) and source_splits:
+        method = "source"
+        for ex in data.examples:
+            parts[str(ex.source_split)].append(ex)
+        total = len(data.examples)
+        used = {name: len(parts[name]) / total for name in SPLITS}
+    else:
+        if any(own) and not all(own):
+            raise DatasetError(f"{data.name}: some examples name a split and some do not")
+        if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+            raise DatasetError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        method = "seeded-stratified"
+        rng = random.Random(seed)
+        groups: dict[str, list[LabelledExample]] = {}
+        for ex in data.examples:
+            groups.setdefault(_strata(ex), []).append(ex)
+        for key in sorted(groups):
+            members = sorted(groups[key], key=lambda ex: ex.id)
+            rng.shuffle(members)
+            n = len(members)
+            # largest remainder per stratum, rotated so small strata do not all favour train
+            cut_train = round(n * fractions[0])
+            cut_cal = round(n * (fractions[0] + fractions[1]))
+            parts["train"].extend(members[:cut_train])
+            parts["calibration"].extend(members[cut_train:cut_cal])
+            parts["test"].extend(members[cut_cal:])
+        used = dict(zip(SPLITS, fractions, strict=True))
+    if sample is not None:
+        for offset, name in enumerate(SPLITS):
+            ordered = _stratified_order(
+                sorted(parts[name], key=lambda ex: ex.id), random.Random(seed + offset)
+            )
+            parts[name] = ordered[:sample]
+    for name in SPLITS:
+        parts[name].sort(key=lambda ex: ex.id)
+    record = SplitRecord(
+        data=data.name,
+        method=method,
+        seed=seed,
+        fractions={k: round(v, 4) for k, v in used.items()},
+        sizes={name: len(parts[name]) for name in SPLITS},
+        digests={name: _digest(ex.id for ex in parts[name]) for name in SPLITS},
+        sample=sample,
+    )
+    return Splits(
+        train=data.with_examples(parts["train"]),
+        calibration=data.with_examples(parts["calibration"]),
+        test=data.with_examples(parts["test"]),
+        record=record,
+    )
