@@ -535,16 +535,17 @@ def apply_thresholds(
     new_routes = []
     for route in route_set.routes:
         i = position.get(route.name)
-        overrides = None
-        if i is not None:
-            own = {
-                "accept": float(params.accept[i]),
-                "review": float(params.review[i]),
-                "margin": float(params.margin[i]),
-            }
-            base = {"accept": accept, "review": review, "margin": margin}
-            changed = {k: v for k, v in own.items() if v != base[k]}
-            overrides = ThresholdOverrides(**changed) if changed else None
+        if i is None:  # no examples in this space (an image-only route): left as it is
+            new_routes.append(route)
+            continue
+        own = {
+            "accept": float(params.accept[i]),
+            "review": float(params.review[i]),
+            "margin": float(params.margin[i]),
+        }
+        base = {"accept": accept, "review": review, "margin": margin}
+        changed = {k: v for k, v in own.items() if v != base[k]}
+        overrides = ThresholdOverrides(**changed) if changed else None
         new_routes.append(route.model_copy(update={"thresholds": overrides}))
     fitted = route_set.model_copy(update={"defaults": defaults, "routes": new_routes})
     RouteSet.model_validate(fitted.model_dump(mode="json"))  # the same checks as a route file gets
