@@ -378,7 +378,7 @@ def main() -> None:
     )
     print()
     print(table(rows, header))
-    stem = f"scaling-{args.encoder}"
+    stem = f"scaling-{args.encoder}" + (f"-rate{args.rate:g}" if args.rate else "")
     plot(rows, args.out / f"{stem}.png", header)
     (args.out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     print(f"\nplot: {args.out / (stem + '.png')}; figures: {args.out / (stem + '.json')}")
