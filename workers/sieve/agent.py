@@ -28,7 +28,7 @@ from sieve.pipeline import BatchResult, RouterPipeline
 from sieve.publish import Outbound, plan_dead_letters
 from sieve.settings import Settings
 from sieve.store import RouteStore
-from sieve.topology import Topology
+from sieve.topology import BatchingSpec, Topology
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def build_app(topology: Topology, settings: Settings) -> faust.App:
     )
 
 
-def _raw_record(event: EventT) -> RawRecord:
+def raw_record(event: EventT) -> RawRecord:
+    """The raw record behind a Faust event."""
     message = event.message
     return RawRecord(
         topic=message.topic,
@@ -88,44 +89,41 @@ def _raw_record(event: EventT) -> RawRecord:
     )
 
 
-class RouterWorker:
-    """One topology's router: the Faust agent, route refresh and graceful drain."""
+class BatchWorker:
+    """The Faust shell the router and the reviewer share.
 
-    def __init__(
-        self,
-        topology: Topology,
-        settings: Settings,
-        pipeline: RouterPipeline,
-        store: RouteStore | None = None,
-        app: faust.App | None = None,
-    ) -> None:
-        self.topology = topology
+    One agent takes batches of raw records from its topics and hands each to
+    :meth:`handle`, which returns only when every output of the batch was
+    acknowledged by the broker; only then may Faust ack (and later commit) the
+    batch. A batch that did not finish is kept unacked. SIGTERM drains.
+    """
+
+    def __init__(self, name: str, settings: Settings, app: faust.App, batching: BatchingSpec) -> None:
+        self.name = name
         self.settings = settings
-        self.pipeline = pipeline
-        self.store = store
-        self.app = app or build_app(topology, settings)
-        self.source = self.app.topic(
-            *topology.input.topics,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=topology.input.partitions,
-        )
-        self.agent = self.app.agent(self.source, name=f"sieve.{topology.name}.router")(self._consume)
-        if store is not None:
-            self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
-        # Encoding runs here, off the event loop, one batch at a time.
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="sieve-encode")
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
+        self.app = app
+        self.batching = batching
         self._busy = False
         self.draining = False
         self.send: Callable[[Outbound], Any] = self._send_via_producer
 
-    # -- the agent ---------------------------------------------------------------------------
+    def _add_agent(self, topics: Sequence[str], partitions: int, agent_name: str) -> None:
+        self.source = self.app.topic(
+            *topics,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=partitions,
+        )
+        self.agent = self.app.agent(self.source, name=agent_name)(self._consume)
+
+    async def handle(self, records: list[RawRecord]) -> Any:
+        """Process one batch to the end (every output acknowledged)."""
+        raise NotImplementedError
 
     async def _consume(self, stream: faust.StreamT) -> None:
-        batching = self.topology.batching
+        batching = self.batching
         # take_events (faust-streaming >= 0.11) yields the events, so offsets and raw bytes are at hand.
         batches = stream.take_events(batching.max_events, within=batching.max_wait_s)  # type: ignore[attr-defined]
         async for events in batches:
@@ -134,7 +132,7 @@ class RouterWorker:
                 await asyncio.Event().wait()  # until the worker stops and cancels us
             self._busy = True
             try:
-                await self.handle(events)
+                await self.handle([raw_record(event) for event in events])
             except BaseException:
                 self._keep_unacked(events)
                 raise
@@ -147,11 +145,69 @@ class RouterWorker:
         for event in events:
             event.message.acked = True
 
-    async def handle(self, events: Sequence[EventT]) -> BatchResult:
+    async def _send_via_producer(self, message: Outbound) -> Any:
+        return await self.app.producer.send(
+            message.topic, message.key, message.value, None, None, list(message.headers)
+        )
+
+    async def _publish(self, outbound: list[Outbound]) -> None:
+        """Queue every send, then await the acknowledgements together; retry until they land.
+
+        A retry re-sends the whole batch: consumers may see a message twice and
+        deduplicate by decision id. Nothing is skipped.
+        """
+        delay = 0.2
+        while True:
+            try:
+                pending = [await self.send(message) for message in outbound]
+                await asyncio.gather(*pending)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("publishing %d messages failed; retrying in %.1fs", len(outbound), delay)
+                metrics.BATCH_RETRIES.labels(self.name, "publish").inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def drain(self) -> None:
+        """Finish the batch in flight (within the grace period), take no new one, commit."""
+        self.draining = True
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        try:
+            await self.app.consumer.commit()
+        except Exception:
+            log.exception("final commit failed; uncommitted events will be handled again")
+
+
+class RouterWorker(BatchWorker):
+    """One topology's router: the Faust agent, route refresh and graceful drain."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        settings: Settings,
+        pipeline: RouterPipeline,
+        store: RouteStore | None = None,
+        app: faust.App | None = None,
+    ) -> None:
+        super().__init__(topology.name, settings, app or build_app(topology, settings), topology.batching)
+        self.topology = topology
+        self.pipeline = pipeline
+        self.store = store
+        self._add_agent(topology.input.topics, topology.input.partitions, f"sieve.{topology.name}.router")
+        if store is not None:
+            self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
+        # Encoding runs here, off the event loop, one batch at a time.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="sieve-encode")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
+
+    async def handle(self, records: list[RawRecord]) -> BatchResult:
         """Process one batch to the end: it returns only once every output is acknowledged."""
         metrics.IN_FLIGHT.labels(self.topology.name).set(1)
         try:
-            records = [_raw_record(event) for event in events]
             result = await self._process(records)
             started = time.perf_counter()
             await self._publish(result.outbound)
@@ -192,31 +248,6 @@ class RouterWorker:
             merged.outbound += one.outbound
         return merged
 
-    async def _send_via_producer(self, message: Outbound) -> Any:
-        return await self.app.producer.send(
-            message.topic, message.key, message.value, None, None, list(message.headers)
-        )
-
-    async def _publish(self, outbound: list[Outbound]) -> None:
-        """Queue every send, then await the acknowledgements together; retry until they land.
-
-        A retry re-sends the whole batch: consumers may see a message twice and
-        deduplicate by decision id. Nothing is skipped.
-        """
-        delay = 0.2
-        while True:
-            try:
-                pending = [await self.send(message) for message in outbound]
-                await asyncio.gather(*pending)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("publishing %d messages failed; retrying in %.1fs", len(outbound), delay)
-                metrics.BATCH_RETRIES.labels(self.topology.name, "publish").inc()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
     # -- route-set refresh -------------------------------------------------------------------
 
     async def _refresh_route_set(self) -> None:
@@ -240,26 +271,12 @@ class RouterWorker:
             except Exception:
                 log.exception("route-set refresh failed; keeping version %s", current.version)
 
-    # -- shutdown ----------------------------------------------------------------------------
-
-    async def drain(self) -> None:
-        """Finish the batch in flight, take no new one, and commit what was acknowledged."""
-        self.draining = True
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
-        while self._busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        try:
-            await self.app.consumer.commit()
-        except Exception:
-            log.exception("final commit failed; uncommitted events will be decided again")
-
-
 class DrainingWorker(faust.Worker):
-    """A Faust worker whose SIGTERM/SIGINT first lets the router finish its batch and commit."""
+    """A Faust worker whose SIGTERM/SIGINT first lets its batch worker finish the batch and commit."""
 
-    def __init__(self, router: RouterWorker, *args: Any, **kwargs: Any) -> None:
-        super().__init__(router.app, *args, **kwargs)
-        self.router = router
+    def __init__(self, batch_worker: BatchWorker, *args: Any, **kwargs: Any) -> None:
+        super().__init__(batch_worker.app, *args, **kwargs)
+        self.batch_worker = batch_worker
 
     def _on_sigterm(self) -> None:
         asyncio.ensure_future(self._drain_then_stop(signal.SIGTERM), loop=self.loop)
@@ -268,8 +285,8 @@ class DrainingWorker(faust.Worker):
         asyncio.ensure_future(self._drain_then_stop(signal.SIGINT), loop=self.loop)
 
     async def _drain_then_stop(self, signum: signal.Signals) -> None:
-        if self.router.draining:
+        if self.batch_worker.draining:
             return
         log.info("signal %s: draining the batch in flight", signum.name)
-        await self.router.drain()
+        await self.batch_worker.drain()
         self._schedule_shutdown(signum)

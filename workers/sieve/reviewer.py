@@ -18,17 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import faust
-from faust.types import EventT
 from prometheus_client import Counter, Gauge, Histogram
 
 from sieve import metrics
-from sieve.agent import build_app
+from sieve.agent import BatchWorker, DrainingWorker, build_app
 from sieve.contracts import NEEDS_REVIEW, Decision, Review, utcnow
 from sieve.dead_letter import RawRecord
 from sieve.health import PROBES, Probes
@@ -42,7 +40,6 @@ from sieve.llm import (
     RequestRejected,
     TokenBudget,
 )
-from sieve.publish import Outbound
 from sieve.review import (
     CHARS_PER_TOKEN,
     IMAGE_NOT_ACCEPTED,
@@ -332,18 +329,6 @@ class _ReviewState:
         return handoff_decision(self.decision, review, utcnow())
 
 
-def _raw_record(event: EventT) -> RawRecord:
-    message = event.message
-    return RawRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key if isinstance(message.key, bytes | None) else None,
-        value=message.value if isinstance(message.value, bytes) else None,
-        timestamp=message.timestamp,
-    )
-
-
 def review_spec(topology: Topology) -> ReviewSpec:
     """The topology's review section, or the defaults."""
     return topology.review or ReviewSpec()
@@ -359,57 +344,24 @@ def review_group(topology: Topology) -> str:
     return review_spec(topology).group_id or f"{topology.consumer_group}-review"
 
 
-class ReviewerWorker:
+class ReviewerWorker(BatchWorker):
     """One topology's reviewer: the Faust agent around a :class:`ReviewEngine`."""
 
     def __init__(
         self, topology: Topology, settings: Settings, engine: ReviewEngine, app: faust.App | None = None
     ) -> None:
-        self.topology = topology
-        self.spec = review_spec(topology)
-        self.settings = settings
-        self.engine = engine
-        self.input_topic = review_input_topic(topology)
+        spec = review_spec(topology)
         if app is None:
             app = build_app(topology.model_copy(update={"group_id": review_group(topology),
-                                                        "batching": self.spec.batching}), settings)
+                                                        "batching": spec.batching}), settings)
             # Fetch little ahead: while the endpoint is down, events should wait in the topic.
-            app.conf.stream_buffer_maxsize = 2 * self.spec.batching.max_events
-        self.app = app
-        self.source = self.app.topic(
-            self.input_topic,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=topology.output.partitions,
-        )
-        self.agent = self.app.agent(self.source, name=f"sieve.{topology.name}.reviewer")(self._consume)
-        self._busy = False
-        self.draining = False
-        self.send: Callable[[Outbound], Any] = self._send_via_producer
-
-    async def _consume(self, stream: faust.StreamT) -> None:
-        batching = self.spec.batching
-        batches = stream.take_events(batching.max_events, within=batching.max_wait_s)  # type: ignore[attr-defined]
-        async for events in batches:
-            if self.draining:
-                self._keep_unacked(events)
-                await asyncio.Event().wait()  # until the worker stops and cancels us
-            self._busy = True
-            try:
-                await self.handle([_raw_record(event) for event in events])
-            except BaseException:
-                self._keep_unacked(events)
-                raise
-            finally:
-                self._busy = False
-
-    @staticmethod
-    def _keep_unacked(events: Sequence[EventT]) -> None:
-        """Stop ``take`` from acking events whose batch did not finish (so no commit covers them)."""
-        for event in events:
-            event.message.acked = True
+            app.conf.stream_buffer_maxsize = 2 * spec.batching.max_events
+        super().__init__(topology.name, settings, app, spec.batching)
+        self.topology = topology
+        self.spec = spec
+        self.engine = engine
+        self.input_topic = review_input_topic(topology)
+        self._add_agent([self.input_topic], topology.output.partitions, f"sieve.{topology.name}.reviewer")
 
     async def handle(self, records: list[RawRecord]) -> list[Decision]:
         """Review one batch to the end: returns once every output is acknowledged by the broker."""
@@ -425,58 +377,6 @@ class ReviewerWorker:
         outbound += plan_review(finals, self.topology.output, self.spec.human_review_topic)
         await self._publish(outbound)
         return finals
-
-    async def _send_via_producer(self, message: Outbound) -> Any:
-        return await self.app.producer.send(
-            message.topic, message.key, message.value, None, None, list(message.headers)
-        )
-
-    async def _publish(self, outbound: list[Outbound]) -> None:
-        """Queue every send, then await the acknowledgements together; retry until they land."""
-        delay = 0.2
-        while True:
-            try:
-                pending = [await self.send(message) for message in outbound]
-                await asyncio.gather(*pending)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("publishing %d messages failed; retrying in %.1fs", len(outbound), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def drain(self) -> None:
-        """Finish the batch in flight (within the grace period), take no new one, commit."""
-        self.draining = True
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
-        while self._busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        try:
-            await self.app.consumer.commit()
-        except Exception:
-            log.exception("final commit failed; uncommitted events will be reviewed again")
-
-
-class DrainingReviewer(faust.Worker):
-    """A Faust worker whose SIGTERM/SIGINT first lets the reviewer finish its batch and commit."""
-
-    def __init__(self, reviewer: ReviewerWorker, *args: Any, **kwargs: Any) -> None:
-        super().__init__(reviewer.app, *args, **kwargs)
-        self.reviewer = reviewer
-
-    def _on_sigterm(self) -> None:
-        asyncio.ensure_future(self._drain_then_stop(signal.SIGTERM), loop=self.loop)
-
-    def _on_sigint(self) -> None:
-        asyncio.ensure_future(self._drain_then_stop(signal.SIGINT), loop=self.loop)
-
-    async def _drain_then_stop(self, signum: signal.Signals) -> None:
-        if self.reviewer.draining:
-            return
-        log.info("signal %s: draining the reviews in flight", signum.name)
-        await self.reviewer.drain()
-        self._schedule_shutdown(signum)
 
 
 def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]) -> dict[str, int]:
@@ -573,4 +473,4 @@ def run_reviewer(
         f"verdicts / {spec.human_review_topic}, model {settings.llm.model} at {settings.llm.base_url}, "
         f"group {review_group(topology)}, metrics and probes :{settings.metrics_port}"
     )
-    DrainingReviewer(reviewer, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    DrainingWorker(reviewer, loglevel=settings.log_level, quiet=True).execute_from_commandline()
