@@ -69,7 +69,8 @@ def main() -> None:
         models.append(("ViT-B-32 (random weights)", "ViT-B-32", 96))
     print(f"\nSieve image benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU cores, device {args.device}; generated 640x480 JPEGs\n")
-    print("| model | batch | images/s (decode + preprocess + encode) | share in encode_images (preprocess + model) |")
+    print("| model | batch | images/s (decode + preprocess + encode) "
+          "| share in encode_images (preprocess + model) |")
     print("|---|---:|---:|---:|")
     for label, model, count in models:
         encoder = OpenClipEncoder(model, None, device=args.device, torch_threads=args.threads)
