@@ -35,7 +35,7 @@ from sieve import metrics
 from sieve.settings import HealthSettings
 
 if TYPE_CHECKING:
-    from sieve.agent import RouterWorker
+    from sieve.agent import BatchWorker, RouterWorker
 
 log = logging.getLogger(__name__)
 
@@ -148,26 +148,34 @@ def serve(
     return server
 
 
-class RouterHealth:
-    """Heartbeat, readiness and consumer lag of one router worker, driven by a Faust timer."""
+class WorkerHealth:
+    """Heartbeat, readiness and consumer lag of one batch worker (router or reviewer).
 
-    def __init__(self, router: RouterWorker, probes: Probes = PROBES) -> None:
-        self.router = router
+    Driven by a Faust timer: each tick beats ``/healthz`` and refreshes
+    ``sieve_consumer_lag`` for the worker's own input partitions. ``/readyz`` needs
+    the consumer group joined, the worker not draining, and any ``checks`` given.
+    """
+
+    def __init__(
+        self,
+        worker: BatchWorker,
+        input_topics: Iterable[str],
+        probes: Probes = PROBES,
+        checks: dict[str, Callable[[], tuple[bool, str]]] | None = None,
+    ) -> None:
+        self.worker = worker
         self.probes = probes
-        probes.settings = router.settings.health
-        self.topology = router.topology.name
+        probes.settings = worker.settings.health
+        self.topology = worker.name
         self.joined = False
         self.assigned: frozenset[tuple[str, int]] = frozenset()
-        self._input_topics = set(router.topology.input.topics)
-        probes.add_check("route_index", self._index_loaded)
+        self._input_topics = set(input_topics)
+        for name, check in (checks or {}).items():
+            probes.add_check(name, check)
         probes.add_check("consumer_group", self._consumer_joined)
         probes.add_check("not_draining", self._not_draining)
-        router.app.on_partitions_assigned.connect(cast(Any, self._on_assigned))
-        router.app.timer(probes.settings.heartbeat_s, name="sieve.health")(self.tick)
-
-    def _index_loaded(self) -> tuple[bool, str]:
-        index = self.router.pipeline.index
-        return index is not None, f"route set version {getattr(index, 'version', None)}"
+        worker.app.on_partitions_assigned.connect(cast(Any, self._on_assigned))
+        worker.app.timer(probes.settings.heartbeat_s, name="sieve.health")(self.tick)
 
     def _consumer_joined(self) -> tuple[bool, str]:
         if not self.joined:
@@ -175,7 +183,7 @@ class RouterHealth:
         return True, f"{len(self.assigned)} input partition(s) assigned"
 
     def _not_draining(self) -> tuple[bool, str]:
-        return not self.router.draining, "draining" if self.router.draining else "taking batches"
+        return not self.worker.draining, "draining" if self.worker.draining else "taking batches"
 
     async def _on_assigned(self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         """Faust's on_partitions_assigned signal: the group (re)balanced; maybe no partition for us."""
@@ -197,7 +205,7 @@ class RouterHealth:
 
     def update_lag(self) -> dict[tuple[str, int], int]:
         """Set ``sieve_consumer_lag`` per assigned partition; drop partitions no longer ours."""
-        consumer = self.router.app.consumer
+        consumer = self.worker.app.consumer
         lags: dict[tuple[str, int], int] = {}
         committed_offsets = getattr(consumer, "_committed_offset", {})
         for tp in consumer.assignment():
@@ -226,6 +234,11 @@ def _lag_series(topology: str) -> Iterable[tuple[str, int]]:
                 yield sample.labels["topic"], int(sample.labels["partition"])
 
 
-def attach_router(router: RouterWorker, probes: Probes = PROBES) -> RouterHealth:
-    """Give a router worker its heartbeat, readiness checks and lag gauges."""
-    return RouterHealth(router, probes)
+def attach_router(router: RouterWorker, probes: Probes = PROBES) -> WorkerHealth:
+    """Give a router worker its heartbeat, readiness checks (route index loaded) and lag gauges."""
+
+    def index_loaded() -> tuple[bool, str]:
+        index = router.pipeline.index
+        return index is not None, f"route set version {getattr(index, 'version', None)}"
+
+    return WorkerHealth(router, router.topology.input.topics, probes, {"route_index": index_loaded})

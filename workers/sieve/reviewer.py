@@ -20,16 +20,15 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import faust
 from prometheus_client import Counter, Gauge, Histogram
 
-from sieve import metrics
 from sieve.agent import BatchWorker, DrainingWorker, build_app
 from sieve.contracts import NEEDS_REVIEW, Decision, Review, utcnow
 from sieve.dead_letter import RawRecord
-from sieve.health import PROBES, Probes
+from sieve.health import WorkerHealth
 from sieve.llm import (
     AttemptResult,
     ChatClient,
@@ -393,66 +392,6 @@ def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]
     return topics
 
 
-class ReviewerHealth:
-    """Heartbeat, readiness (group joined, not draining) and needs-review lag of one reviewer.
-
-    Served with the metrics by :func:`sieve.health.serve` (``/healthz``, ``/readyz``).
-    The lag gauge is the router's (``sieve_consumer_lag``) with the needs-review topic
-    as ``topic``: what reviewers are autoscaled on.
-    """
-
-    def __init__(self, reviewer: ReviewerWorker, probes: Probes | None = None) -> None:
-        self.reviewer = reviewer
-        self.probes = probes or PROBES
-        self.probes.settings = reviewer.settings.health
-        self.topology = reviewer.topology.name
-        self.joined = False
-        self._lag_keys: set[tuple[str, str]] = set()
-        self.probes.add_check("consumer_group", self._joined)
-        self.probes.add_check("not_draining", self._not_draining)
-        reviewer.app.on_partitions_assigned.connect(cast(Any, self._on_assigned))
-        reviewer.app.timer(self.probes.settings.heartbeat_s, name="sieve.review.health")(self.tick)
-
-    def _joined(self) -> tuple[bool, str]:
-        return self.joined, "consumer group joined" if self.joined else "waiting for the consumer group"
-
-    def _not_draining(self) -> tuple[bool, str]:
-        return not self.reviewer.draining, "draining" if self.reviewer.draining else "taking batches"
-
-    async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
-        self.joined = True
-
-    async def tick(self) -> None:
-        """Beat (the loop runs) and refresh the lag gauges."""
-        self.probes.beat()
-        metrics.HEARTBEAT.labels(self.topology).set(time.time())
-        try:
-            self.update_lag()
-        except Exception:  # metrics must never take the worker down
-            log.exception("consumer-lag update failed")
-
-    def update_lag(self) -> dict[tuple[str, str], int]:
-        """Lag per assigned needs-review partition: fetch high-water mark minus committed offset."""
-        consumer = self.reviewer.app.consumer
-        committed_offsets = getattr(consumer, "_committed_offset", {})
-        lags: dict[tuple[str, str], int] = {}
-        for tp in consumer.assignment():
-            if tp.topic != self.reviewer.input_topic:
-                continue
-            highwater = consumer.highwater(tp)
-            if highwater is None:
-                continue
-            committed = committed_offsets.get(tp) or 0
-            lags[(tp.topic, str(tp.partition))] = max(0, int(highwater) - int(committed))
-        for topic, partition in self._lag_keys - set(lags):
-            metrics.CONSUMER_LAG.remove(self.topology, topic, partition)
-        for (topic, partition), lag in lags.items():
-            metrics.CONSUMER_LAG.labels(self.topology, topic, partition).set(lag)
-        metrics.ASSIGNED_PARTITIONS.labels(self.topology).set(len(lags))
-        self._lag_keys = set(lags)
-        return lags
-
-
 def run_reviewer(
     topology: Topology, route_set: RouteSet, settings: Settings, say: Callable[[str], Any] = print
 ) -> None:
@@ -466,7 +405,8 @@ def run_reviewer(
     asyncio.run(ensure_topics(settings.kafka, topics, topology.output.replication_factor))
     engine = ReviewEngine(topology.name, spec, catalogue, settings.llm)
     reviewer = ReviewerWorker(topology, settings, engine)
-    ReviewerHealth(reviewer)
+    # /healthz heartbeat, /readyz checks and the needs-review lag (what reviewers autoscale on)
+    WorkerHealth(reviewer, [reviewer.input_topic])
     serve(settings.metrics_host, settings.metrics_port, settings.health)
     say(
         f"reviewer {settings.worker_name}: topology {topology.name}, {reviewer.input_topic} -> "
