@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from sieve.store import RouteStore
 from .conftest import free_port, worker_env
 from .llm_double import ScriptedLLM
 from .review_helpers import make_decision
+from .test_integration import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -79,17 +80,6 @@ async def read_topics(kafka: KafkaSettings, topics: list[str], *, until: set[str
         return out
     finally:
         await consumer.stop()
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    totals: Counter[str] = Counter()
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name_labels, value = line.rsplit(" ", 1)
-            totals[name_labels.split("{", 1)[0]] += float(value)
-            totals[name_labels] += float(value)
-    return dict(totals)
 
 
 @pytest.fixture
