@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from pydantic_core import to_json
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
-from sieve.decide import Policy, decide, decide_scores
+from sieve.decide import Policy, decide, decide_scores, decision_rows
 from sieve.match import RouteIndex, aggregate, example_id, match_batch
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
 
@@ -294,6 +295,41 @@ def test_decide_scores_invariants(values):
             assert in_band == []
 
 
+def reference_verdicts(route_scores: np.ndarray, policy: Policy) -> list[tuple]:
+    """The module docstring's policy, one event at a time, as plainly as it reads."""
+    out = []
+    for scores in route_scores:
+        order = np.argsort(-scores)
+        first = int(order[0])
+        s1 = float(scores[first])
+        if s1 >= policy.accept[first]:
+            if len(order) > 1:
+                second = int(order[1])
+                s2 = float(scores[second])
+                if (policy.outcomes[second] != policy.outcomes[first] and s1 - s2 < policy.margin[first]
+                        and s2 >= policy.review[second]):
+                    out.append((NEEDS_REVIEW, "ambiguous", first))
+                    continue
+            out.append((policy.outcomes[first], "accept", first))
+            continue
+        band = [i for i, o in enumerate(policy.outcomes)
+                if o != policy.default_outcome and scores[i] >= policy.review[i]]
+        if band:
+            out.append((NEEDS_REVIEW, "review_band", max(band, key=lambda i: (scores[i], -i))))
+        else:
+            out.append((policy.default_outcome, "no_match", None))
+    return out
+
+
+@settings(deadline=None, max_examples=200)
+@given(arrays(np.float32, st.tuples(st.integers(1, 40), st.just(4)),
+              elements=st.floats(-1, 1, width=32)))
+def test_decide_scores_vectorised_equals_row_by_row_reference(matrix):
+    """The batch decider (one pass over the score matrix) decides each row as the policy reads."""
+    got = [(v.outcome, v.reason, v.route) for v in decide_scores(matrix, POLICY)]
+    assert got == reference_verdicts(matrix, POLICY)
+
+
 # --------------------------------------------------------------------------- decide()
 
 DECIDED_AT = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -363,6 +399,23 @@ def test_decide_metadata_and_ids():
     assert not set(other) & {d.id for d in decisions}
     # the decision survives its wire format
     assert Decision.model_validate_json(decisions[0].model_dump_json()) == decisions[0]
+
+
+def test_decision_rows_serialise_to_exactly_the_models_json():
+    """The worker publishes rows (no model built per event): byte for byte the Decision's JSON."""
+    index = hand_index()
+    events = [Event(id=f"e{i}", text=f"text {i}", tenant="t", metadata={"k": [1, "x"]},
+                    created_at=DECIDED_AT) for i in range(4)]
+    match = match_batch(np.stack([Q_A, Q_C, Q_B, Q_NONE]), index, index.route_set.defaults.aggregation)
+    kwargs = {"decided_at": DECIDED_AT, "event_times": [DECIDED_AT.timestamp() - 1, None, None, None],
+              "source_topics": ["in"] * 4}
+    rows = decision_rows(events, match, index, Policy.for_index(index), **kwargs)
+    models = decide(events, match, index, Policy.for_index(index), **kwargs)
+    assert len(rows) == len(models) == 4
+    for row, model in zip(rows, models, strict=True):
+        assert set(row) == set(Decision.model_fields)  # every field, none extra
+        assert to_json(row) == model.model_dump_json().encode()
+        assert Decision.model_validate_json(to_json(row)) == model
 
 
 def test_decide_top_routes_limits_scores():

@@ -24,6 +24,16 @@ DeadLetterStage = Literal["decode", "validate", "encode", "decide", "publish"]
 EventId = Annotated[str, Field(min_length=1, max_length=256)]
 
 _DECISION_NAMESPACE = uuid.UUID("6f1c8a52-7d0e-4f4a-9a49-3d2b0c2f5e11")
+_DECISION_NAMESPACE_BYTES = _DECISION_NAMESPACE.bytes
+
+
+def uuid5_str(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))``, a third of the cost (it runs per event)."""
+    digest = bytearray(hashlib.sha1(namespace + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:
@@ -179,7 +189,7 @@ class Decision(BaseModel):
     @staticmethod
     def make_id(event_id: str, route_set_version: str) -> str:
         """The decision id: a UUIDv5 of the event id and the route-set version."""
-        return str(uuid.uuid5(_DECISION_NAMESPACE, f"{event_id}\x00{route_set_version}"))
+        return uuid5_str(_DECISION_NAMESPACE_BYTES, f"{event_id}\x00{route_set_version}")
 
 
 class DeadLetter(BaseModel):

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter
 
 from sieve.contracts import (
     NEEDS_REVIEW,
     Decision,
     DecisionReason,
     Event,
-    EventView,
     ImageRef,
-    NearestExample,
-    RouteScore,
 )
 from sieve.match import MatchResult, RouteIndex
 from sieve.routeset import ThresholdOverrides
@@ -73,35 +72,127 @@ class Verdict:
 
 
 def decide_scores(route_scores: np.ndarray, policy: Policy) -> list[Verdict]:
-    """Apply the three-way policy to a ``(n, routes)`` score matrix."""
+    """Apply the three-way policy to a ``(n, routes)`` score matrix (vectorised over the batch)."""
     verdicts: list[Verdict] = []
-    non_default = np.array([o != policy.default_outcome for o in policy.outcomes])
-    for scores in route_scores:
-        order = np.argsort(-scores)
-        first = int(order[0])
-        s1 = float(scores[first])
-        if s1 >= policy.accept[first]:
-            outcome = policy.outcomes[first]
-            if len(order) > 1:
-                second = int(order[1])
-                s2 = float(scores[second])
-                if (
-                    policy.outcomes[second] != outcome
-                    and s1 - s2 < policy.margin[first]
-                    and s2 >= policy.review[second]
-                ):
-                    verdicts.append(Verdict(NEEDS_REVIEW, "ambiguous", first))
-                    continue
-            verdicts.append(Verdict(outcome, "accept", first))
-            continue
-        in_band = np.where(non_default & (scores >= policy.review))[0]
-        if in_band.size:
-            best = int(in_band[np.argmax(scores[in_band])])
+    scores = np.asarray(route_scores, dtype=np.float32)
+    n, routes = scores.shape
+    if n == 0:
+        return verdicts
+    outcomes = policy.outcomes
+    outcome_of = np.array(outcomes, dtype=object)
+    rows = np.arange(n)
+    order = np.argsort(-scores, axis=1)
+    first = order[:, 0]
+    s1 = scores[rows, first]
+    accepted = s1 >= policy.accept[first]
+    if routes > 1:
+        second = order[:, 1]
+        s2 = scores[rows, second]
+        # s1 - s2 in double precision, compared with the float32 margin in float32
+        lead = (s1.astype(np.float64) - s2.astype(np.float64)).astype(np.float32)
+        ambiguous = (accepted & (outcome_of[second] != outcome_of[first])
+                     & (lead < policy.margin[first]) & (s2 >= policy.review[second]))
+    else:
+        ambiguous = np.zeros(n, dtype=bool)
+    non_default = np.array([o != policy.default_outcome for o in outcomes])
+    band = non_default[None, :] & (scores >= policy.review[None, :])
+    in_band = ~accepted & band.any(axis=1)
+    best_in_band = np.argmax(np.where(band, scores, -np.inf), axis=1)
+    no_match = NEEDS_REVIEW if policy.no_match_review else policy.default_outcome
+    for top, is_accepted, is_ambiguous, is_in_band, best in zip(
+        first.tolist(), accepted.tolist(), ambiguous.tolist(), in_band.tolist(), best_in_band.tolist(),
+        strict=True,
+    ):
+        if is_accepted:
+            verdicts.append(Verdict(NEEDS_REVIEW, "ambiguous", top) if is_ambiguous
+                            else Verdict(outcomes[top], "accept", top))
+        elif is_in_band:
             verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
-            continue
-        no_match = NEEDS_REVIEW if policy.no_match_review else policy.default_outcome
-        verdicts.append(Verdict(no_match, "no_match", None))
+        else:
+            verdicts.append(Verdict(no_match, "no_match", None))
     return verdicts
+
+
+_DECISIONS = TypeAdapter(list[Decision])
+
+
+def event_view_row(event: Event) -> dict[str, Any]:
+    """:class:`EventView` of an event as a plain dict (the event without inline image bytes)."""
+    return {"id": event.id, "modality": event.modality, "text": event.text, "image_uri": event.image_uri,
+            "tenant": event.tenant, "metadata": event.metadata, "created_at": event.created_at}
+
+
+def decision_rows(
+    events: list[Event],
+    match: MatchResult,
+    index: RouteIndex,
+    policy: Policy,
+    *,
+    decided_at: datetime,
+    event_times: list[float | None] | None = None,
+    source_topics: list[str | None] | None = None,
+    images: list[ImageRef | None] | None = None,
+    top_routes: int = 5,
+) -> list[dict[str, Any]]:
+    """One decision per event, in order, as plain dicts shaped field for field like :class:`Decision`.
+
+    The worker's hot path: it runs per event at stream rates, so it builds no
+    pydantic object (the rows are serialised straight to JSON); :func:`decide`
+    validates them into :class:`Decision` models, and the tests check that every
+    row is a valid Decision.
+    """
+    verdicts = decide_scores(match.route_scores, policy)
+    if not verdicts:
+        return []
+    routes = index.routes
+    names = [route.name for route in routes]
+    route_outcomes = [route.outcome for route in routes]
+    example_routes = [names[r] for r in index.example_route.tolist()]
+    example_ids, example_texts = index.example_ids, index.example_texts
+    decided_ts = decided_at.timestamp()
+    k = min(top_routes, len(routes))
+    order = np.argsort(-match.route_scores, axis=1)[:, :k]
+    version, set_name, encoder_id = index.version, index.route_set.name, index.encoder_id
+    rows: list[dict[str, Any]] = []
+    for i, (event, verdict, top_order, scores, near_rows, near_scores) in enumerate(zip(
+        events, verdicts, order.tolist(), match.route_scores.tolist(), match.nearest_index.tolist(),
+        match.nearest_score.tolist(), strict=True,
+    )):
+        top = scores[top_order[0]]
+        runner_up = scores[top_order[1]] if k > 1 else -1.0
+        event_time = event_times[i] if event_times else None
+        route = verdict.route
+        image = images[i] if images else None
+        rows.append({
+            "id": Decision.make_id(event.id, version),
+            "event_id": event.id,
+            "outcome": verdict.outcome,
+            "reason": verdict.reason,
+            "route": names[route] if route is not None else None,
+            "score": scores[route] if route is not None else top,
+            "margin": top - runner_up,
+            "scores": [{"route": names[j], "outcome": route_outcomes[j], "score": scores[j]}
+                       for j in top_order],
+            "nearest": [{"id": example_ids[row], "route": example_routes[row], "text": example_texts[row],
+                         "score": score} for row, score in zip(near_rows, near_scores, strict=True)],
+            "route_set": set_name,
+            "route_set_version": version,
+            "encoder": encoder_id,
+            "decided_by": "router",
+            "latency_ms": (decided_ts - event_time) * 1000.0 if event_time else None,
+            "decided_at": decided_at,
+            "modality": event.modality,
+            "event": event_view_row(event),
+            "image": image.model_dump() if image is not None else None,
+            "source_topic": source_topics[i] if source_topics else None,
+            "review": None,
+        })
+    return rows
+
+
+def validate_decisions(rows: list[dict[str, Any]]) -> list[Decision]:
+    """Decision models from :func:`decision_rows` (pydantic checks every field)."""
+    return _DECISIONS.validate_python(rows)
 
 
 def decide(
@@ -116,48 +207,8 @@ def decide(
     images: list[ImageRef | None] | None = None,
     top_routes: int = 5,
 ) -> list[Decision]:
-    """One Decision per event, in order."""
-    verdicts = decide_scores(match.route_scores, policy)
-    routes = index.routes
-    decided_ts = decided_at.timestamp()
-    decisions: list[Decision] = []
-    for i, (event, verdict) in enumerate(zip(events, verdicts, strict=True)):
-        scores = match.route_scores[i]
-        order = np.argsort(-scores)[:top_routes]
-        top = float(scores[order[0]])
-        runner_up = float(scores[order[1]]) if len(order) > 1 else -1.0
-        event_time = event_times[i] if event_times else None
-        decisions.append(
-            Decision(
-                id=Decision.make_id(event.id, index.version),
-                event_id=event.id,
-                outcome=verdict.outcome,
-                reason=verdict.reason,
-                route=routes[verdict.route].name if verdict.route is not None else None,
-                score=float(scores[verdict.route]) if verdict.route is not None else top,
-                margin=top - runner_up,
-                scores=[
-                    RouteScore(route=routes[j].name, outcome=routes[j].outcome, score=float(scores[j]))
-                    for j in order
-                ],
-                nearest=[
-                    NearestExample(
-                        id=index.example_ids[row],
-                        route=routes[int(index.example_route[row])].name,
-                        text=index.example_texts[row],
-                        score=float(score),
-                    )
-                    for row, score in zip(match.nearest_index[i], match.nearest_score[i], strict=True)
-                ],
-                route_set=index.route_set.name,
-                route_set_version=index.version,
-                encoder=index.encoder_id,
-                latency_ms=(decided_ts - event_time) * 1000.0 if event_time else None,
-                decided_at=decided_at,
-                modality=event.modality,
-                event=EventView.of(event),
-                image=images[i] if images else None,
-                source_topic=source_topics[i] if source_topics else None,
-            )
-        )
-    return decisions
+    """One :class:`Decision` per event, in order (:func:`decision_rows`, validated)."""
+    return validate_decisions(decision_rows(
+        events, match, index, policy, decided_at=decided_at, event_times=event_times,
+        source_topics=source_topics, images=images, top_routes=top_routes,
+    ))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
@@ -61,20 +62,24 @@ def record_batch(
 ) -> None:
     """Account for one batch whose messages were all acknowledged by the broker."""
     acked_at = time.time()
-    for record in records:
-        EVENTS_IN.labels(topology, record.topic or "").inc()
+    for topic, count in Tally(record.topic or "" for record in records).items():
+        EVENTS_IN.labels(topology, topic).inc(count)
     BATCH_SIZE.labels(topology).observe(len(records))
     for stage, seconds in result.seconds.items():
         STAGE_SECONDS.labels(topology, stage).observe(seconds)
     STAGE_SECONDS.labels(topology, "publish").observe(publish_seconds)
     latency = END_TO_END_SECONDS.labels(topology)
-    for decision in result.decisions:
-        DECISIONS.labels(topology, decision.outcome, decision.route or "", decision.decided_by).inc()
-        if decision.latency_ms is not None:
-            waited = acked_at - decision.decided_at.timestamp()
-            latency.observe(max(0.0, decision.latency_ms / 1000.0 + waited))
-    for letter in result.dead_letters:
-        DEAD_LETTERS.labels(topology, letter.stage, letter.reason).inc()
+    outcomes: Tally[tuple[str, str, str]] = Tally()
+    for row in result.rows:
+        outcomes[row["outcome"], row["route"] or "", row["decided_by"]] += 1
+        if row["latency_ms"] is not None:
+            waited = acked_at - row["decided_at"].timestamp()
+            latency.observe(max(0.0, row["latency_ms"] / 1000.0 + waited))
+    for (outcome, route, decided_by), count in outcomes.items():
+        DECISIONS.labels(topology, outcome, route, decided_by).inc(count)
+    letters = Tally((letter.stage, letter.reason) for letter in result.dead_letters)
+    for (stage, reason), count in letters.items():
+        DEAD_LETTERS.labels(topology, stage, reason).inc(count)
 
 
 def serve(host: str, port: int) -> None:

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from sieve.contracts import DeadLetter, Decision, ImageRef, utcnow
 from sieve.dead_letter import make_dead_letter
-from sieve.decide import Policy, decide
+from sieve.decide import Policy, decision_rows, validate_decisions
 from sieve.decode import DecodedEvent, decode_batch
 from sieve.encoders import ImageEncoder, TextEncoder
 from sieve.images import ImageRejected, load_image
@@ -35,12 +36,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BatchResult:
-    """Everything one batch produced."""
+    """Everything one batch produced.
 
-    decisions: list[Decision]
+    ``rows`` are the decisions as the worker publishes them (plain dicts shaped
+    like :class:`Decision`, see :func:`sieve.decide.decision_rows`); ``decisions``
+    validates them into models on first use (tests, tools), never on the hot path.
+    """
+
+    rows: list[dict[str, Any]]
     dead_letters: list[DeadLetter]
     outbound: list[Outbound]
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def decisions(self) -> list[Decision]:
+        """The rows as validated :class:`Decision` models."""
+        return validate_decisions(self.rows)
 
 
 @dataclass(frozen=True)
@@ -162,12 +173,12 @@ class RouterPipeline:
     def _decide_space(
         self, space: Space, items: list[DecodedEvent], vectors: np.ndarray,
         images: list[ImageRef | None] | None, seconds: dict[str, float],
-    ) -> list[Decision]:
+    ) -> list[dict[str, Any]]:
         active = self._active[space]
         started = time.perf_counter()
         match = match_batch(vectors, active.index, active.index.aggregation)
         matched = time.perf_counter()
-        decisions = decide(
+        decisions = decision_rows(
             [d.event for d in items],
             match,
             active.index,
@@ -190,7 +201,7 @@ class RouterPipeline:
             modalities=self.topology.modalities,
         )
         seconds["decode"] = time.perf_counter() - t0
-        decisions: list[Decision] = []
+        decisions: list[dict[str, Any]] = []
         texts = [d for d in decoded if d.event.modality == "text"]
         if texts:
             t1 = time.perf_counter()

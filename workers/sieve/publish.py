@@ -6,15 +6,17 @@ message of a batch and awaits their acknowledgements together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from pydantic_core import to_json
 
 from sieve.contracts import DeadLetter, Decision
 from sieve.topology import OutputSpec
 
 
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """One message to send."""
+class Outbound(NamedTuple):
+    """One message to send (a named tuple: a batch makes one or two per event)."""
 
     topic: str
     key: bytes | None
@@ -22,19 +24,28 @@ class Outbound:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def plan_decisions(decisions: list[Decision], output: OutputSpec) -> list[Outbound]:
-    """Each decision to its outcome's topic and, when it has a route, to the route's topic."""
+def plan_decisions(decisions: Sequence[Decision | dict[str, Any]], output: OutputSpec) -> list[Outbound]:
+    """Each decision to its outcome's topic and, when it has a route, to the route's topic.
+
+    Decisions come as models or as the worker's rows (:func:`sieve.decide.decision_rows`,
+    plain dicts shaped like :class:`Decision`, serialised by the same pydantic-core).
+    """
     messages: list[Outbound] = []
+    prefix = output.route_topic_prefix
     for decision in decisions:
-        value = decision.model_dump_json().encode()
-        key = decision.event_id.encode()
-        headers = (
-            ("sieve-decision-id", decision.id.encode()),
-            ("sieve-outcome", decision.outcome.encode()),
-        )
-        messages.append(Outbound(output.topic_for(decision.outcome), key, value, headers))
-        if decision.route is not None and output.route_topic_prefix is not None:
-            messages.append(Outbound(output.route_topic_prefix + decision.route, key, value, headers))
+        if isinstance(decision, Decision):
+            decision_id, event_id, outcome, route = (
+                decision.id, decision.event_id, decision.outcome, decision.route)
+            value = decision.model_dump_json().encode()
+        else:
+            decision_id, event_id, outcome, route = (
+                decision["id"], decision["event_id"], decision["outcome"], decision["route"])
+            value = to_json(decision)
+        key = event_id.encode()
+        headers = (("sieve-decision-id", decision_id.encode()), ("sieve-outcome", outcome.encode()))
+        messages.append(Outbound(output.topic_for(outcome), key, value, headers))
+        if route is not None and prefix is not None:
+            messages.append(Outbound(prefix + route, key, value, headers))
     return messages
 
 
