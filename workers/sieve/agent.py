@@ -2,19 +2,20 @@
 
 Delivery: at-least-once. A batch's events are acknowledged to Faust (which then
 commits their offsets) only after every message the batch produced was
-acknowledged by the broker. No exception escapes the agent loop: Faust's
-``take`` acks a buffered batch in a ``finally`` even when the body raised, so a
-batch that did not finish has its events marked so that ``take`` cannot ack
-them, and they are consumed again after a restart or rebalance.
+acknowledged by the broker; a batch that did not finish is never acknowledged,
+and its events are consumed again after a restart or rebalance. Batches are
+read from the agent's stream a batch at a time (see ``BatchWorker._batches``)
+and published as record batches (``sieve.kafka.send_batched``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +24,7 @@ from faust.types import EventT
 
 from sieve import metrics
 from sieve.dead_letter import RawRecord, make_dead_letter
-from sieve.kafka import ssl_context
+from sieve.kafka import send_batched, ssl_context
 from sieve.pipeline import BatchResult, RouterPipeline
 from sieve.publish import Outbound, plan_dead_letters
 from sieve.settings import Settings
@@ -33,6 +34,8 @@ from sieve.topology import BatchingSpec, Topology
 log = logging.getLogger(__name__)
 
 _MAX_PROCESS_ATTEMPTS = 3
+# While a batch fills and the queue is empty: how long to let the consumer deliver before looking again.
+_FILL_POLL_S = 0.002
 
 
 def _credentials(settings: Settings) -> Any:
@@ -67,6 +70,8 @@ def build_app(topology: Topology, settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger_ms=5,
+        # whole record batches per topic-partition (send_batched): fewer, larger produce requests
+        producer_max_batch_size=512 * 1024,
         broker_session_timeout=kafka.session_timeout_s,
         broker_heartbeat_interval=kafka.heartbeat_interval_s,
         broker_rebalance_timeout=kafka.rebalance_timeout_s,
@@ -74,6 +79,23 @@ def build_app(topology: Topology, settings: Settings) -> faust.App:
         stream_buffer_maxsize=max(4096, 2 * topology.batching.max_events),
         processing_guarantee="at_least_once",
     )
+
+
+def settle_heap(gen0_threshold: int = 50_000) -> None:
+    """Keep the garbage collector off the per-event path.
+
+    A worker holds millions of long-lived objects after start-up (torch, the
+    model, Faust); a batch allocates tens of objects per event that live until
+    the batch is published. With CPython's default thresholds the collector runs
+    every 700 allocations and the older generations walk that whole heap: in a
+    profile of the trivial-encoder worker it took about half of ``decide``. So:
+    collect once, freeze the start-up heap (never scanned again) and collect the
+    young generation every ``gen0_threshold`` allocations instead.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
 def raw_record(event: EventT) -> RawRecord:
@@ -103,9 +125,11 @@ class BatchWorker:
         self.settings = settings
         self.app = app
         self.batching = batching
-        self._busy = False
+        self._in_flight: set[asyncio.Task[None]] = set()
         self.draining = False
-        self.send: Callable[[Outbound], Any] = self._send_via_producer
+        # Publishes one batch's messages; returns once the broker acknowledged every one.
+        # Tests replace it (with a capture, or a fault injector).
+        self.send_batch: Callable[[list[Outbound]], Awaitable[None]] = self._send_via_producer
 
     def _add_agent(self, topics: Sequence[str], partitions: int, agent_name: str) -> None:
         self.source = self.app.topic(
@@ -122,36 +146,110 @@ class BatchWorker:
         """Process one batch to the end (every output acknowledged)."""
         raise NotImplementedError
 
-    async def _consume(self, stream: faust.StreamT) -> None:
-        batching = self.batching
-        # take_events (faust-streaming >= 0.11) yields the events, so offsets and raw bytes are at hand.
-        batches = stream.take_events(batching.max_events, within=batching.max_wait_s)  # type: ignore[attr-defined]
-        async for events in batches:
-            if self.draining:
-                self._keep_unacked(events)
-                await asyncio.Event().wait()  # until the worker stops and cancels us
-            self._busy = True
+    async def _batches(self, stream: faust.StreamT) -> AsyncIterator[list[EventT]]:
+        """Batches of events from the agent's stream: up to ``max_events``, or what came in ``max_wait_s``.
+
+        Reads the stream's channel queue, where Faust's conductor delivers the
+        agent's events, a batch at a time instead of through ``Stream.__aiter__``,
+        which costs an event-loop round trip, a processor chain, sensor calls and
+        an ack per event (``take_events`` adds a buffer callback per event on top):
+        in a profile of the trivial-encoder worker that machinery cost more than
+        the pipeline. What the stream does per event that matters is kept: events
+        of a previous consumer generation (a rebalance happened since they were
+        fetched) or arriving while flow control is paused are acknowledged and
+        dropped, exactly as the stream skips them (the partition's new owner reads
+        them again); every other message is tracked as pending until acknowledged,
+        so Faust's graceful rebalance and shutdown wait for it.
+        """
+        app = self.app
+        queue = stream.channel.queue
+        consumer = app.consumer
+        acking_topics = app.topics.acking_topics
+        loop = asyncio.get_running_loop()
+        max_events, max_wait = self.batching.max_events, self.batching.max_wait_s
+        while True:
             try:
-                await self.handle([raw_record(event) for event in events])
-            except BaseException:
-                self._keep_unacked(events)
-                raise
-            finally:
-                self._busy = False
+                events = [await queue.get()]
+            except StopAsyncIteration:  # the channel was closed: the agent is stopping
+                return
+            deadline = loop.time() + max_wait
+            while len(events) < max_events:
+                if not queue.empty():
+                    events.append(queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                # Let the consumer deliver for a moment, then take what came: a timed wait
+                # per event (a task each) cost more than the events when the queue ran dry.
+                await asyncio.sleep(min(remaining, _FILL_POLL_S))
+            fresh: list[EventT] = []
+            active, generation = app.flow_control.is_active(), app.consumer_generation_id
+            for event in events:
+                message = event.message
+                if not active or message.generation_id != generation:
+                    event.ack()  # as Stream does with a skipped event
+                    continue
+                if message.topic in acking_topics and not message.tracked:
+                    message.tracked = True
+                    consumer.track_message(message)
+                fresh.append(event)
+            if fresh:
+                yield fresh
 
-    @staticmethod
-    def _keep_unacked(events: Sequence[EventT]) -> None:
-        """Stop ``take`` from acking events whose batch did not finish (so no commit covers them)."""
+    async def _consume(self, stream: faust.StreamT) -> None:
+        """Take batches; process one while the one before it is being published; ack each when done.
+
+        At most two batches are in flight: the encoder works on batch N+1 while
+        the broker acknowledges batch N's messages. A batch's events are acked only
+        after its every output was acknowledged; a batch that failed is never
+        acked (its events come again after a restart or rebalance). Faust commits
+        the highest contiguously acknowledged offset per partition, so a batch
+        finishing before the one ahead of it never commits past a gap.
+        """
+        in_flight: set[asyncio.Task[None]] = self._in_flight
+        async for events in self._batches(stream):
+            while len(in_flight) >= 2:
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a batch that raised stops the agent, unacked
+            if self.draining:
+                self._release_unacked(events)
+                await asyncio.Event().wait()  # hold them unacked until the worker stops and cancels us
+            task = asyncio.ensure_future(self._settle(events))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+    async def _settle(self, events: list[EventT]) -> None:
+        try:
+            await self.handle([raw_record(event) for event in events])
+        except BaseException:
+            self._release_unacked(events)
+            raise
         for event in events:
-            event.message.acked = True
+            event.ack()
 
-    async def _send_via_producer(self, message: Outbound) -> Any:
-        return await self.app.producer.send(
-            message.topic, message.key, message.value, None, None, list(message.headers)
-        )
+    def _release_unacked(self, events: Sequence[EventT]) -> None:
+        """Give up events whose batch will not finish.
+
+        They are never acked (no commit covers them) and no longer pending, so
+        Faust's shutdown and rebalance do not wait for them.
+        """
+        unacked = self.app.consumer.unacked
+        for event in events:
+            event.message.acked = True  # Consumer.ack now skips it: its offset is never recorded
+            unacked.discard(event.message)
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self._in_flight)
+
+    async def _send_via_producer(self, messages: list[Outbound]) -> None:
+        # Faust's own producer (its connection and settings), fed whole record batches.
+        await send_batched(self.app.producer._ensure_producer(), messages)  # type: ignore[attr-defined]
 
     async def _publish(self, outbound: list[Outbound]) -> None:
-        """Queue every send, then await the acknowledgements together; retry until they land.
+        """Send the batch's messages as record batches and await every acknowledgement; retry until they land.
 
         A retry re-sends the whole batch: consumers may see a message twice and
         deduplicate by decision id. Nothing is skipped.
@@ -159,8 +257,7 @@ class BatchWorker:
         delay = 0.2
         while True:
             try:
-                pending = [await self.send(message) for message in outbound]
-                await asyncio.gather(*pending)
+                await self.send_batch(outbound)
                 return
             except asyncio.CancelledError:
                 raise
@@ -243,7 +340,7 @@ class RouterWorker(BatchWorker):
                     max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
                 )
                 one = BatchResult([], [letter], plan_dead_letters([letter], self.topology.output))
-            merged.decisions += one.decisions
+            merged.rows += one.rows
             merged.dead_letters += one.dead_letters
             merged.outbound += one.outbound
         return merged

@@ -36,6 +36,11 @@ EncoderKind = Annotated[
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="sentence-transformers model path; default: bundled MiniLM.")
 ]
+BackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help="torch (default) or onnx-int8: how the sentence-transformers model runs; "
+                                   "each backend is its own vector space (route vectors, thresholds)."),
+]
 
 
 def _fail(message: str) -> None:
@@ -85,6 +90,7 @@ def routes_sync(
     path: Path,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
+    backend: BackendOpt = "torch",
     image_model: Annotated[
         str | None, typer.Option(help="open_clip model for image examples and prompts, e.g. ViT-B-32 "
                                       "or local-dir:/path; default: the topology's, else none.")
@@ -107,7 +113,7 @@ def routes_sync(
     settings = get_settings()
     try:
         route_set = load_route_set(path)
-        text_spec = EncoderSpec(kind=encoder, model=model)  # type: ignore[arg-type]
+        text_spec = EncoderSpec(kind=encoder, model=model, backend=backend)  # type: ignore[arg-type]
         image_spec = None
         if topology_path is not None:
             topology = load_topology(topology_path)
@@ -117,7 +123,8 @@ def routes_sync(
         encoders: list[TextEncoder | ImageEncoder] = []
         if route_set.routes_in("text"):
             encoders.append(build_text_encoder(text_spec, device=settings.device,
-                                               torch_threads=settings.torch_threads))
+                                               torch_threads=settings.torch_threads,
+                                               onnx_cache_dir=settings.onnx_cache_dir))
         if route_set.routes_in("image"):
             if image_spec is None:
                 _fail(f"{path} has image examples or prompts: give --image-model or --topology")
@@ -170,7 +177,7 @@ def worker(
     sync: Annotated[bool, typer.Option(help="Sync the topology's route file before starting.")] = False,
 ) -> None:
     """Run a router worker for one topology (joins its consumer group)."""
-    from sieve.agent import DrainingWorker, RouterWorker
+    from sieve.agent import DrainingWorker, RouterWorker, settle_heap
     from sieve.encoders import build_image_encoder, build_text_encoder
     from sieve.health import attach_router, serve
     from sieve.metrics import ROUTE_SET
@@ -185,7 +192,8 @@ def worker(
         topology = load_topology(topology_path)
         route_set = load_topology_route_set(topology)
         encoder = build_text_encoder(
-            topology.encoder, device=settings.device, torch_threads=settings.torch_threads
+            topology.encoder, device=settings.device, torch_threads=settings.torch_threads,
+            onnx_cache_dir=settings.onnx_cache_dir,
         )
         image_encoder = None
         if topology.image_encoder is not None:
@@ -215,6 +223,7 @@ def worker(
         f"{', image encoder ' + image_encoder.id if image_encoder else ''}, "
         f"metrics :{settings.metrics_port}"
     )
+    settle_heap()
     DrainingWorker(router, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 
@@ -359,7 +368,8 @@ ResplitOpt = Annotated[
 
 
 def _quality_bench(
-    data: str, seed: int, sample: int | None, encoder: str, model: str | None, cache: bool, resplit: bool
+    data: str, seed: int, sample: int | None, encoder: str, model: str | None, cache: bool, resplit: bool,
+    backend: str = "torch",
 ):
     from sieve.datasets import DatasetError
     from sieve.embedding_cache import CachedEncoder
@@ -369,8 +379,8 @@ def _quality_bench(
 
     settings = get_settings()
     text_encoder: TextEncoder = build_text_encoder(
-        EncoderSpec(kind=encoder, model=model),  # type: ignore[arg-type]
-        device=settings.device, torch_threads=settings.torch_threads,
+        EncoderSpec(kind=encoder, model=model, backend=backend),  # type: ignore[arg-type]
+        device=settings.device, torch_threads=settings.torch_threads, onnx_cache_dir=settings.onnx_cache_dir,
     )
     if cache:
         text_encoder = CachedEncoder(text_encoder, settings.embedding_cache_dir)
@@ -410,6 +420,7 @@ def eval_command(
     cache: CacheOpt = True,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
+    backend: BackendOpt = "torch",
 ) -> None:
     """Run labelled data through the worker's batch functions; write a report (Markdown, JSON, PNG)."""
     from sieve.head import HeadError
@@ -419,7 +430,7 @@ def eval_command(
 
     if split not in ("test", "calibration", "train", "all"):
         _fail(f"--split must be test, calibration, train or all, not {split!r}")
-    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit)
+    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit, backend)
     try:
         report = run_eval(bench, _labelled([routes, *(compare or [])]), split=split,
                           command=_command_line(), use_head=head)
@@ -490,6 +501,7 @@ def fit_command(
     cache: CacheOpt = True,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
+    backend: BackendOpt = "torch",
 ) -> None:
     """Fit thresholds on calibration data to meet precision targets with the least review; report on test."""
     from sieve.head import HeadError
@@ -498,7 +510,7 @@ def fit_command(
     from sieve.routeset import RouteSetError
 
     targets = _parse_targets(min_precision, min_accuracy, z)
-    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit)
+    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit, backend)
     fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
     try:
         report, fit = run_fit(bench, _labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
@@ -535,6 +547,7 @@ def routes_build(
     cache: CacheOpt = True,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
+    backend: BackendOpt = "torch",
 ) -> None:
     """Build a route file from the training split of labelled data: diverse examples per route."""
     from sieve.quality import run_build
@@ -543,7 +556,7 @@ def routes_build(
         _fail("--max-examples must be at least 1")
     if not 0.0 <= head_weight <= 1.0:
         _fail("--head-weight must be within [0, 1]")
-    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit)
+    bench = _quality_bench(data, seed, sample, encoder, model, cache, resplit, backend)
     try:
         result = run_build(bench, out, name=name, max_examples=max_examples, seed=seed,
                            default_outcome=default_outcome, head=head, head_c=head_c,

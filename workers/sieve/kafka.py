@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
 
+from sieve.publish import Outbound
 from sieve.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,51 @@ async def produce(
         return count
     finally:
         await producer.stop()
+
+
+_PARTITIONER = DefaultPartitioner()
+
+
+async def send_batched(producer: AIOKafkaProducer, messages: Sequence[Outbound]) -> None:
+    """Send ``messages`` as record batches, one per topic-partition; return when all are acknowledged.
+
+    ``producer.send`` costs a future, an accumulator lookup and a log call per
+    message; here a batch of events becomes a handful of record batches (each up
+    to the producer's ``max_batch_size``) and a handful of futures. Partitions
+    are chosen by the producer's own default partitioner (murmur2 of the key, as
+    Java clients do), so a key lands where ``send`` would have put it. Raises when
+    any batch fails; the caller re-sends everything (at-least-once).
+    """
+    if not messages:
+        return
+    grouped: dict[tuple[str, int], list[Outbound]] = {}
+    partitions: dict[str, tuple[list[int], list[int]]] = {}
+    cluster = producer.client.cluster
+    for message in messages:
+        topic = message.topic
+        known = partitions.get(topic)
+        if known is None:
+            everything = sorted(await producer.partitions_for(topic))
+            available = sorted(cluster.available_partitions_for_topic(topic) or everything)
+            known = partitions[topic] = (everything, available)
+        partition = _PARTITIONER(message.key, *known)
+        grouped.setdefault((topic, partition), []).append(message)
+    pending = []
+    for (topic, partition), group in grouped.items():
+        batch = producer.create_batch()
+        for message in group:
+            if batch.append(timestamp=None, key=message.key, value=message.value,
+                            headers=list(message.headers)) is None:
+                if batch.record_count() == 0:
+                    raise ValueError(f"a {len(message.value)}-byte message does not fit in a record batch")
+                pending.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                if batch.append(timestamp=None, key=message.key, value=message.value,
+                                headers=list(message.headers)) is None:
+                    raise ValueError(f"a {len(message.value)}-byte message does not fit in a record batch")
+        if batch.record_count():
+            pending.append(await producer.send_batch(batch, topic, partition=partition))
+    await asyncio.gather(*pending)
 
 
 async def read_topic(
