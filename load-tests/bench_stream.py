@@ -1,7 +1,8 @@
 """The streaming ceiling, in one run: Sieve's Faust worker against a plain aiokafka loop.
 
 Both read the same backlog from the same dev broker (each in its own consumer
-group) and send one message per event of the same size to an output topic:
+group) and send one message per event of the same size to an output topic (the
+worker's topology has no per-route topics here, so it too sends one per event):
 
 1. ``aiokafka loop``: ``getmany`` → one ``send`` per record (queued) → one ``gather``
    → ``commit``. No decoding, no deciding: the physical limit of the client and
@@ -62,7 +63,9 @@ def topology_dict(max_events: int, max_wait_s: float, partitions: int) -> dict:
         "route_set": {"name": "moderation", "file": str(ROUTES)},
         "encoder": {"kind": "trivial"},
         "batching": {"max_events": max_events, "max_wait_s": max_wait_s},
-        "output": {"outcome_topics": OUTCOMES, "dead_letter_topic": "stream.dead-letters"},
+        # one message per event, as the reference loops send (no per-route copy)
+        "output": {"outcome_topics": OUTCOMES, "dead_letter_topic": "stream.dead-letters",
+                   "route_topic_prefix": None},
     }
 
 
