@@ -23,6 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/tmp/huggingface \
     XDG_CACHE_HOME=/tmp/.cache \
     FAUST_DATADIR=/tmp/faust-data \
+    SIEVE_ONNX_CACHE_DIR=/tmp/sieve-onnx \
     SIEVE_METRICS_PORT=9108
 RUN useradd --create-home --uid 10001 --user-group sieve
 WORKDIR /app

@@ -54,7 +54,7 @@ def make_decision(event_id: str, text: str | None = "is this fine?", *, modality
         ],
         "route_set": route_set,
         "route_set_version": "v1",
-        "encoder": "trivial:hash-64",
+        "encoder": "trivial:crc32-64",
         "decided_by": "router",
         "latency_ms": 12.0,
         "decided_at": DECIDED_AT.isoformat(),

@@ -1,4 +1,4 @@
-"""The spine benchmark runs in CI at a small size, so it cannot go stale (figures not asserted)."""
+"""The benchmarks run in CI at small sizes, so they cannot go stale (figures not asserted)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,73 @@ def test_bench_images_runs_and_prints_its_table() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "8", "32"]
     assert all(float(row.split("|")[3]) > 0 for row in rows)
+
+
+def test_bench_latency_runs_and_prints_its_table(tmp_path) -> None:
+    out = tmp_path / "latency.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "load-tests" / "bench_latency.py"), "--encoder", "trivial", "--quick",
+         "--duration", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "| end to end (input record → decision record) p50 / p90 / p99 / max |" in result.stdout
+    assert "| target: p99 ≤ max_wait + 2 × encode |" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["decided"] == figures["paced_events"] > 0
+    assert figures["max_rate"] > 0 and figures["paced_rate"] > 0
+    assert {"p50", "p90", "p99", "max"} <= set(figures["latency_ms"])
+    for key in ("encode_s_mean", "batch_size_mean", "target_ms", "passed", "max_wait_s"):
+        assert key in figures
+
+
+def test_bench_peer_runs_its_sieve_side_and_prints_its_table(tmp_path) -> None:
+    out = tmp_path / "peer.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "load-tests" / "bench_peer.py"), "--skip-peer", "--events", "120",
+         "--max-events", "32", "--backends", "torch", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "| system | backend | threads | messages | events/s | ratio vs peer | target |" in result.stdout
+    assert "| Sieve, one worker" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["peer"] is None and figures["messages"] == 120
+    [row] = figures["sieve"]
+    assert row["backend"] == "torch" and row["decided"] == 120 and row["rate"] > 0
+    assert {"mean", "p50", "p95"} <= set(figures["words"])
+
+
+def test_bench_encoders_runs_and_prints_its_tables(tmp_path) -> None:
+    out = tmp_path / "encoders.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "load-tests" / "bench_encoders.py"), "--quick",
+         "--onnx-cache", str(tmp_path / "onnx"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "| demo messages | torch fp32 | 1 | 16 |" in result.stdout
+    assert "| openai-moderation | onnx-int8 | 1 | 16 |" in result.stdout
+    assert "int8 model exported this run" in result.stdout
+    figures = json.loads(out.read_text())
+    backends = ("SentenceTransformer.encode (reference)", "torch fp32", "onnx-int8")
+    assert {(r["set"], r["backend"]) for r in figures["rates"]} == {
+        (s, b) for s in ("demo messages", "openai-moderation") for b in backends}
+    assert all(r["bucketed"] > 0 for r in figures["rates"])
+    assert all(r["caller_order"] > 0 for r in figures["rates"] if r["backend"] != backends[0])
+    for q in figures["quality"]:
+        assert q["cosine_min"] >= 0.99 and q["padding_bucketed"] <= q["padding_caller_order"]
+
+
+def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:
+    out = tmp_path / "stream.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "load-tests" / "bench_stream.py"), "--events", "1500", "--quick",
+         "--max-events", "256", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "| loop | events out | events/s | vs. aiokafka loop |" in result.stdout
+    figures = json.loads(out.read_text())
+    assert [row["events"] for row in figures["rows"]] == [1500, 1500]
+    assert all(row["rate"] > 0 for row in figures["rows"])

@@ -104,9 +104,9 @@ def test_minilm_batches_larger_than_batch_size(minilm):
 
 def test_trivial_identity(trivial_encoder):
     assert isinstance(trivial_encoder, TextEncoder)
-    assert trivial_encoder.id == "trivial:hash-64"
+    assert trivial_encoder.id == "trivial:crc32-64"
     assert trivial_encoder.dim == 64
-    assert TrivialEncoder(dim=16).id == "trivial:hash-16"
+    assert TrivialEncoder(dim=16).id == "trivial:crc32-16"
 
 
 def test_trivial_deterministic_and_normalised(trivial_encoder):

@@ -166,7 +166,7 @@ def test_swap_index_changes_version_of_later_decisions(pipeline, index):
 def test_index_from_another_encoder_is_refused(pipeline, topology, minilm, trivial_encoder,
                                                index):
     trivial_index = RouteIndex.build(index.route_set, trivial_encoder)
-    with pytest.raises(ValueError, match="trivial:hash-64.*st:all-MiniLM-L6-v2"):
+    with pytest.raises(ValueError, match="trivial:crc32-64.*st:all-MiniLM-L6-v2"):
         RouterPipeline(topology=topology, encoder=minilm, index=trivial_index, worker="t")
     with pytest.raises(ValueError, match="sync the route set with this encoder"):
         pipeline.swap_index(trivial_index)

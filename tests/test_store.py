@@ -62,7 +62,7 @@ def stored_payloads(store: RouteStore, encoder_id: str, set_name: str) -> dict[s
 
 def test_space_and_collection_names(store):
     assert space_name("st:all-MiniLM-L6-v2") == "st-all-minilm-l6-v2"
-    assert store.collection("trivial:hash-64") == "sieve__trivial-hash-64"
+    assert store.collection("trivial:crc32-64") == "sieve__trivial-crc32-64"
     assert store.meta_collection == "sieve__route_sets"
 
 
@@ -75,7 +75,7 @@ def test_sync_lifecycle(store, trivial_encoder):
     assert counts(first) == (5, 0, 0, 0)
     assert first.previous_version is None
     assert first.version == route_set.version
-    assert first.collection == "sieve__trivial-hash-64"
+    assert first.collection == "sieve__trivial-crc32-64"
     assert store.current_version("tiny", encoder_id) == route_set.version
     assert set(stored_payloads(store, encoder_id, "tiny")) == {
         example_id("tiny", r.name, u) for r in route_set.routes for u in r.utterances
@@ -156,7 +156,7 @@ def test_sets_and_encoder_spaces_do_not_interfere(store, trivial_encoder):
     narrow = TrivialEncoder(dim=16)
     assert store.current_version("tiny", narrow.id) is None
     report = store.sync(small_set(), narrow)
-    assert report.collection == "sieve__trivial-hash-16"
+    assert report.collection == "sieve__trivial-crc32-16"
     assert counts(report) == (5, 0, 0, 0)
     assert store.current_version("tiny", narrow.id) == small_set().version
     assert store.current_version("tiny", trivial_encoder.id) == shrunk.version

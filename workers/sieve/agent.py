@@ -162,7 +162,7 @@ class BatchWorker:
         so Faust's graceful rebalance and shutdown wait for it.
         """
         app = self.app
-        queue = stream.channel.queue
+        queue = stream.channel.queue  # type: ignore[attr-defined]
         consumer = app.consumer
         acking_topics = app.topics.acking_topics
         loop = asyncio.get_running_loop()

@@ -1,0 +1,224 @@
+"""Text encoder backends side by side, in one run on this machine; prints Markdown tables.
+
+1. sentences/s of the torch fp32 path (Sieve's own forward) and the ONNX Runtime
+   int8 path, at 1 and 2 threads and batch sizes 16/32/64, each with length
+   bucketing (texts sorted by token length before batching) and in the caller's
+   order; and of ``SentenceTransformer.encode`` itself (the path before, which
+   sorts by character length) for reference;
+2. per message set: token lengths, the share of padded token positions with and
+   without bucketing, and the cosine of each int8 row to its fp32 row (min / mean);
+3. on a CUDA machine only: fp16 sentences/s at batch 32/128/512 and ViT-B-32
+   (random weights) images/s at batch 32/128.
+
+Message sets: the shipped demo messages (routes/samples/demo-messages.jsonl, short
+chat messages) and openai-moderation prompts (a seeded sample; long, varied).
+
+    .venv/bin/python load-tests/bench_encoders.py                 # full size
+    .venv/bin/python load-tests/bench_encoders.py --quick         # CI smoke size
+    .venv/bin/python load-tests/bench_encoders.py --json out.json
+
+Each rate is the best of ``--repeat`` passes over the whole set (one encode call
+per pass, after a warm-up call). The int8 model is exported into ``--onnx-cache``
+on first use (the export time is printed when it happens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sieve.datasets import load_openai_moderation
+from sieve.demo import SAMPLES
+from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder
+from sieve.onnx_backend import OnnxInt8Encoder
+from sieve.settings import get_settings
+
+
+def message_sets(count: int, datasets_dir: Path) -> dict[str, list[str]]:
+    lines = SAMPLES.read_text(encoding="utf-8").splitlines()
+    demo = [json.loads(line)["text"] for line in lines if line.strip()]
+    moderation = [ex.text for ex in load_openai_moderation(datasets_dir).examples if ex.text]
+    return {
+        "demo messages": demo[:count],
+        "openai-moderation": random.Random(0).sample(moderation, min(count, len(moderation))),
+    }
+
+
+class StEncode:
+    """``SentenceTransformer.encode`` itself (it sorts a call's texts by character length): the reference."""
+
+    def __init__(self, encoder: SentenceTransformerEncoder) -> None:
+        self.encoder = encoder
+        self.batch_size = encoder.batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        with self.encoder._lock:
+            if self.encoder.torch_threads is not None:
+                torch.set_num_threads(self.encoder.torch_threads)
+            return self.encoder._model.encode(texts, batch_size=self.batch_size, show_progress_bar=False)
+
+
+def best_rate(encoder: Any, texts: list[str], repeat: int) -> float:
+    encoder.encode(texts[:8])  # warm-up
+    best = 0.0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        encoder.encode(texts)
+        best = max(best, len(texts) / (time.perf_counter() - started))
+    return best
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="48 texts per set, 1 thread, batch 16, one pass")
+    parser.add_argument("--texts", type=int, default=200, help="texts per message set")
+    parser.add_argument("--repeat", type=int, default=2, help="passes per measurement (the best counts)")
+    parser.add_argument("--onnx-cache", type=Path, default=None,
+                        help="the int8 model cache (default: settings onnx_cache_dir)")
+    parser.add_argument("--datasets-dir", type=Path, default=None, help="default: settings datasets_dir")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    settings = get_settings()
+    count, repeat = (48, 1) if args.quick else (args.texts, args.repeat)
+    threads, batches = ([1], [16]) if args.quick else ([1, 2], [16, 32, 64])
+    sets = message_sets(count, args.datasets_dir or settings.datasets_dir)
+    cache = args.onnx_cache or settings.onnx_cache_dir
+
+    fp32 = SentenceTransformerEncoder(device="cpu")
+    int8_by_threads: dict[int, OnnxInt8Encoder] = {}
+    export_note = ""
+    for n in threads:
+        int8_by_threads[n] = OnnxInt8Encoder(threads=n, cache_dir=cache)
+        if int8_by_threads[n].built:
+            meta = int8_by_threads[n].meta
+            export_note = (f"int8 model exported this run in {int8_by_threads[n].build_s:.1f} s (export "
+                           f"{meta['export_s']} s, quantise {meta['quantise_s']} s) into {cache}")
+
+    rows = []
+    for set_name, texts in sets.items():
+        for n in threads:
+            fp32.torch_threads = n
+            for batch in batches:
+                reference = StEncode(fp32)
+                reference.batch_size = batch
+                rows.append({"set": set_name, "backend": "SentenceTransformer.encode (reference)",
+                             "threads": n, "batch": batch, "bucketed": best_rate(reference, texts, repeat),
+                             "caller_order": None})
+            for backend, encoder in (("torch fp32", fp32), ("onnx-int8", int8_by_threads[n])):
+                for batch in batches:
+                    encoder.batch_size = batch
+                    rates = {}
+                    for bucketed in (True, False):
+                        encoder.bucket_by_length = bucketed
+                        rates[bucketed] = best_rate(encoder, texts, repeat)
+                    encoder.bucket_by_length = True
+                    rows.append({"set": set_name, "backend": backend, "threads": n, "batch": batch,
+                                 "bucketed": rates[True], "caller_order": rates[False]})
+
+    quality = []
+    int8 = int8_by_threads[threads[-1]]
+    for set_name, texts in sets.items():
+        fp32.batch_size = int8.batch_size = 32
+        reference = fp32.encode(texts)
+        sorted_waste = fp32.last_padding.waste
+        fp32.bucket_by_length = False
+        fp32.encode(texts)
+        order_waste = fp32.last_padding.waste
+        fp32.bucket_by_length = True
+        cosines = np.sum(int8.encode(texts) * reference, axis=1)
+        lengths = [len(ids) for ids in fp32.token_ids(texts)]
+        quality.append({"set": set_name, "texts": len(texts), "tokens_mean": float(np.mean(lengths)),
+                        "tokens_max": int(max(lengths)), "padding_bucketed": sorted_waste,
+                        "padding_caller_order": order_waste, "cosine_min": float(cosines.min()),
+                        "cosine_mean": float(cosines.mean())})
+
+    cuda_rows = cuda_figures(sets, repeat) if torch.cuda.is_available() else []
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"\nSieve text encoder benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+          f"{os.cpu_count()} CPU cores, {cpu_model()}, {gpu}; torch {torch.__version__}, "
+          f"onnxruntime {metadata.version('onnxruntime')}; all-MiniLM-L6-v2, best of {repeat} pass(es)\n")
+    if export_note:
+        print(export_note + "\n")
+    print("| messages | backend | threads | batch | sentences/s, length-bucketed "
+          "| sentences/s, caller's order |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        order = "—" if row["caller_order"] is None else f"{row['caller_order']:.0f}"
+        print(f"| {row['set']} | {row['backend']} | {row['threads']} | {row['batch']} "
+              f"| {row['bucketed']:.0f} | {order} |")
+    print("\n| messages | texts | tokens mean / max | padded positions, bucketed / caller's order (batch 32) "
+          "| int8 vs fp32 cosine min / mean |")
+    print("|---|---:|---:|---:|---:|")
+    for q in quality:
+        print(f"| {q['set']} | {q['texts']} | {q['tokens_mean']:.0f} / {q['tokens_max']} "
+              f"| {q['padding_bucketed']:.0%} / {q['padding_caller_order']:.0%} "
+              f"| {q['cosine_min']:.4f} / {q['cosine_mean']:.4f} |")
+    if cuda_rows:
+        print("\n| CUDA measurement | batch | per second |")
+        print("|---|---:|---:|")
+        for row in cuda_rows:
+            print(f"| {row['what']} | {row['batch']} | {row['rate']:.0f} |")
+    else:
+        print("\nno CUDA device: fp16 and image figures not measured")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": {"node": platform.node(), "cores": os.cpu_count(), "cpu": cpu_model(), "gpu": gpu,
+                        "torch": torch.__version__, "onnxruntime": metadata.version("onnxruntime")},
+            "export": export_note or None, "rates": rows, "quality": quality, "cuda": cuda_rows,
+        }, indent=2))
+
+
+def cuda_figures(sets: dict[str, list[str]], repeat: int) -> list[dict]:
+    from PIL import Image
+
+    rows = []
+    fp16 = SentenceTransformerEncoder(device="cuda")
+    for set_name, texts in sets.items():
+        many = (texts * (2048 // len(texts) + 1))[:2048]
+        for batch in (32, 128, 512):
+            fp16.batch_size = batch
+            rows.append({"what": f"MiniLM fp16 sentences, {set_name}", "batch": batch,
+                         "rate": best_rate(fp16, many, repeat)})
+    clip = OpenClipEncoder("ViT-B-32", None, device="cuda")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(512)]
+    for batch in (32, 128):
+        clip.batch_size = batch
+        clip.encode_images(images[:batch])  # warm-up
+        best = 0.0
+        for _ in range(repeat):
+            started = time.perf_counter()
+            clip.encode_images(images)
+            best = max(best, len(images) / (time.perf_counter() - started))
+        rows.append({"what": "ViT-B-32 images (random weights, preprocess included)", "batch": batch,
+                     "rate": best})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Text encoder backends: torch (our forward, length buckets, prefetch) and ONNX Runtime int8.
+
+Real all-MiniLM-L6-v2 weights throughout. The int8 model is exported once per
+module (by two threads at once, into a fresh cache folder: the cache's own test).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sieve.datasets import load_openai_moderation
+from sieve.encoders import (
+    OpenClipEncoder,
+    PaddingStats,
+    SentenceTransformerEncoder,
+    TextEncoder,
+    build_text_encoder,
+    pad_token_ids,
+    padding_stats,
+    plan_batches,
+    prefetched,
+    resolve_device,
+)
+from sieve.onnx_backend import (
+    META_FILE,
+    MODEL_FILE,
+    OnnxInt8Encoder,
+    cache_key,
+    publish_folder,
+    read_layout,
+)
+from sieve.store import space_name
+from sieve.topology import EncoderSpec, Topology
+
+from .conftest import REPO, SHARED
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA — the one allowed skip")
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[str]:
+    """200 texts of varied length: 100 demo messages (short), 100 moderation prompts (up to 256+ tokens)."""
+    lines = (REPO / "routes" / "samples" / "demo-messages.jsonl").read_text(encoding="utf-8").splitlines()
+    demo = [json.loads(line)["text"] for line in lines if line.strip()][:100]
+    moderation = [ex.text for ex in load_openai_moderation(SHARED / "datasets").examples if ex.text]
+    return demo + moderation[::16][:100]
+
+
+@pytest.fixture(scope="module")
+def torch_encoder() -> SentenceTransformerEncoder:
+    """The torch backend on the device ``auto`` resolves to (the CPU here), batch 32."""
+    return SentenceTransformerEncoder(device="auto", batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def int8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxInt8Encoder, OnnxInt8Encoder]:
+    """Two int8 encoders constructed at once by two threads over one empty cache folder."""
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    built: list[OnnxInt8Encoder] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def construct() -> None:
+        start.wait()
+        try:
+            built.append(OnnxInt8Encoder(batch_size=32, cache_dir=cache))
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=construct) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert not errors, errors
+    assert len(built) == 2
+    return built[0], built[1]
+
+
+@pytest.fixture(scope="module")
+def int8(int8_pair) -> OnnxInt8Encoder:
+    return int8_pair[0]
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(torch_encoder, sample) -> np.ndarray:
+    return torch_encoder.encode(sample)
+
+
+# --------------------------------------------------------------------------- batching plans
+
+
+def test_plan_batches_sorts_by_length_and_covers_every_index_once():
+    lengths = [5, 40, 7, 40, 3, 12, 12, 9]
+    plan = plan_batches(lengths, 3)
+    assert [len(group) for group in plan] == [3, 3, 2]
+    order = np.concatenate(plan)
+    assert sorted(order.tolist()) == list(range(len(lengths)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert order.tolist()[:2] == [1, 3]  # ties keep the caller's order
+    unsorted = plan_batches(lengths, 3, by_length=False)
+    assert np.concatenate(unsorted).tolist() == list(range(len(lengths)))
+    assert plan_batches([], 4) == []
+    with pytest.raises(ValueError):
+        plan_batches(lengths, 0)
+
+
+def test_padding_stats_count_real_and_padded_tokens():
+    lengths = [2, 10, 3, 9]
+    assert padding_stats(lengths, plan_batches(lengths, 2, by_length=False)) == PaddingStats(24, 38)
+    assert padding_stats(lengths, plan_batches(lengths, 2)) == PaddingStats(24, 26)
+    assert PaddingStats(24, 40).waste == pytest.approx(0.4)
+    assert PaddingStats().waste == 0.0
+
+
+def test_pad_token_ids_right_and_left():
+    right = pad_token_ids([[101, 7, 102], [101, 102]], pad_id=0)
+    np.testing.assert_array_equal(right["input_ids"], [[101, 7, 102], [101, 102, 0]])
+    np.testing.assert_array_equal(right["attention_mask"], [[1, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(right["token_type_ids"], np.zeros((2, 3)))
+    assert right["input_ids"].dtype == np.int64
+    left = pad_token_ids([[5, 6, 7], [8]], pad_id=9, left=True, token_types=False)
+    np.testing.assert_array_equal(left["input_ids"], [[5, 6, 7], [9, 9, 8]])
+    np.testing.assert_array_equal(left["attention_mask"], [[1, 1, 1], [0, 0, 1]])
+    assert "token_type_ids" not in left
+
+
+def test_prefetched_prepares_each_group_once_in_order_on_a_helper_thread():
+    plan = plan_batches(list(range(10)), 3)
+    threads: list[str] = []
+
+    def prepare(group: np.ndarray) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return group.tolist()
+
+    pairs = list(prefetched(plan, prepare))
+    assert [ready for _, ready in pairs] == [group.tolist() for group in plan]
+    assert all(name.startswith("sieve-encode-prefetch") for name in threads)
+    # One group (the latency case): prepared in the caller's thread.
+    threads.clear()
+    assert [ready for _, ready in prefetched(plan[:1], prepare)] == [plan[0].tolist()]
+    assert threads == [threading.current_thread().name]
+
+
+# --------------------------------------------------------------------------- torch backend
+
+
+def test_device_auto_resolves_to_what_is_present(torch_encoder):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert torch_encoder.device == expected
+    weights = next(torch_encoder._model.parameters())
+    assert weights.device.type == expected
+    assert weights.dtype == (torch.float16 if expected == "cuda" else torch.float32)
+    # The CPU path copies from ordinary (pageable) memory.
+    if expected == "cpu":
+        host = torch_encoder.host_batch([[101, 7592, 102], [101, 102]])
+        assert not any(tensor.is_pinned() for tensor in host.values())
+
+
+def test_torch_path_matches_sentence_transformers_encode(torch_encoder, sample, fp32_reference):
+    assert isinstance(torch_encoder, TextEncoder)
+    assert torch_encoder.id == "st:all-MiniLM-L6-v2"
+    reference = torch_encoder._model.encode(sample[::4], batch_size=32, convert_to_numpy=True,
+                                            normalize_embeddings=True, show_progress_bar=False)
+    np.testing.assert_allclose(fp32_reference[::4], reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(fp32_reference, axis=1), 1.0, atol=1e-5)
+
+
+def test_torch_tokens_are_the_models_and_truncated(torch_encoder, int8, sample):
+    ids = torch_encoder.token_ids(sample)
+    assert max(len(row) for row in ids) == torch_encoder.max_seq_length == 256
+    # Both backends tokenise alike (the fast tokenizer straight from tokenizer.json).
+    assert int8.token_ids(sample) == ids
+    assert int8.max_seq_length == 256
+
+
+def test_torch_order_restored_with_shuffled_lengths(torch_encoder, sample, fp32_reference):
+    permutation = np.random.default_rng(7).permutation(len(sample))[:60]
+    shuffled = torch_encoder.encode([sample[i] for i in permutation])
+    np.testing.assert_allclose(shuffled, fp32_reference[permutation], atol=1e-5)
+
+
+def test_torch_bucketing_cuts_padding_and_keeps_vectors(torch_encoder, sample, fp32_reference):
+    texts = sample[::5]  # 40 texts, demo and moderation, in batches of 8
+    torch_encoder.batch_size = 8
+    try:
+        bucketed = torch_encoder.encode(texts)
+        sorted_padding = torch_encoder.last_padding
+        torch_encoder.bucket_by_length = False
+        unsorted = torch_encoder.encode(texts)
+        unsorted_padding = torch_encoder.last_padding
+    finally:
+        torch_encoder.bucket_by_length = True
+        torch_encoder.batch_size = 32
+    assert sorted_padding.real == unsorted_padding.real == sum(map(len, torch_encoder.token_ids(texts)))
+    assert sorted_padding.padded < 0.75 * unsorted_padding.padded
+    np.testing.assert_allclose(bucketed, unsorted, atol=1e-5)
+    np.testing.assert_allclose(bucketed, fp32_reference[::5], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- ONNX int8 backend
+
+
+def test_int8_cache_built_once_by_two_concurrent_constructions(int8_pair):
+    first, second = int8_pair
+    assert sorted([first.built, second.built]) == [False, True]
+    assert first.folder == second.folder
+    files = sorted(p.name for p in first.folder.iterdir())
+    assert files == sorted([MODEL_FILE, META_FILE])
+    # No temporary folder left behind next to it.
+    assert [p.name for p in first.folder.parent.iterdir() if p.is_dir()] == [first.folder.name]
+    meta = json.loads((first.folder / META_FILE).read_text())
+    assert meta["probe_min_cosine"] >= 0.98 and meta["dim"] == 384
+    assert len(meta["fp32_matmuls"]) == 12, "both feed-forward matmuls of the 6 layers stay fp32"
+    texts = ["where is my refund", "a cat is sleeping on the sofa"]
+    np.testing.assert_array_equal(first.encode(texts), second.encode(texts))
+
+
+def test_int8_cache_reused_by_the_next_construction(int8):
+    model = int8.folder / MODEL_FILE
+    written = model.stat().st_mtime_ns
+    again = OnnxInt8Encoder(cache_dir=int8.folder.parent)
+    assert again.built is False and again.folder == int8.folder
+    assert model.stat().st_mtime_ns == written
+    assert again.build_s < 5
+
+
+def test_int8_identity(int8, torch_encoder):
+    assert isinstance(int8, TextEncoder)
+    assert int8.id == "st:all-MiniLM-L6-v2+onnx-int8"
+    assert int8.dim == 384 and int8.device == "cpu"
+    assert space_name(int8.id) != space_name(torch_encoder.id)
+    empty = int8.encode([])
+    assert empty.shape == (0, 384) and empty.dtype == np.float32
+
+
+def test_int8_close_to_fp32_on_every_row(int8, sample, fp32_reference):
+    vectors = int8.encode(sample)
+    assert vectors.shape == (len(sample), 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosines = np.sum(vectors * fp32_reference, axis=1)
+    assert cosines.min() >= 0.99, f"worst row {int(cosines.argmin())}: {cosines.min():.4f}"
+
+
+def test_int8_captures_meaning(int8):
+    cat, kitten, stocks = int8.encode(["a cat is sleeping on the sofa", "a kitten naps on the couch",
+                                       "the stock market fell sharply today"])
+    assert float(cat @ kitten) > float(cat @ stocks) + 0.2
+
+
+def test_int8_batch_row_close_to_single(int8, sample):
+    # Activation scales are per batch: a row moves within the quantisation error, no more.
+    texts = sample[:20] + sample[100:110]
+    batch = int8.encode(texts)
+    singles = np.stack([int8.encode([text])[0] for text in texts])
+    cosines = np.sum(batch * singles, axis=1)
+    assert cosines.min() >= 0.99, f"row {int(cosines.argmin())}: {cosines.min():.4f}"
+
+
+def test_int8_order_restored_with_shuffled_lengths(int8, sample):
+    texts = sample[::2]
+    base = int8.encode(texts)
+    permutation = np.random.default_rng(3).permutation(len(texts))
+    shuffled = int8.encode([texts[i] for i in permutation])
+    cosines = np.sum(shuffled * base[permutation], axis=1)
+    assert cosines.min() >= 0.99
+    # Each row is nearest to its own text's vector: nothing moved to another row.
+    np.testing.assert_array_equal(np.argmax(shuffled @ base[permutation].T, axis=1), np.arange(len(texts)))
+
+
+def test_int8_bucketing_cuts_padding(int8, sample):
+    texts = sample[60:140]  # short demo messages, then long moderation prompts
+    bucketed = int8.encode(texts)
+    sorted_padding = int8.last_padding
+    int8.bucket_by_length = False
+    try:
+        unsorted = int8.encode(texts)
+        unsorted_padding = int8.last_padding
+    finally:
+        int8.bucket_by_length = True
+    assert sorted_padding.real == unsorted_padding.real
+    assert sorted_padding.padded < 0.75 * unsorted_padding.padded
+    assert np.sum(unsorted * bucketed, axis=1).min() >= 0.99
+
+
+def test_max_seq_length_truncates_int8(int8):
+    short = OnnxInt8Encoder(max_seq_length=16, cache_dir=int8.folder.parent)
+    assert short.built is False  # one export serves every max_seq_length
+    head = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    a, b = short.encode([head + " apples and pears", head + " volcanoes erupting"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- topology and cache
+
+
+def test_topology_backend_picks_the_encoder(int8, torch_encoder):
+    assert EncoderSpec().backend == "torch"
+    topology = Topology.model_validate({
+        "name": "t", "input": {"topics": ["in"]}, "route_set": {"name": "s"},
+        "encoder": {"backend": "onnx-int8", "batch_size": 16},
+        "output": {"outcome_topic_template": "o.{outcome}"},
+    })
+    encoder = build_text_encoder(topology.encoder, device="auto", torch_threads=1,
+                                 onnx_cache_dir=int8.folder.parent)
+    assert isinstance(encoder, OnnxInt8Encoder)
+    assert encoder.id == int8.id != torch_encoder.id
+    assert encoder.built is False and encoder.batch_size == 16 and encoder.threads == 1
+    with pytest.raises(ValidationError):
+        EncoderSpec.model_validate({"backend": "tensorrt"})
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        OnnxInt8Encoder(device="cuda", cache_dir=int8.folder.parent)
+
+
+def test_cache_key_follows_the_model_files(tmp_path):
+    model = tmp_path / "model"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "weights.bin").write_bytes(b"\x00" * 64)
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    key = cache_key(model)
+    assert key == cache_key(model)
+    (model / "weights.bin").write_bytes(b"\x00" * 63 + b"\x01")
+    assert cache_key(model) != key
+
+
+def test_layout_refuses_what_the_backend_cannot_run(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    modules = [{"type": "sentence_transformers.models.Transformer", "path": ""},
+               {"type": "sentence_transformers.models.Pooling", "path": "pool"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    layout = read_layout(tmp_path, "m")
+    assert layout.pooling == "mean" and layout.max_seq_length == 512
+    assert read_layout(tmp_path, "m", 1000).max_seq_length == 512
+    dense = {"type": "sentence_transformers.models.Dense", "path": "2_Dense"}
+    (tmp_path / "modules.json").write_text(json.dumps([*modules, dense]))
+    with pytest.raises(ValueError, match="'Dense' is not supported"):
+        read_layout(tmp_path, "m")
+
+
+def test_publish_folder_loses_the_race_gracefully(tmp_path):
+    final = tmp_path / "model-abc"
+    final.mkdir()
+    (final / META_FILE).write_text("{}")
+    (final / MODEL_FILE).write_bytes(b"first")
+    late = tmp_path / ".tmp-model-abc-x"
+    late.mkdir()
+    (late / META_FILE).write_text("{}")
+    (late / MODEL_FILE).write_bytes(b"second")
+    assert publish_folder(late, final) is False
+    assert not late.exists() and (final / MODEL_FILE).read_bytes() == b"first"
+    fresh = tmp_path / ".tmp-other"
+    fresh.mkdir()
+    (fresh / META_FILE).write_text("{}")
+    assert publish_folder(fresh, tmp_path / "other") is True
+    assert (tmp_path / "other" / META_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@needs_cuda
+def test_cuda_fp16_pinned_matches_cpu(torch_encoder, sample, fp32_reference):
+    gpu = SentenceTransformerEncoder(device="cuda", batch_size=32)
+    assert next(gpu._model.parameters()).dtype == torch.float16
+    host = gpu.host_batch([[101, 7592, 102], [101, 102]])
+    assert all(tensor.is_pinned() for tensor in host.values())
+    vectors = gpu.encode(sample)
+    assert np.sum(vectors * fp32_reference, axis=1).min() >= 0.999
+
+
+@needs_cuda
+def test_cuda_open_clip_images_match_cpu(tiny_clip_dir: Path):
+    from PIL import Image
+
+    images = [Image.new("RGB", (64, 48), (i * 40 % 255, 90, 200 - i * 10)) for i in range(12)]
+    cpu = OpenClipEncoder(f"local-dir:{tiny_clip_dir}", None, device="cpu", batch_size=5)
+    gpu = OpenClipEncoder(f"local-dir:{tiny_clip_dir}", None, device="cuda", batch_size=5)
+    cosines = np.sum(cpu.encode_images(images) * gpu.encode_images(images), axis=1)
+    assert cosines.min() >= 0.99
