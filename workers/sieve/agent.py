@@ -126,6 +126,8 @@ class BatchWorker:
         self.app = app
         self.batching = batching
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._compute_free = asyncio.Event()
+        self._compute_free.set()
         self.draining = False
         # Publishes one batch's messages; returns once the broker acknowledged every one.
         # Tests replace it (with a capture, or a fault injector).
@@ -168,6 +170,7 @@ class BatchWorker:
         loop = asyncio.get_running_loop()
         max_events, max_wait = self.batching.max_events, self.batching.max_wait_s
         while True:
+            await self._compute_free.wait()  # gather the next batch only once the encoder can take it
             try:
                 events = [await queue.get()]
             except StopAsyncIteration:  # the channel was closed: the agent is stopping
@@ -201,7 +204,12 @@ class BatchWorker:
         """Take batches; process one while the one before it is being published; ack each when done.
 
         At most two batches are in flight: the encoder works on batch N+1 while
-        the broker acknowledges batch N's messages. A batch's events are acked only
+        the broker acknowledges batch N's messages. The next batch is gathered only
+        once the encoder is free (``compute_done``), not while it works: events
+        that arrive meanwhile wait in the queue and form the next batch then, so an
+        event waits at most for the batch being encoded, ``max_wait_s`` and its own
+        batch's encoding (gathering early would queue a whole batch behind the
+        running one and add a third encode time). A batch's events are acked only
         after its every output was acknowledged; a batch that failed is never
         acked (its events come again after a restart or rebalance). Faust commits
         the highest contiguously acknowledged offset per partition, so a batch
@@ -216,6 +224,7 @@ class BatchWorker:
             if self.draining:
                 self._release_unacked(events)
                 await asyncio.Event().wait()  # hold them unacked until the worker stops and cancels us
+            self._compute_free.clear()
             task = asyncio.ensure_future(self._settle(events))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
@@ -226,8 +235,14 @@ class BatchWorker:
         except BaseException:
             self._release_unacked(events)
             raise
+        finally:
+            self.compute_done()
         for event in events:
             event.ack()
+
+    def compute_done(self) -> None:
+        """The batch being handled no longer needs the encoder (``handle`` may call it early)."""
+        self._compute_free.set()
 
     def _release_unacked(self, events: Sequence[EventT]) -> None:
         """Give up events whose batch will not finish.
@@ -305,7 +320,10 @@ class RouterWorker(BatchWorker):
         """Process one batch to the end: it returns only once every output is acknowledged."""
         metrics.IN_FLIGHT.labels(self.topology.name).set(1)
         try:
-            result = await self._process(records)
+            try:
+                result = await self._process(records)
+            finally:
+                self.compute_done()  # the next batch may be gathered while this one is published
             started = time.perf_counter()
             await self._publish(result.outbound)
             publish_seconds = time.perf_counter() - started
