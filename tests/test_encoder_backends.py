@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sieve.datasets import load_openai_moderation
@@ -99,7 +101,7 @@ def fp32_reference(torch_encoder, sample) -> np.ndarray:
 
 def test_plan_batches_sorts_by_length_and_covers_every_index_once():
     lengths = [5, 40, 7, 40, 3, 12, 12, 9]
-    plan = plan_batches(lengths, 3)
+    plan = plan_batches(lengths, 3, min_fill=0.0)
     assert [len(group) for group in plan] == [3, 3, 2]
     order = np.concatenate(plan)
     assert sorted(order.tolist()) == list(range(len(lengths)))
@@ -110,6 +112,25 @@ def test_plan_batches_sorts_by_length_and_covers_every_index_once():
     assert plan_batches([], 4) == []
     with pytest.raises(ValueError):
         plan_batches(lengths, 0)
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.integers(1, 256), max_size=80), st.integers(1, 32))
+def test_plan_batches_never_pads_a_text_past_twice_its_length(lengths, batch_size):
+    plan = plan_batches(lengths, batch_size)
+    assert sorted(np.concatenate(plan).tolist() if plan else []) == list(range(len(lengths)))
+    for group in plan:
+        assert 1 <= len(group) <= batch_size
+        longest = max(lengths[i] for i in group)
+        assert all(2 * lengths[i] >= longest for i in group)
+
+
+def test_plan_batches_splits_a_long_tail_in_a_small_batch():
+    lengths = [256, 12, 10, 14, 9, 11, 13, 8]  # one long post among short chats
+    plan = plan_batches(lengths, 16)
+    assert [sorted(lengths[i] for i in group) for group in plan] == [[256], [8, 9, 10, 11, 12, 13, 14]]
+    padded = padding_stats(lengths, plan).padded
+    assert padded == 256 + 7 * 14 < padding_stats(lengths, plan_batches(lengths, 16, min_fill=0.0)).padded / 5
 
 
 def test_padding_stats_count_real_and_padded_tokens():

@@ -104,20 +104,35 @@ class PaddingStats:
         return 1.0 - self.real / self.padded if self.padded else 0.0
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, *, by_length: bool = True) -> list[np.ndarray]:
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, *, by_length: bool = True, min_fill: float = 0.5
+) -> list[np.ndarray]:
     """Index groups of at most ``batch_size`` texts; each batch is padded only to its own longest text.
 
     ``by_length``: the texts are sorted by token length (longest first, ties in the
     caller's order) and cut into consecutive groups, so a batch holds texts of
-    similar length; without it the groups follow the caller's order. Together the
-    groups hold every index exactly once.
+    similar length; a group also ends before a text shorter than ``min_fill`` times
+    the group's longest, so no text is padded to more than twice its length — in a
+    small batch with a long tail (a 300-word post among 10-word chats) one long text
+    would otherwise make every text of its group pay its length. Without
+    ``by_length`` the groups follow the caller's order. Together the groups hold
+    every index exactly once.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    order = np.arange(len(lengths))
-    if by_length:
-        order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if not by_length:
+        order = np.arange(len(lengths))
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    array = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-array, kind="stable")
+    groups: list[np.ndarray] = []
+    start = 0
+    for position in range(1, len(order) + 1):
+        if (position == len(order) or position - start >= batch_size
+                or array[order[position]] < min_fill * array[order[start]]):
+            groups.append(order[start:position])
+            start = position
+    return groups
 
 
 def padding_stats(lengths: Sequence[int], plan: Sequence[np.ndarray]) -> PaddingStats:
