@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from datetime import UTC, datetime
 from importlib import metadata
@@ -38,11 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sieve.datasets import load_openai_moderation
-from sieve.demo import SAMPLES
-from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder
-from sieve.onnx_backend import OnnxInt8Encoder
-from sieve.settings import get_settings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worker_rig import cpu_model  # noqa: E402
+
+from sieve.datasets import load_openai_moderation  # noqa: E402
+from sieve.demo import SAMPLES  # noqa: E402
+from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
+from sieve.onnx_backend import OnnxInt8Encoder  # noqa: E402
+from sieve.settings import get_settings  # noqa: E402
 
 
 def message_sets(count: int, datasets_dir: Path) -> dict[str, list[str]]:
@@ -77,16 +81,6 @@ def best_rate(encoder: Any, texts: list[str], repeat: int) -> float:
         encoder.encode(texts)
         best = max(best, len(texts) / (time.perf_counter() - started))
     return best
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

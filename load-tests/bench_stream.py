@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from sieve.broker import start_dev_broker
 from sieve.dead_letter import RawRecord
 from sieve.demo import free_port, sample_events
 from sieve.encoders import TrivialEncoder
-from sieve.kafka import ensure_topics, produce
+from sieve.kafka import ensure_topics, produce, read_topic
 from sieve.pipeline import RouterPipeline
 from sieve.routeset import load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings
@@ -76,18 +77,14 @@ def rate_of(timestamps: list[int]) -> float:
 
 
 async def _read(kafka: KafkaSettings, topics: list[str], want: int, timeout_s: float) -> list:
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=kafka.bootstrap_servers,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
+    """The first ``want`` records of ``topics`` (or what came before ``timeout_s`` of silence)."""
     records: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < want and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500, max_records=20_000)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
+    async with aclosing(read_topic(kafka, topics, idle_timeout_s=timeout_s)) as stream:
+        async for record in stream:
+            records.append(record)
+            if len(records) >= want:
+                break
+    return records
 
 
 async def aiokafka_loop(kafka: KafkaSettings, events: int, out_topic: str, group: str,
