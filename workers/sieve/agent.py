@@ -127,6 +127,7 @@ class BatchWorker:
         self.batching = batching
         self._in_flight: set[asyncio.Task[None]] = set()
         self._compute_free = asyncio.Event()
+        self._failure: BaseException | None = None
         self._compute_free.set()
         self.draining = False
         # Publishes one batch's messages; returns once the broker acknowledged every one.
@@ -218,16 +219,22 @@ class BatchWorker:
         in_flight: set[asyncio.Task[None]] = self._in_flight
         async for events in self._batches(stream):
             while len(in_flight) >= 2:
-                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # a batch that raised stops the agent, unacked
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            if self._failure is not None:  # a batch that raised stops the agent; nothing after it is taken
+                self._release_unacked(events)
+                raise self._failure
             if self.draining:
                 self._release_unacked(events)
                 await asyncio.Event().wait()  # hold them unacked until the worker stops and cancels us
             self._compute_free.clear()
             task = asyncio.ensure_future(self._settle(events))
             in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
 
     async def _settle(self, events: list[EventT]) -> None:
         try:
