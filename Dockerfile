@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/tmp/huggingface \
     XDG_CACHE_HOME=/tmp/.cache \
     FAUST_DATADIR=/tmp/faust-data \
-    SIEVE_ONNX_CACHE_DIR=/tmp/sieve-onnx \
+    SIEVE_ONNX_CACHE_DIR=/opt/sieve-onnx \
     SIEVE_METRICS_PORT=9108
 RUN useradd --create-home --uid 10001 --user-group sieve
 WORKDIR /app
@@ -38,9 +38,15 @@ FROM base AS torch-cuda
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
 FROM torch-${VARIANT} AS final
+ARG VARIANT
 COPY pyproject.toml README.md ./
 COPY workers ./workers
 RUN pip install . && rm -rf build workers/*.egg-info
+# On the CPU, backend auto runs MiniLM on ONNX Runtime: export it (fp32 and int8) into the
+# image, so a worker starts without exporting. The CUDA image runs torch fp16 instead.
+RUN if [ "${VARIANT}" = cpu ]; then \
+        python -c "from sieve.onnx_backend import OnnxEncoder; OnnxEncoder(cache_dir='/opt/sieve-onnx')"; \
+    fi
 COPY topologies ./topologies
 COPY routes ./routes
 COPY schemas ./schemas

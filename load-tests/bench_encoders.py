@@ -1,12 +1,13 @@
 """Text encoder backends side by side, in one run on this machine; prints Markdown tables.
 
 1. sentences/s of the torch fp32 path (Sieve's own forward) and the ONNX Runtime
-   int8 path, at 1 and 2 threads and batch sizes 16/32/64, each with length
+   fp32 and int8 paths, at 1 and 2 threads and batch sizes 16/32/64, each with length
    bucketing (texts sorted by token length before batching) and in the caller's
    order; and of ``SentenceTransformer.encode`` itself (the path before, which
    sorts by character length) for reference;
 2. per message set: token lengths, the share of padded token positions with and
-   without bucketing, and the cosine of each int8 row to its fp32 row (min / mean);
+   without bucketing, and the cosine of each int8 row to its torch fp32 row (min / mean),
+   and of each fp32 ONNX row (min);
 3. on a CUDA machine only: fp16 sentences/s at batch 32/128/512 and ViT-B-32
    (random weights) images/s at batch 32/128.
 
@@ -18,7 +19,7 @@ chat messages) and openai-moderation prompts (a seeded sample; long, varied).
     .venv/bin/python load-tests/bench_encoders.py --json out.json
 
 Each rate is the best of ``--repeat`` passes over the whole set (one encode call
-per pass, after a warm-up call). The int8 model is exported into ``--onnx-cache``
+per pass, after a warm-up call). The ONNX models are exported into ``--onnx-cache``
 on first use (the export time is printed when it happens).
 """
 
@@ -45,7 +46,7 @@ from worker_rig import cpu_model  # noqa: E402
 from sieve.datasets import load_openai_moderation  # noqa: E402
 from sieve.demo import SAMPLES  # noqa: E402
 from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
-from sieve.onnx_backend import OnnxInt8Encoder  # noqa: E402
+from sieve.onnx_backend import OnnxEncoder  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=200, help="texts per message set")
     parser.add_argument("--repeat", type=int, default=2, help="passes per measurement (the best counts)")
     parser.add_argument("--onnx-cache", type=Path, default=None,
-                        help="the int8 model cache (default: settings onnx_cache_dir)")
+                        help="the ONNX model cache (default: settings onnx_cache_dir)")
     parser.add_argument("--datasets-dir", type=Path, default=None, help="default: settings datasets_dir")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -103,14 +104,16 @@ def main() -> None:
     cache = args.onnx_cache or settings.onnx_cache_dir
 
     fp32 = SentenceTransformerEncoder(device="cpu")
-    int8_by_threads: dict[int, OnnxInt8Encoder] = {}
+    onnx_by_threads: dict[tuple[str, int], OnnxEncoder] = {}
     export_note = ""
     for n in threads:
-        int8_by_threads[n] = OnnxInt8Encoder(threads=n, cache_dir=cache)
-        if int8_by_threads[n].built:
-            meta = int8_by_threads[n].meta
-            export_note = (f"int8 model exported this run in {int8_by_threads[n].build_s:.1f} s (export "
-                           f"{meta['export_s']} s, quantise {meta['quantise_s']} s) into {cache}")
+        for precision in ("fp32", "int8"):
+            made = OnnxEncoder(precision=precision, threads=n, cache_dir=cache)
+            onnx_by_threads[precision, n] = made
+            if made.built:
+                meta = made.meta
+                export_note = (f"ONNX models exported this run in {made.build_s:.1f} s (export "
+                               f"{meta['export_s']} s, quantise {meta['quantise_s']} s) into {cache}")
 
     rows = []
     for set_name, texts in sets.items():
@@ -122,7 +125,8 @@ def main() -> None:
                 rows.append({"set": set_name, "backend": "SentenceTransformer.encode (reference)",
                              "threads": n, "batch": batch, "bucketed": best_rate(reference, texts, repeat),
                              "caller_order": None})
-            for backend, encoder in (("torch fp32", fp32), ("onnx-int8", int8_by_threads[n])):
+            for backend, encoder in (("torch fp32", fp32), ("onnx fp32", onnx_by_threads["fp32", n]),
+                                     ("onnx-int8", onnx_by_threads["int8", n])):
                 for batch in batches:
                     encoder.batch_size = batch
                     rates = {}
@@ -134,9 +138,9 @@ def main() -> None:
                                  "bucketed": rates[True], "caller_order": rates[False]})
 
     quality = []
-    int8 = int8_by_threads[threads[-1]]
+    int8, onnx_fp32 = onnx_by_threads["int8", threads[-1]], onnx_by_threads["fp32", threads[-1]]
     for set_name, texts in sets.items():
-        fp32.batch_size = int8.batch_size = 32
+        fp32.batch_size = int8.batch_size = onnx_fp32.batch_size = 32
         reference = fp32.encode(texts)
         sorted_waste = fp32.last_padding.waste
         fp32.bucket_by_length = False
@@ -144,11 +148,13 @@ def main() -> None:
         order_waste = fp32.last_padding.waste
         fp32.bucket_by_length = True
         cosines = np.sum(int8.encode(texts) * reference, axis=1)
+        fp32_cosines = np.sum(onnx_fp32.encode(texts) * reference, axis=1)
         lengths = [len(ids) for ids in fp32.token_ids(texts)]
         quality.append({"set": set_name, "texts": len(texts), "tokens_mean": float(np.mean(lengths)),
                         "tokens_max": int(max(lengths)), "padding_bucketed": sorted_waste,
                         "padding_caller_order": order_waste, "cosine_min": float(cosines.min()),
-                        "cosine_mean": float(cosines.mean())})
+                        "cosine_mean": float(cosines.mean()),
+                        "onnx_fp32_cosine_min": float(fp32_cosines.min())})
 
     cuda_rows = cuda_figures(sets, repeat) if torch.cuda.is_available() else []
 
@@ -166,12 +172,12 @@ def main() -> None:
         print(f"| {row['set']} | {row['backend']} | {row['threads']} | {row['batch']} "
               f"| {row['bucketed']:.0f} | {order} |")
     print("\n| messages | texts | tokens mean / max | padded positions, bucketed / caller's order (batch 32) "
-          "| int8 vs fp32 cosine min / mean |")
-    print("|---|---:|---:|---:|---:|")
+          "| int8 vs torch fp32 cosine min / mean | onnx fp32 vs torch fp32 cosine min |")
+    print("|---|---:|---:|---:|---:|---:|")
     for q in quality:
         print(f"| {q['set']} | {q['texts']} | {q['tokens_mean']:.0f} / {q['tokens_max']} "
               f"| {q['padding_bucketed']:.0%} / {q['padding_caller_order']:.0%} "
-              f"| {q['cosine_min']:.4f} / {q['cosine_mean']:.4f} |")
+              f"| {q['cosine_min']:.4f} / {q['cosine_mean']:.4f} | {q['onnx_fp32_cosine_min']:.6f} |")
     if cuda_rows:
         print("\n| CUDA measurement | batch | per second |")
         print("|---|---:|---:|")

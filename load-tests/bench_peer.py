@@ -9,7 +9,8 @@
   ``router(text)``, one call per message: the peer has no public batch call.
 * Sieve: one real ``sieve worker`` process on the dev broker over a backlog of the same
   messages; events/s from its decisions after the first batch (``sieve.demo.steady_rate``),
-  once per encoder backend (``--backends``: fp32 torch, the ONNX int8 path).
+  once per encoder backend (``--backends``: fp32 torch, fp32 ONNX Runtime — what ``auto`` runs
+  on a CPU — and the ONNX int8 path).
 * Both use the same torch thread count (``--threads``). The dev broker shares the cores with
   the worker; the peer has them to itself.
 
@@ -49,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 PEER_VENV = HERE / ".peer-venv"
 PEER_RUNNER = HERE / "peer" / "peer_router.py"
 MAX_TEXT_CHARS = 8000  # the topology's default limit; longer texts would be dead-lettered
-TARGETS = {"torch": 6.0, "onnx-int8": 8.0}
+TARGETS = {"torch": 6.0, "onnx": 6.0, "onnx-int8": 8.0}  # fp32 (either runtime): 6x; int8: 8x
 
 
 def peer_requirements(torch_version: str | None) -> list[str]:
@@ -168,7 +169,7 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=1000, help="messages (the same list for both sides)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
-    parser.add_argument("--backends", default="torch,onnx-int8",
+    parser.add_argument("--backends", default="torch,onnx,onnx-int8",
                         help="Sieve encoder backends to run, comma-separated (topology encoder.backend)")
     parser.add_argument("--batch-size", type=int, default=64, help="Sieve's encoder batch (shipped: 64)")
     parser.add_argument("--max-events", type=int, default=256, help="Sieve's worker batch (shipped: 256)")
@@ -227,7 +228,8 @@ def main() -> None:
         target = TARGETS.get(row["backend"])
         row["target"] = target
         verdict = "" if target is None or ratio is None else (" met" if ratio >= target else " missed")
-        label = "fp32" if row["backend"] == "torch" else row["backend"]
+        labels = {"torch": "torch fp32", "onnx": "onnx fp32 (auto on a CPU)"}
+        label = labels.get(row["backend"], row["backend"])
         print(f"| Sieve, one worker (dev broker, batches of {row['max_events']}) | {label} "
               f"| {row['threads']} | {row['decided']} | {row['rate']:.1f} | "
               f"{f'{ratio:.1f}×' if ratio is not None else '—'} | "

@@ -22,6 +22,9 @@ from sieve.routeset import RouteSet, load_route_set
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# Workers on the CPU run MiniLM on fp32 ONNX Runtime (backend auto): every process of the
+# session, in-process or a `sieve worker` subprocess in a temporary folder, shares one export.
+os.environ.setdefault("SIEVE_ONNX_CACHE_DIR", str(REPO / ".sieve" / "cache" / "onnx"))
 
 
 def free_port() -> int:

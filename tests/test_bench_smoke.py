@@ -59,7 +59,7 @@ def test_bench_peer_runs_its_sieve_side_and_prints_its_table(tmp_path) -> None:
     out = tmp_path / "peer.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "load-tests" / "bench_peer.py"), "--skip-peer", "--events", "120",
-         "--max-events", "32", "--backends", "torch", "--json", str(out)],
+         "--max-events", "32", "--backends", "onnx", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -68,7 +68,7 @@ def test_bench_peer_runs_its_sieve_side_and_prints_its_table(tmp_path) -> None:
     figures = json.loads(out.read_text())
     assert figures["peer"] is None and figures["messages"] == 120
     [row] = figures["sieve"]
-    assert row["backend"] == "torch" and row["decided"] == 120 and row["rate"] > 0
+    assert row["backend"] == "onnx" and row["decided"] == 120 and row["rate"] > 0
     assert {"mean", "p50", "p95"} <= set(figures["words"])
 
 
@@ -82,15 +82,16 @@ def test_bench_encoders_runs_and_prints_its_tables(tmp_path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "| demo messages | torch fp32 | 1 | 16 |" in result.stdout
     assert "| openai-moderation | onnx-int8 | 1 | 16 |" in result.stdout
-    assert "int8 model exported this run" in result.stdout
+    assert "ONNX models exported this run" in result.stdout
     figures = json.loads(out.read_text())
-    backends = ("SentenceTransformer.encode (reference)", "torch fp32", "onnx-int8")
+    backends = ("SentenceTransformer.encode (reference)", "torch fp32", "onnx fp32", "onnx-int8")
     assert {(r["set"], r["backend"]) for r in figures["rates"]} == {
         (s, b) for s in ("demo messages", "openai-moderation") for b in backends}
     assert all(r["bucketed"] > 0 for r in figures["rates"])
     assert all(r["caller_order"] > 0 for r in figures["rates"] if r["backend"] != backends[0])
     for q in figures["quality"]:
         assert q["cosine_min"] >= 0.99 and q["padding_bucketed"] <= q["padding_caller_order"]
+        assert q["onnx_fp32_cosine_min"] >= 0.9999
 
 
 def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:

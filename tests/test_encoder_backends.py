@@ -32,8 +32,8 @@ from sieve.encoders import (
 )
 from sieve.onnx_backend import (
     META_FILE,
-    MODEL_FILE,
-    OnnxInt8Encoder,
+    MODEL_FILES,
+    OnnxEncoder,
     cache_key,
     publish_folder,
     read_layout,
@@ -62,17 +62,17 @@ def torch_encoder() -> SentenceTransformerEncoder:
 
 
 @pytest.fixture(scope="module")
-def int8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxInt8Encoder, OnnxInt8Encoder]:
+def int8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxEncoder, OnnxEncoder]:
     """Two int8 encoders constructed at once by two threads over one empty cache folder."""
     cache = tmp_path_factory.mktemp("onnx-cache")
-    built: list[OnnxInt8Encoder] = []
+    built: list[OnnxEncoder] = []
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
     def construct() -> None:
         start.wait()
         try:
-            built.append(OnnxInt8Encoder(batch_size=32, cache_dir=cache))
+            built.append(OnnxEncoder(batch_size=32, cache_dir=cache))
         except BaseException as exc:  # reported by the test below
             errors.append(exc)
 
@@ -87,7 +87,7 @@ def int8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxInt8Encoder
 
 
 @pytest.fixture(scope="module")
-def int8(int8_pair) -> OnnxInt8Encoder:
+def int8(int8_pair) -> OnnxEncoder:
     return int8_pair[0]
 
 
@@ -235,20 +235,21 @@ def test_int8_cache_built_once_by_two_concurrent_constructions(int8_pair):
     assert sorted([first.built, second.built]) == [False, True]
     assert first.folder == second.folder
     files = sorted(p.name for p in first.folder.iterdir())
-    assert files == sorted([MODEL_FILE, META_FILE])
+    assert files == sorted([*MODEL_FILES.values(), META_FILE])
     # No temporary folder left behind next to it.
     assert [p.name for p in first.folder.parent.iterdir() if p.is_dir()] == [first.folder.name]
     meta = json.loads((first.folder / META_FILE).read_text())
-    assert meta["probe_min_cosine"] >= 0.98 and meta["dim"] == 384
+    assert meta["probe_min_cosine"]["int8"] >= 0.98 and meta["dim"] == 384
+    assert meta["probe_min_cosine"]["fp32"] >= 0.9999
     assert len(meta["fp32_matmuls"]) == 12, "both feed-forward matmuls of the 6 layers stay fp32"
     texts = ["where is my refund", "a cat is sleeping on the sofa"]
     np.testing.assert_array_equal(first.encode(texts), second.encode(texts))
 
 
 def test_int8_cache_reused_by_the_next_construction(int8):
-    model = int8.folder / MODEL_FILE
+    model = int8.folder / MODEL_FILES["int8"]
     written = model.stat().st_mtime_ns
-    again = OnnxInt8Encoder(cache_dir=int8.folder.parent)
+    again = OnnxEncoder(cache_dir=int8.folder.parent)
     assert again.built is False and again.folder == int8.folder
     assert model.stat().st_mtime_ns == written
     assert again.build_s < 5
@@ -313,18 +314,68 @@ def test_int8_bucketing_cuts_padding(int8, sample):
 
 
 def test_max_seq_length_truncates_int8(int8):
-    short = OnnxInt8Encoder(max_seq_length=16, cache_dir=int8.folder.parent)
+    short = OnnxEncoder(max_seq_length=16, cache_dir=int8.folder.parent)
     assert short.built is False  # one export serves every max_seq_length
     head = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
     a, b = short.encode([head + " apples and pears", head + " volcanoes erupting"])
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+# --------------------------------------------------------------------------- ONNX fp32 backend
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(int8) -> OnnxEncoder:
+    """fp32 ONNX Runtime from the same cache folder as the int8 model (one export holds both)."""
+    return OnnxEncoder(precision="fp32", batch_size=32, threads=1, cache_dir=int8.folder.parent)
+
+
+def test_fp32_onnx_is_torchs_vector_space(onnx_fp32, torch_encoder):
+    assert isinstance(onnx_fp32, TextEncoder)
+    assert onnx_fp32.built is False, "the fp32 model comes from the export the int8 fixture built"
+    assert onnx_fp32.id == torch_encoder.id == "st:all-MiniLM-L6-v2"
+    assert onnx_fp32.dim == 384 and onnx_fp32.max_seq_length == torch_encoder.max_seq_length
+
+
+def test_fp32_onnx_equals_sentence_transformers_on_every_row(onnx_fp32, sample, fp32_reference):
+    vectors = onnx_fp32.encode(sample)
+    assert vectors.shape == fp32_reference.shape
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosines = np.sum(vectors * fp32_reference, axis=1)
+    assert cosines.min() >= 0.9999, f"worst row {cosines.argmin()}: {cosines.min():.6f}"
+
+
+def test_fp32_onnx_batch_row_equals_single(onnx_fp32, sample):
+    texts = sample[::10]
+    batch = onnx_fp32.encode(texts)
+    singles = np.stack([onnx_fp32.encode([text])[0] for text in texts])
+    np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_auto_backend_is_fp32_onnx_on_the_cpu_and_torch_on_cuda(int8, torch_encoder, monkeypatch):
+    spec = EncoderSpec(batch_size=8)
+    on_cpu = build_text_encoder(spec, device="cpu", torch_threads=1, onnx_cache_dir=int8.folder.parent)
+    assert isinstance(on_cpu, OnnxEncoder) and on_cpu.precision == "fp32" and on_cpu.id == torch_encoder.id
+    assert on_cpu.batch_size == 8 and on_cpu.threads == 1
+    explicit = build_text_encoder(EncoderSpec(backend="onnx"), device="auto", torch_threads=1,
+                                  onnx_cache_dir=int8.folder.parent)
+    assert isinstance(explicit, OnnxEncoder) and explicit.precision == "fp32"
+    # Where CUDA is visible, auto means torch (fp16): check the choice without a GPU.
+    built: list[str] = []
+    monkeypatch.setattr("sieve.encoders.SentenceTransformerEncoder",
+                        lambda *a, **k: built.append(k["device"]) or torch_encoder)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert build_text_encoder(spec, device="auto", onnx_cache_dir=int8.folder.parent) is torch_encoder
+    assert built == ["auto"]
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        OnnxEncoder(precision="fp16", cache_dir=int8.folder.parent)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- topology and cache
 
 
 def test_topology_backend_picks_the_encoder(int8, torch_encoder):
-    assert EncoderSpec().backend == "torch"
+    assert EncoderSpec().backend == "auto"
     topology = Topology.model_validate({
         "name": "t", "input": {"topics": ["in"]}, "route_set": {"name": "s"},
         "encoder": {"backend": "onnx-int8", "batch_size": 16},
@@ -332,13 +383,13 @@ def test_topology_backend_picks_the_encoder(int8, torch_encoder):
     })
     encoder = build_text_encoder(topology.encoder, device="auto", torch_threads=1,
                                  onnx_cache_dir=int8.folder.parent)
-    assert isinstance(encoder, OnnxInt8Encoder)
+    assert isinstance(encoder, OnnxEncoder)
     assert encoder.id == int8.id != torch_encoder.id
     assert encoder.built is False and encoder.batch_size == 16 and encoder.threads == 1
     with pytest.raises(ValidationError):
         EncoderSpec.model_validate({"backend": "tensorrt"})
-    with pytest.raises(ValueError, match="runs on the CPU"):
-        OnnxInt8Encoder(device="cuda", cache_dir=int8.folder.parent)
+    with pytest.raises(ValueError, match="run on the CPU"):
+        OnnxEncoder(device="cuda", cache_dir=int8.folder.parent)
 
 
 def test_cache_key_follows_the_model_files(tmp_path):
@@ -373,13 +424,13 @@ def test_publish_folder_loses_the_race_gracefully(tmp_path):
     final = tmp_path / "model-abc"
     final.mkdir()
     (final / META_FILE).write_text("{}")
-    (final / MODEL_FILE).write_bytes(b"first")
+    (final / MODEL_FILES["int8"]).write_bytes(b"first")
     late = tmp_path / ".tmp-model-abc-x"
     late.mkdir()
     (late / META_FILE).write_text("{}")
-    (late / MODEL_FILE).write_bytes(b"second")
+    (late / MODEL_FILES["int8"]).write_bytes(b"second")
     assert publish_folder(late, final) is False
-    assert not late.exists() and (final / MODEL_FILE).read_bytes() == b"first"
+    assert not late.exists() and (final / MODEL_FILES["int8"]).read_bytes() == b"first"
     fresh = tmp_path / ".tmp-other"
     fresh.mkdir()
     (fresh / META_FILE).write_text("{}")

@@ -38,8 +38,10 @@ ModelOpt = Annotated[
 ]
 BackendOpt = Annotated[
     str,
-    typer.Option("--backend", help="torch (default) or onnx-int8: how the sentence-transformers model runs; "
-                                   "each backend is its own vector space (route vectors, thresholds)."),
+    typer.Option("--backend", help="auto (default: torch on CUDA, onnx on the CPU), torch, onnx (fp32) "
+                                   "or onnx-int8: how the sentence-transformers model runs; torch, onnx "
+                                   "and auto share one vector space, onnx-int8 is its own (route vectors, "
+                                   "thresholds)."),
 ]
 
 
@@ -90,7 +92,7 @@ def routes_sync(
     path: Path,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
-    backend: BackendOpt = "torch",
+    backend: BackendOpt = "auto",
     image_model: Annotated[
         str | None, typer.Option(help="open_clip model for image examples and prompts, e.g. ViT-B-32 "
                                       "or local-dir:/path; default: the topology's, else none.")
@@ -369,7 +371,7 @@ ResplitOpt = Annotated[
 
 def _quality_bench(
     data: str, seed: int, sample: int | None, encoder: str, model: str | None, cache: bool, resplit: bool,
-    backend: str = "torch",
+    backend: str = "auto",
 ):
     from sieve.datasets import DatasetError
     from sieve.embedding_cache import CachedEncoder
@@ -420,7 +422,7 @@ def eval_command(
     cache: CacheOpt = True,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
-    backend: BackendOpt = "torch",
+    backend: BackendOpt = "auto",
 ) -> None:
     """Run labelled data through the worker's batch functions; write a report (Markdown, JSON, PNG)."""
     from sieve.head import HeadError
@@ -501,7 +503,7 @@ def fit_command(
     cache: CacheOpt = True,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
-    backend: BackendOpt = "torch",
+    backend: BackendOpt = "auto",
 ) -> None:
     """Fit thresholds on calibration data to meet precision targets with the least review; report on test."""
     from sieve.head import HeadError
@@ -547,7 +549,7 @@ def routes_build(
     cache: CacheOpt = True,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
-    backend: BackendOpt = "torch",
+    backend: BackendOpt = "auto",
 ) -> None:
     """Build a route file from the training split of labelled data: diverse examples per route."""
     from sieve.quality import run_build

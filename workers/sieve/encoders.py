@@ -351,18 +351,24 @@ def build_text_encoder(
     torch_threads: int | None = None,
     onnx_cache_dir: str | Path | None = None,
 ) -> TextEncoder:
-    """The encoder a topology asks for; ``spec.backend`` picks torch or ONNX Runtime int8.
+    """The encoder a topology asks for; ``spec.backend`` picks torch or ONNX Runtime (fp32 or int8).
 
-    ``onnx_cache_dir`` keeps the exported int8 model (settings ``onnx_cache_dir``);
+    ``auto`` is torch on CUDA (fp16) and fp32 ONNX Runtime on the CPU: the same
+    vectors (one encoder id), the fastest way to compute them on each.
+    ``onnx_cache_dir`` keeps the exported models (settings ``onnx_cache_dir``);
     ``torch_threads`` also sets the ONNX session's threads.
     """
     if spec.kind == "trivial":
         return TrivialEncoder()
-    if spec.backend == "onnx-int8":
-        from sieve.onnx_backend import DEFAULT_CACHE_DIR, OnnxInt8Encoder
+    backend = spec.backend
+    if backend == "auto":
+        backend = "onnx" if resolve_device(device) == "cpu" else "torch"
+    if backend in ("onnx", "onnx-int8"):
+        from sieve.onnx_backend import DEFAULT_CACHE_DIR, OnnxEncoder
 
-        return OnnxInt8Encoder(
+        return OnnxEncoder(
             spec.model,
+            precision="int8" if backend == "onnx-int8" else "fp32",
             device=device,
             batch_size=spec.batch_size,
             max_seq_length=spec.max_seq_length,

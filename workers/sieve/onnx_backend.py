@@ -1,16 +1,25 @@
-"""The ``onnx-int8`` backend of the sentence-transformers text encoder: ONNX Runtime, int8 weights, CPU.
+"""The ONNX Runtime backends of the sentence-transformers text encoder: ``onnx`` (fp32) and ``onnx-int8``.
 
 On first use a model's transformer is exported to ONNX (``torch.onnx.export``, the
 torch.export-based exporter; inputs ``input_ids`` / ``attention_mask`` /
-``token_type_ids``, output ``last_hidden_state``, dynamic batch and sequence axes)
-and quantised with ONNX Runtime's dynamic quantiser: the attention projections
-(query, key, value, output) in int8, per output channel, activations quantised per
-call; the feed-forward matmuls stay fp32. Measured over 500 demo and moderation
-texts (worst row's cosine to fp32 / demo sentences/s on 1 thread, fp32 ONNX 239):
-everything int8 0.977 / 567; feed-forward down-projection fp32 0.981 / 380;
-both feed-forward matmuls fp32 0.995 / 272. Only the last keeps every row at
-cosine >= 0.99, so it is the recipe; most of the backend's gain over torch is
-ONNX Runtime itself and length bucketing, not int8.
+``token_type_ids``, output ``last_hidden_state``, dynamic batch and sequence axes).
+Both models are kept: the fp32 export itself (backend ``onnx``) and a quantised copy
+(backend ``onnx-int8``) made with ONNX Runtime's dynamic quantiser: the attention
+projections (query, key, value, output) in int8, per output channel, activations
+quantised per call; the feed-forward matmuls stay fp32.
+
+fp32 ONNX computes what torch computes, faster on a small CPU: on the demo messages
+(2 threads, batch 16) 566 sentences/s against torch's 299, every row at cosine
+>= 0.99999 to ``SentenceTransformer.encode`` (checked when the export is built, and
+by the tests). Its vectors are torch's, so it keeps torch's encoder id
+(``st:<model>``): route vectors and fitted thresholds carry over, and ``auto``
+picks it on machines without CUDA.
+
+int8, measured over 500 demo and moderation texts (worst row's cosine to fp32 / demo
+sentences/s on 1 thread, fp32 ONNX 239): everything int8 0.977 / 567; feed-forward
+down-projection fp32 0.981 / 380; both feed-forward matmuls fp32 0.995 / 272. Only
+the last keeps every row at cosine >= 0.99, so it is the recipe. Its vectors are a
+space of their own (``st:<model>+onnx-int8``).
 
 The result is cached on disk, one folder per model *content* and tool versions
 (:func:`cache_key`), built in a temporary folder and renamed into place, under a
@@ -21,9 +30,9 @@ encoder is ONNX Runtime plus the model's fast tokenizer (``tokenizer.json``).
 Pooling (mean over the attention mask, or CLS) follows the model's own pooling
 config; rows are L2-normalised one by one.
 
-One caveat: the quantiser scales activations per tensor, i.e. per *batch*, so a
-row depends on its batch neighbours within the quantisation error (cosine to the
-row encoded alone >= 0.996 on the demo messages; tested at >= 0.99), where the
+One caveat of int8: the quantiser scales activations per tensor, i.e. per *batch*,
+so a row depends on its batch neighbours within the quantisation error (cosine to
+the row encoded alone >= 0.996 on the demo messages; tested at >= 0.99), where the
 fp32 backends are exact. Weight-only int8 (``MatMulNBits``, 8 bits, block 32)
 would be batch-independent and closer to fp32 (cosine 0.9992) but measured no
 faster than fp32 ONNX here.
@@ -47,7 +56,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,11 +71,14 @@ from sieve.encoders import (
 )
 
 # Part of the cache key and of nothing else: bump it when the export or the
-# quantisation changes. A change that moves the vectors must also change ID_SUFFIX.
-RECIPE = "onnx-int8/1: torch.onnx dynamo export; quantize_dynamic per-channel QInt8 MatMul, FFN fp32"
-ID_SUFFIX = "+onnx-int8"
+# quantisation changes. A change that moves the vectors must also change ID_SUFFIXES.
+RECIPE = ("onnx/2: torch.onnx dynamo export, kept as fp32; "
+          "quantize_dynamic per-channel QInt8 MatMul, FFN fp32")
 DEFAULT_CACHE_DIR = Path(".sieve/cache/onnx")
-MODEL_FILE = "model.int8.onnx"
+Precision = Literal["fp32", "int8"]
+MODEL_FILES: dict[Precision, str] = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx"}
+# What each precision adds to the encoder id: fp32 computes torch's vectors, int8 its own.
+ID_SUFFIXES: dict[Precision, str] = {"fp32": "", "int8": "+onnx-int8"}
 META_FILE = "meta.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # Versions that change the exported or quantised graph.
@@ -78,7 +90,7 @@ PROBE_TEXTS = (
     "a cat is sleeping on the sofa",
     "the stock market fell sharply today after the central bank raised interest rates again",
 )
-MIN_PROBE_COSINE = 0.98
+MIN_PROBE_COSINE: dict[Precision, float] = {"fp32": 0.9999, "int8": 0.98}
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +129,10 @@ def read_layout(directory: Path, name: str, max_seq_length: int | None = None) -
     modules_file = directory / "modules.json"
     if not modules_file.is_file():
         raise ValueError(
-            f"{directory}: no modules.json; the onnx-int8 backend runs sentence-transformers models"
+            f"{directory}: no modules.json; the ONNX backends run sentence-transformers models"
         )
     if not (directory / "tokenizer.json").is_file():
-        raise ValueError(f"{directory}: no tokenizer.json; the onnx-int8 backend needs a fast tokenizer")
+        raise ValueError(f"{directory}: no tokenizer.json; the ONNX backends need a fast tokenizer")
     pooling = None
     for module in _read_json(modules_file):
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -128,11 +140,11 @@ def read_layout(directory: Path, name: str, max_seq_length: int | None = None) -
             pooling = _pooling_mode(_read_json(directory / module.get("path", "") / "config.json"))
         elif kind not in ("Transformer", "Normalize"):
             raise ValueError(
-                f"{directory}: module {kind!r} is not supported by the onnx-int8 backend "
+                f"{directory}: module {kind!r} is not supported by the ONNX backends "
                 "(Transformer, Pooling and Normalize are); use backend torch"
             )
     if pooling is None:
-        raise ValueError(f"{directory}: no Pooling module; the onnx-int8 backend needs one")
+        raise ValueError(f"{directory}: no Pooling module; the ONNX backends need one")
     if max_seq_length is None:
         st_config = directory / "sentence_bert_config.json"
         max_seq_length = _read_json(st_config).get("max_seq_length") if st_config.is_file() else None
@@ -153,7 +165,7 @@ def _pooling_mode(config: dict[str, Any]) -> str:
                   for key, value in config.items() if key.startswith("pooling_mode_") and value is True}
     if chosen == {"mean"} or chosen == {"cls"}:
         return chosen.pop()
-    raise ValueError(f"pooling {sorted(chosen)} is not supported by the onnx-int8 backend (mean or cls is)")
+    raise ValueError(f"pooling {sorted(chosen)} is not supported by the ONNX backends (mean or cls is)")
 
 
 def _version(package: str) -> str:
@@ -176,7 +188,7 @@ def cache_key(directory: Path) -> str:
 
 
 def cache_folder(cache_dir: Path, layout: ModelLayout) -> Path:
-    """Where the model's int8 export lives: ``<cache_dir>/<name>-<key prefix>``."""
+    """Where the model's ONNX exports live: ``<cache_dir>/<name>-<key prefix>``."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", layout.name)[:60]
     return Path(cache_dir) / f"{readable}-{cache_key(layout.directory)[:20]}"
 
@@ -203,8 +215,8 @@ def publish_folder(built: Path, final: Path) -> bool:
         raise
 
 
-def ensure_int8_model(layout: ModelLayout, cache_dir: str | Path) -> tuple[Path, bool]:
-    """The cached int8 model's folder, exported first if missing; and whether this call built it."""
+def ensure_onnx_models(layout: ModelLayout, cache_dir: str | Path) -> tuple[Path, bool]:
+    """The cached ONNX models' folder, exported first if missing; and whether this call built it."""
     final = cache_folder(Path(cache_dir), layout)
     if (final / META_FILE).is_file():
         return final, False
@@ -219,7 +231,7 @@ def ensure_int8_model(layout: ModelLayout, cache_dir: str | Path) -> tuple[Path,
             shutil.rmtree(final)
         building = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            meta = export_int8(layout, building)
+            meta = export_models(layout, building)
             (building / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             building.chmod(0o755)  # mkdtemp's 0700 would keep other users' workers out
             return final, publish_folder(building, final)
@@ -244,8 +256,8 @@ def feed_forward_matmuls(model: Any, intermediate_size: int, hidden_size: int) -
     ]
 
 
-def export_int8(layout: ModelLayout, folder: Path) -> dict[str, Any]:
-    """Export the model's transformer to ONNX, quantise it into ``folder / MODEL_FILE``; the metadata."""
+def export_models(layout: ModelLayout, folder: Path) -> dict[str, Any]:
+    """Export the model's transformer to ONNX (fp32), quantise a copy (int8); the metadata."""
     import onnx
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -261,7 +273,7 @@ def export_int8(layout: ModelLayout, folder: Path) -> dict[str, Any]:
     features = model.preprocess(list(PROBE_TEXTS[:2]))
     names = [name for name in INPUT_NAMES if name in features]
     if names[:2] != ["input_ids", "attention_mask"]:
-        raise ValueError(f"{layout.directory}: the tokenizer gives {sorted(features)}; the onnx-int8 backend "
+        raise ValueError(f"{layout.directory}: the tokenizer gives {sorted(features)}; the ONNX backends "
                          "needs input_ids and attention_mask")
 
     class LastHiddenState(torch.nn.Module):
@@ -278,7 +290,7 @@ def export_int8(layout: ModelLayout, folder: Path) -> dict[str, Any]:
     batch = torch.export.Dim("batch")
     positions = int(getattr(transformer.config, "max_position_embeddings", 0) or layout.max_seq_length)
     sequence = torch.export.Dim("sequence", max=max(positions, layout.max_seq_length))
-    fp32_file = folder / "model.fp32.onnx"
+    fp32_file = folder / MODEL_FILES["fp32"]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -296,28 +308,29 @@ def export_int8(layout: ModelLayout, folder: Path) -> dict[str, Any]:
     root.addFilter(drop)
     try:
         quantize_dynamic(
-            str(fp32_file), str(folder / MODEL_FILE), per_channel=True, weight_type=QuantType.QInt8,
+            str(fp32_file), str(folder / MODEL_FILES["int8"]), per_channel=True, weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32,
         )
     finally:
         root.removeFilter(drop)
-    fp32_file.unlink()
     quantised = time.perf_counter()
 
-    # The built model must agree with the torch model, or it is not cached.
+    # Both built models must agree with the torch model, or neither is cached.
     dim = int(model.get_embedding_dimension() or config.hidden_size)
     reference = model.encode(list(PROBE_TEXTS), convert_to_numpy=True, normalize_embeddings=True)
-    session = _session(folder / MODEL_FILE, threads=1)
-    probe = _Runner(session, layout.pooling, dim).run(
-        list(tokenizer(list(PROBE_TEXTS), truncation=True, max_length=layout.max_seq_length)["input_ids"]),
-        pad_id=int(tokenizer.pad_token_id or 0), token_types="token_type_ids" in names,
-    )
-    cosines = np.sum(l2_normalise_rows(probe) * reference, axis=1)
-    if float(cosines.min()) < MIN_PROBE_COSINE:
-        raise RuntimeError(
-            f"int8 export of {layout.name} disagrees with the torch model (cosine {cosines.min():.4f} "
-            f"< {MIN_PROBE_COSINE}); use backend torch"
-        )
+    probe_ids = list(tokenizer(list(PROBE_TEXTS), truncation=True,
+                               max_length=layout.max_seq_length)["input_ids"])
+    probe_cosines: dict[str, float] = {}
+    for precision, file_name in MODEL_FILES.items():
+        probe = _Runner(_session(folder / file_name, threads=1), layout.pooling, dim).run(
+            probe_ids, pad_id=int(tokenizer.pad_token_id or 0), token_types="token_type_ids" in names)
+        cosine = float(np.sum(l2_normalise_rows(probe) * reference, axis=1).min())
+        if cosine < MIN_PROBE_COSINE[precision]:
+            raise RuntimeError(
+                f"{precision} ONNX export of {layout.name} disagrees with the torch model (cosine "
+                f"{cosine:.6f} < {MIN_PROBE_COSINE[precision]}); use backend torch"
+            )
+        probe_cosines[precision] = round(cosine, 6)
     return {
         "model": layout.name,
         "source": str(layout.directory),
@@ -327,7 +340,7 @@ def export_int8(layout: ModelLayout, folder: Path) -> dict[str, Any]:
         "dim": dim,
         "pooling": layout.pooling,
         "fp32_matmuls": keep_fp32,
-        "probe_min_cosine": round(float(cosines.min()), 5),
+        "probe_min_cosine": probe_cosines,
         "export_s": round(exported - started, 2),
         "quantise_s": round(quantised - exported, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -377,13 +390,16 @@ class _Runner:
         return out
 
 
-class OnnxInt8Encoder:
-    """A sentence-transformers model on ONNX Runtime with int8 weights (CPU).
+class OnnxEncoder:
+    """A sentence-transformers model on ONNX Runtime (CPU), fp32 or with int8 attention weights.
 
-    Same model and tokenizer as :class:`~sieve.encoders.SentenceTransformerEncoder`,
-    a different vector space: ``id`` is ``st:<model>+onnx-int8``. ``threads`` is
-    the session's intra-op thread count (the worker's ``torch_threads``; unset:
-    1); ``cache_dir`` holds the exported model. ``built`` says whether this
+    Same model and tokenizer as :class:`~sieve.encoders.SentenceTransformerEncoder`.
+    ``precision="fp32"`` (backend ``onnx``) computes the same vectors and has the
+    same ``id`` (``st:<model>``); ``"int8"`` (backend ``onnx-int8``) is a vector
+    space of its own, ``st:<model>+onnx-int8``. ``threads`` is the session's
+    intra-op thread count (the worker's ``torch_threads``; unset: the CPUs
+    this process may use);
+    ``cache_dir`` holds the exported models. ``built`` says whether this
     construction exported it (False: taken from the cache); ``build_s`` is how
     long getting it took. Texts are tokenised once per call, sorted by token
     length and run in batches of ``batch_size`` (``last_padding`` counts the
@@ -394,6 +410,7 @@ class OnnxInt8Encoder:
         self,
         model: str | None = None,
         *,
+        precision: Precision = "int8",
         device: str = "auto",
         batch_size: int = 64,
         max_seq_length: int | None = None,
@@ -402,14 +419,17 @@ class OnnxInt8Encoder:
         bucket_by_length: bool = True,
     ) -> None:
         if device not in ("auto", "cpu"):
-            raise ValueError(f"the onnx-int8 backend runs on the CPU, not {device!r}; use backend torch")
+            raise ValueError(f"the ONNX backends run on the CPU, not {device!r}; use backend torch or auto")
+        if precision not in MODEL_FILES:
+            raise ValueError(f"precision {precision!r}: fp32 or int8")
         from tokenizers import Tokenizer
 
         self.device = "cpu"
+        self.precision: Precision = precision
         directory, name = resolve_model_dir(model)
         self.layout = read_layout(directory, name, max_seq_length)
         started = time.perf_counter()
-        self.folder, self.built = ensure_int8_model(self.layout, cache_dir)
+        self.folder, self.built = ensure_onnx_models(self.layout, cache_dir)
         self.build_s = time.perf_counter() - started
         self.meta: dict[str, Any] = _read_json(self.folder / META_FILE)
         self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -417,9 +437,9 @@ class OnnxInt8Encoder:
         self._tokenizer.enable_truncation(self.layout.max_seq_length)
         padding = _read_json(directory / "tokenizer.json").get("padding") or {}
         self._pad_id = int(padding.get("pad_id", 0))
-        self.threads = 1 if threads is None else threads
-        self._runner = _Runner(_session(self.folder / MODEL_FILE, self.threads), self.layout.pooling,
-                               int(self.meta["dim"]))
+        self.threads = len(os.sched_getaffinity(0)) if threads is None else threads
+        session = _session(self.folder / MODEL_FILES[precision], self.threads)
+        self._runner = _Runner(session, self.layout.pooling, int(self.meta["dim"]))
         self._token_types = "token_type_ids" in self._runner.inputs
         self.batch_size = batch_size
         self.bucket_by_length = bucket_by_length
@@ -428,8 +448,8 @@ class OnnxInt8Encoder:
 
     @property
     def id(self) -> str:
-        """E.g. ``st:all-MiniLM-L6-v2+onnx-int8``."""
-        return f"st:{self.layout.name}{ID_SUFFIX}"
+        """``st:all-MiniLM-L6-v2`` (fp32: torch's vectors) or ``st:all-MiniLM-L6-v2+onnx-int8``."""
+        return f"st:{self.layout.name}{ID_SUFFIXES[self.precision]}"
 
     @property
     def dim(self) -> int:

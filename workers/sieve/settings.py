@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     # How often a worker asks the route store whether its route set changed.
     route_refresh_s: float = 5.0
     # CPU threads for the encoder: torch's (None keeps torch's default), and the intra-op
-    # threads of the onnx-int8 backend's ONNX Runtime session (None: 1).
+    # threads of the ONNX backends' session (None: the CPUs this process may use).
     torch_threads: int | None = None
     # Where an encoder may run: auto picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     # adapters openai-moderation and clinc150), and the on-disk embedding cache.
     datasets_dir: Path = Path("../shared/datasets")
     embedding_cache_dir: Path = Path(".sieve/cache/embeddings")
-    # Encoders with backend onnx-int8: the exported, quantised models, one folder per model
+    # Encoders with backend onnx / onnx-int8 (and auto on a CPU): the exported models, one folder per model
     # and tool versions, written atomically (workers starting together share it safely).
     onnx_cache_dir: Path = Path(".sieve/cache/onnx")
 

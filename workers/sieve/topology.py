@@ -51,20 +51,21 @@ class EncoderSpec(BaseModel):
     measuring the streaming machinery alone.
 
     ``backend`` (sentence-transformers only) runs the model with ``torch`` (fp32
-    on CPU, fp16 on CUDA) or ``onnx-int8``: ONNX Runtime on the CPU with int8
-    attention weights, exported and quantised on first use and cached on disk
-    (settings ``onnx_cache_dir``); 1.6-2.1x torch's CPU sentences/s, every row at
-    cosine >= 0.99 to fp32 (measured by load-tests/bench_encoders.py).
-    The two are different vector spaces (encoder ids ``st:<model>`` and
-    ``st:<model>+onnx-int8``): route vectors, fitted thresholds and heads are kept
-    per backend, so sync with the topology (``sieve routes sync --topology``) and
-    fit with the backend it runs (``sieve fit --backend onnx-int8``).
+    on CPU, fp16 on CUDA), ``onnx`` (fp32 ONNX Runtime on the CPU: torch's vectors,
+    ~1.9x its sentences/s here), ``onnx-int8`` (ONNX Runtime with int8 attention
+    weights, every row at cosine >= 0.99 to fp32) or ``auto`` (the default: torch
+    on CUDA, onnx on the CPU). The ONNX models are exported on first use and cached
+    on disk (settings ``onnx_cache_dir``); load-tests/bench_encoders.py measures
+    them. torch, onnx and auto share one vector space (encoder id ``st:<model>``);
+    int8 is its own (``st:<model>+onnx-int8``): route vectors, fitted thresholds
+    and heads are kept per space, so sync with the topology (``sieve routes sync
+    --topology``) and fit with the backend it runs (``sieve fit --backend onnx-int8``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["sentence-transformers", "trivial"] = "sentence-transformers"
-    backend: Literal["torch", "onnx-int8"] = "torch"
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     model: str | None = None
     batch_size: int = Field(default=64, ge=1, le=4096)
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
