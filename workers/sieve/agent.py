@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _MAX_PROCESS_ATTEMPTS = 3
 # While a batch fills and the queue is empty: how long to let the consumer deliver before looking again.
 _FILL_POLL_S = 0.002
+_IDLE_CLOSE_S = 0.01
 
 
 def _credentials(settings: Settings) -> Any:
@@ -98,6 +99,13 @@ def settle_heap(gen0_threshold: int = 50_000) -> None:
     gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
+def _waited(timestamp: float | None) -> float:
+    """Seconds since a record's timestamp, clamped to ``[0, inf)`` (0 when it has none)."""
+    if not timestamp:
+        return 0.0
+    return max(0.0, time.time() - timestamp)
+
+
 def raw_record(event: EventT) -> RawRecord:
     """The raw record behind a Faust event."""
     message = event.message
@@ -152,6 +160,11 @@ class BatchWorker:
     async def _batches(self, stream: faust.StreamT) -> AsyncIterator[list[EventT]]:
         """Batches of events from the agent's stream: up to ``max_events``, or what came in ``max_wait_s``.
 
+        ``max_wait_s`` counts from the first event's timestamp: an event that waited
+        behind the batch being encoded does not wait ``max_wait_s`` more; its batch
+        closes once the queue has stayed empty for ``_IDLE_CLOSE_S`` (a backlog, whose
+        events are all old, still fills batches: its queue does not run dry).
+
         Reads the stream's channel queue, where Faust's conductor delivers the
         agent's events, a batch at a time instead of through ``Stream.__aiter__``,
         which costs an event-loop round trip, a processor chain, sensor calls and
@@ -176,17 +189,28 @@ class BatchWorker:
                 events = [await queue.get()]
             except StopAsyncIteration:  # the channel was closed: the agent is stopping
                 return
-            deadline = loop.time() + max_wait
+            started = loop.time()
+            deadline = started + max_wait
+            # The first event's own deadline: once past it, the batch closes as soon as
+            # nothing has arrived for _IDLE_CLOSE_S (a backlog still fills the batch).
+            due = deadline - _waited(events[0].message.timestamp)
+            idle_since: float | None = None
             while len(events) < max_events:
                 if not queue.empty():
                     events.append(queue.get_nowait())
+                    idle_since = None
                     continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+                now = loop.time()
+                if now >= deadline:
                     break
+                if now >= due:
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since >= _IDLE_CLOSE_S:
+                        break
                 # Let the consumer deliver for a moment, then take what came: a timed wait
                 # per event (a task each) cost more than the events when the queue ran dry.
-                await asyncio.sleep(min(remaining, _FILL_POLL_S))
+                await asyncio.sleep(min(deadline - now, _FILL_POLL_S))
             fresh: list[EventT] = []
             active, generation = app.flow_control.is_active(), app.consumer_generation_id
             for event in events:
@@ -208,9 +232,9 @@ class BatchWorker:
         the broker acknowledges batch N's messages. The next batch is gathered only
         once the encoder is free (``compute_done``), not while it works: events
         that arrive meanwhile wait in the queue and form the next batch then, so an
-        event waits at most for the batch being encoded, ``max_wait_s`` and its own
-        batch's encoding (gathering early would queue a whole batch behind the
-        running one and add a third encode time). A batch's events are acked only
+        event waits at most the longer of ``max_wait_s`` and the batch being encoded,
+        then its own batch's encoding (gathering early would queue a whole batch
+        behind the running one and add a third encode time). A batch's events are acked only
         after its every output was acknowledged; a batch that failed is never
         acked (its events come again after a restart or rebalance). Faust commits
         the highest contiguously acknowledged offset per partition, so a batch

@@ -89,7 +89,14 @@ class ImageEncoderSpec(BaseModel):
 
 
 class BatchingSpec(BaseModel):
-    """How events are gathered: up to ``max_events``, or what came in ``max_wait_s``."""
+    """How events are gathered: up to ``max_events``, or what came in ``max_wait_s``.
+
+    ``max_wait_s`` counts from the batch's first event's timestamp (its Kafka
+    record time), not from when the worker started gathering: an event that
+    already waited while the previous batch was encoded closes its batch at
+    once, with whatever else is queued. A clock ahead of the worker's cannot
+    make it wait longer than ``max_wait_s`` after the worker takes the event.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
