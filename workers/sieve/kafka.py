@@ -8,6 +8,7 @@ import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -102,6 +103,60 @@ async def produce(
 
 
 _PARTITIONER = DefaultPartitioner()
+_M = np.uint32(0x5BD1E995)
+
+
+def murmur2_many(keys: Sequence[bytes]) -> np.ndarray:
+    """Kafka's murmur2 of each key (``aiokafka.partitioner.murmur2``, the Java client's), vectorised.
+
+    Keys are grouped by length and hashed a 4-byte word at a time across the
+    group (uint32 arithmetic wraps as the Java code's int does), instead of one
+    pure-Python call per key, which cost ~5 µs of a worker's event.
+    """
+    out = np.empty(len(keys), dtype=np.uint32)
+    by_length: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_length.setdefault(len(key), []).append(i)
+    for length, rows in by_length.items():
+        data = np.frombuffer(b"".join([keys[i] for i in rows]), dtype=np.uint8).reshape(len(rows), length)
+        h = np.full(len(rows), 0x9747B28C ^ length, dtype=np.uint32)
+        whole = length // 4 * 4
+        words = np.ascontiguousarray(data[:, :whole]).view("<u4")
+        for j in range(whole // 4):
+            k = words[:, j] * _M
+            k ^= k >> np.uint32(24)
+            k *= _M
+            h *= _M
+            h ^= k
+        tail = length - whole
+        if tail >= 3:
+            h ^= data[:, whole + 2].astype(np.uint32) << np.uint32(16)
+        if tail >= 2:
+            h ^= data[:, whole + 1].astype(np.uint32) << np.uint32(8)
+        if tail >= 1:
+            h ^= data[:, whole].astype(np.uint32)
+            h *= _M
+        h ^= h >> np.uint32(13)
+        h *= _M
+        h ^= h >> np.uint32(15)
+        out[rows] = h
+    return out
+
+
+def partitions_for_keys(
+    keys: Sequence[bytes | None], everything: list[int], available: list[int]
+) -> list[int]:
+    """The default partitioner's choice per key: ``DefaultPartitioner()(key, everything, available)``."""
+    chosen: list[int] = [0] * len(keys)
+    keyed = [(i, key) for i, key in enumerate(keys) if key is not None]
+    hashed = murmur2_many([key for _, key in keyed])
+    positions = (hashed & np.uint32(0x7FFFFFFF)) % np.uint32(len(everything))
+    for (i, _), position in zip(keyed, positions.tolist(), strict=True):
+        chosen[i] = everything[position]
+    for i, key in enumerate(keys):
+        if key is None:  # random, as the default partitioner does
+            chosen[i] = _PARTITIONER(None, everything, available)
+    return chosen
 
 
 async def send_batched(producer: AIOKafkaProducer, messages: Sequence[Outbound]) -> None:
@@ -117,17 +172,16 @@ async def send_batched(producer: AIOKafkaProducer, messages: Sequence[Outbound])
     if not messages:
         return
     grouped: dict[tuple[str, int], list[Outbound]] = {}
-    partitions: dict[str, tuple[list[int], list[int]]] = {}
-    cluster = producer.client.cluster
+    by_topic: dict[str, list[Outbound]] = {}
     for message in messages:
-        topic = message.topic
-        known = partitions.get(topic)
-        if known is None:
-            everything = sorted(await producer.partitions_for(topic))
-            available = sorted(cluster.available_partitions_for_topic(topic) or everything)
-            known = partitions[topic] = (everything, available)
-        partition = _PARTITIONER(message.key, *known)
-        grouped.setdefault((topic, partition), []).append(message)
+        by_topic.setdefault(message.topic, []).append(message)
+    cluster = producer.client.cluster
+    for topic, outbound in by_topic.items():
+        everything = sorted(await producer.partitions_for(topic))
+        available = sorted(cluster.available_partitions_for_topic(topic) or everything)
+        chosen = partitions_for_keys([message.key for message in outbound], everything, available)
+        for message, partition in zip(outbound, chosen, strict=True):
+            grouped.setdefault((topic, partition), []).append(message)
     pending = []
     for (topic, partition), group in grouped.items():
         batch = producer.create_batch()
