@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import EventT
 
 from sieve import metrics
@@ -54,10 +55,38 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread, with the app's fetch wait instead of Faust's fixed 1,500 ms."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Read by AIOKafkaConsumer.start() when it builds its fetcher (start runs after this).
+        consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms  # type: ignore[attr-defined]
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
+class SieveApp(faust.App):
+    """A Faust app whose consumer fetches waiting at most ``fetch_max_wait_ms`` (settings ``kafka``)."""
+
+    fetch_max_wait_ms: int = 50
+
+    def _new_transport(self) -> Any:
+        return _Transport(self.conf.broker_consumer, self)
+
+
 def build_app(topology: Topology, settings: Settings) -> faust.App:
     """A Faust app for one topology: stateless, at-least-once, no web server of its own."""
     kafka = settings.kafka
-    return faust.App(
+    app = SieveApp(
         topology.consumer_group,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
@@ -80,6 +109,8 @@ def build_app(topology: Topology, settings: Settings) -> faust.App:
         stream_buffer_maxsize=max(4096, 2 * topology.batching.max_events),
         processing_guarantee="at_least_once",
     )
+    app.fetch_max_wait_ms = kafka.fetch_max_wait_ms
+    return app
 
 
 def settle_heap(gen0_threshold: int = 50_000) -> None:

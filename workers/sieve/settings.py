@@ -38,6 +38,10 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_s: float = 3.0
     rebalance_timeout_s: float = 60.0
     commit_interval_s: float = 1.0
+    # The longest a fetch may wait at the broker for data (Faust hard-codes 1,500 ms). Kafka
+    # answers as soon as a record arrives; the dev broker (tansu) holds every fetch this
+    # long, which added 0.4 s (p50) to 0.8 s (p99) to each event's latency at light load.
+    fetch_max_wait_ms: int = Field(default=50, ge=1, le=60_000)
 
 
 class QdrantSettings(BaseModel):
