@@ -11,6 +11,8 @@
   messages; events/s from its decisions after the first batch (``sieve.demo.steady_rate``),
   once per encoder backend (``--backends``: fp32 torch, fp32 ONNX Runtime — what ``auto`` runs
   on a CPU — and the ONNX int8 path).
+* The peer runs before and after Sieve's runs (the machine's speed drifts); ratios use the
+  mean of its two rates.
 * Both use the same torch thread count (``--threads``). The dev broker shares the cores with
   the worker; the peer has them to itself.
 
@@ -212,6 +214,12 @@ def main() -> None:
             skipped.append(backend)
             continue
         rows.append(run_sieve(backend, texts, args, tmp))
+    if peer is not None:
+        # The machine's speed drifts over minutes (shared cores): the peer runs again after
+        # Sieve, and the ratios use the mean of its two rates.
+        after = run_peer(args.peer_venv, texts, args.threads, tmp, args.peer_encoder, args.peer_control)
+        peer["rate_before"], peer["rate_after"] = peer["rate"], after["rate"]
+        peer["rate"] = (peer["rate_before"] + peer["rate_after"]) / 2
 
     print(f"\nSieve vs semantic-router, end to end — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; {len(texts)} messages "
@@ -235,6 +243,8 @@ def main() -> None:
               f"{f'{ratio:.1f}×' if ratio is not None else '—'} | "
               f"{f'≥ {target:.0f}×' if target else ''}{verdict} |")
     if peer is not None:
+        print(f"\npeer rate: the mean of {peer['rate_before']:.1f} events/s before Sieve's runs and "
+              f"{peer['rate_after']:.1f} after them")
         print(f"\npeer: semantic-router {peer['version']} ({peer['api']}), {peer['encoder']}, "
               f"{peer['routes']} routes / {peer['utterances']} utterances, top_k {peer['top_k']}; "
               f"{peer['routed']} of {peer['messages']} messages got a route (its score, the mean of "
