@@ -40,7 +40,7 @@ from measure import parse_output  # noqa: E402
 from sieve.broker import start_dev_broker  # noqa: E402
 from sieve.demo import free_port  # noqa: E402
 from sieve.kafka import client_kwargs  # noqa: E402
-from sieve.settings import KafkaSettings  # noqa: E402
+from sieve.settings import KafkaSettings, get_settings  # noqa: E402
 from sieve.topology import EncoderSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +156,8 @@ class WorkerRig:
             "SIEVE_ROUTE_REFRESH_S": "3600",
             "SIEVE_KAFKA__SESSION_TIMEOUT_S": "4",
             "SIEVE_KAFKA__HEARTBEAT_INTERVAL_S": "1",
+            # the worker runs in a temporary folder: point it at the checkout's ONNX export
+            "SIEVE_ONNX_CACHE_DIR": str(Path(get_settings().onnx_cache_dir).resolve()),
         }
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "sieve", "worker", "--sync", str(self.topology_path)],
