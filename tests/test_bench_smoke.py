@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,41 +15,36 @@ from .conftest import REPO
 pytestmark = pytest.mark.integration
 
 
-def test_bench_spine_runs_and_prints_its_table(tmp_path) -> None:
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "load-tests" / "bench_spine.py"), "--events", "300", "--quick",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+def run_bench(script: str, *args: str, json_out: Path | None = None) -> tuple[str, Any]:
+    """Run ``load-tests/<script> args`` (with ``--json json_out``); its stdout and the JSON figures."""
+    extra = ["--json", str(json_out)] if json_out is not None else []
+    result = subprocess.run([sys.executable, str(REPO / "load-tests" / script), *args, *extra],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "| worker end to end, MiniLM |" in result.stdout
-    assert "| worker end to end, trivial encoder (ceiling) |" in result.stdout
-    figures = json.loads(out.read_text())
+    return result.stdout, json.loads(json_out.read_text()) if json_out is not None else None
+
+
+def test_bench_spine_runs_and_prints_its_table(tmp_path) -> None:
+    stdout, figures = run_bench("bench_spine.py", "--events", "300", "--quick",
+                                json_out=tmp_path / "bench.json")
+    assert "| worker end to end, MiniLM |" in stdout
+    assert "| worker end to end, trivial encoder (ceiling) |" in stdout
     assert figures["end_to_end"]["decided"] == 300
     assert figures["best"]["rate"] > 0 and figures["end_to_end"]["memory_mib"] > 0
 
 
 def test_bench_images_runs_and_prints_its_table() -> None:
-    result = subprocess.run([sys.executable, str(REPO / "load-tests" / "bench_images.py"), "--quick"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny")]
+    stdout, _ = run_bench("bench_images.py", "--quick")
+    rows = [line for line in stdout.splitlines() if line.startswith("| tiny")]
     assert [row.split("|")[2].strip() for row in rows] == ["1", "8", "32"]
     assert all(float(row.split("|")[3]) > 0 for row in rows)
 
 
 def test_bench_latency_runs_and_prints_its_table(tmp_path) -> None:
-    out = tmp_path / "latency.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "load-tests" / "bench_latency.py"), "--encoder", "trivial", "--quick",
-         "--duration", "3", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "| end to end (input record → decision record) p50 / p90 / p99 / max |" in result.stdout
-    assert "| target: p99 ≤ max_wait + 2 × encode |" in result.stdout
-    figures = json.loads(out.read_text())
+    stdout, figures = run_bench("bench_latency.py", "--encoder", "trivial", "--quick", "--duration", "3",
+                                json_out=tmp_path / "latency.json")
+    assert "| end to end (input record → decision record) p50 / p90 / p99 / max |" in stdout
+    assert "| target: p99 ≤ max_wait + 2 × encode |" in stdout
     assert figures["decided"] == figures["paced_events"] > 0
     assert figures["max_rate"] > 0 and figures["paced_rate"] > 0
     assert {"p50", "p90", "p99", "max"} <= set(figures["latency_ms"])
@@ -56,16 +53,10 @@ def test_bench_latency_runs_and_prints_its_table(tmp_path) -> None:
 
 
 def test_bench_peer_runs_its_sieve_side_and_prints_its_table(tmp_path) -> None:
-    out = tmp_path / "peer.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "load-tests" / "bench_peer.py"), "--skip-peer", "--events", "120",
-         "--max-events", "32", "--backends", "onnx", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "| system | backend | threads | messages | events/s | ratio vs peer | target |" in result.stdout
-    assert "| Sieve, one worker" in result.stdout
-    figures = json.loads(out.read_text())
+    stdout, figures = run_bench("bench_peer.py", "--skip-peer", "--events", "120", "--max-events", "32",
+                                "--backends", "onnx", json_out=tmp_path / "peer.json")
+    assert "| system | backend | threads | messages | events/s | ratio vs peer | target |" in stdout
+    assert "| Sieve, one worker" in stdout
     assert figures["peer"] is None and figures["messages"] == 120
     [row] = figures["sieve"]
     assert row["backend"] == "onnx" and row["decided"] == 120 and row["rate"] > 0
@@ -73,17 +64,11 @@ def test_bench_peer_runs_its_sieve_side_and_prints_its_table(tmp_path) -> None:
 
 
 def test_bench_encoders_runs_and_prints_its_tables(tmp_path) -> None:
-    out = tmp_path / "encoders.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "load-tests" / "bench_encoders.py"), "--quick",
-         "--onnx-cache", str(tmp_path / "onnx"), "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "| demo messages | torch fp32 | 1 | 16 |" in result.stdout
-    assert "| openai-moderation | onnx-int8 | 1 | 16 |" in result.stdout
-    assert "ONNX models exported this run" in result.stdout
-    figures = json.loads(out.read_text())
+    stdout, figures = run_bench("bench_encoders.py", "--quick", "--onnx-cache", str(tmp_path / "onnx"),
+                                json_out=tmp_path / "encoders.json")
+    assert "| demo messages | torch fp32 | 1 | 16 |" in stdout
+    assert "| openai-moderation | onnx-int8 | 1 | 16 |" in stdout
+    assert "ONNX models exported this run" in stdout
     backends = ("SentenceTransformer.encode (reference)", "torch fp32", "onnx fp32", "onnx-int8")
     assert {(r["set"], r["backend"]) for r in figures["rates"]} == {
         (s, b) for s in ("demo messages", "openai-moderation") for b in backends}
@@ -95,14 +80,8 @@ def test_bench_encoders_runs_and_prints_its_tables(tmp_path) -> None:
 
 
 def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:
-    out = tmp_path / "stream.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "load-tests" / "bench_stream.py"), "--events", "1500", "--quick",
-         "--max-events", "256", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "| loop | events out | events/s | vs. aiokafka loop |" in result.stdout
-    figures = json.loads(out.read_text())
+    stdout, figures = run_bench("bench_stream.py", "--events", "1500", "--quick", "--max-events", "256",
+                                json_out=tmp_path / "stream.json")
+    assert "| loop | events out | events/s | vs. aiokafka loop |" in stdout
     assert [row["events"] for row in figures["rows"]] == [1500, 1500]
     assert all(row["rate"] > 0 for row in figures["rows"])

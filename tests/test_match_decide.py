@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 from pydantic_core import to_json
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
-from sieve.decide import Policy, decide, decide_scores, decision_rows
+from sieve.decide import Policy, decide_scores, decision_rows, validate_decisions
 from sieve.match import RouteIndex, aggregate, example_id, match_batch
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
 
@@ -330,7 +330,7 @@ def test_decide_scores_vectorised_equals_row_by_row_reference(matrix):
     assert got == reference_verdicts(matrix, POLICY)
 
 
-# --------------------------------------------------------------------------- decide()
+# --------------------------------------------------------------------------- rows validated as Decisions
 
 DECIDED_AT = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -340,7 +340,8 @@ def hand_decisions(index: RouteIndex | None = None, **kwargs) -> list[Decision]:
     events = [Event(id=f"e{i}", text=f"text {i}") for i in range(4)]
     queries = np.stack([Q_A, Q_C, Q_B, Q_NONE])
     match = match_batch(queries, index, index.route_set.defaults.aggregation)
-    return decide(events, match, index, Policy.for_index(index), decided_at=DECIDED_AT, **kwargs)
+    return validate_decisions(decision_rows(events, match, index, Policy.for_index(index),
+                                            decided_at=DECIDED_AT, **kwargs))
 
 
 def test_decide_outcomes_and_routes():
@@ -410,7 +411,7 @@ def test_decision_rows_serialise_to_exactly_the_models_json():
     kwargs = {"decided_at": DECIDED_AT, "event_times": [DECIDED_AT.timestamp() - 1, None, None, None],
               "source_topics": ["in"] * 4}
     rows = decision_rows(events, match, index, Policy.for_index(index), **kwargs)
-    models = decide(events, match, index, Policy.for_index(index), **kwargs)
+    models = validate_decisions(rows)
     assert len(rows) == len(models) == 4
     for row, model in zip(rows, models, strict=True):
         assert set(row) == set(Decision.model_fields)  # every field, none extra
@@ -435,7 +436,8 @@ def test_decide_without_times_or_topics():
 def route_texts(texts: list[str], index: RouteIndex, encoder) -> list[Decision]:
     events = [Event(id=f"t{i}", text=text) for i, text in enumerate(texts)]
     match = match_batch(encoder.encode(texts), index, index.route_set.defaults.aggregation)
-    return decide(events, match, index, Policy.for_index(index), decided_at=DECIDED_AT)
+    return validate_decisions(decision_rows(events, match, index, Policy.for_index(index),
+                                            decided_at=DECIDED_AT))
 
 
 def test_built_index_matches_the_set(moderation_index, moderation_set, minilm):

@@ -137,7 +137,7 @@ def decision_rows(
     """One decision per event, in order, as plain dicts shaped field for field like :class:`Decision`.
 
     The worker's hot path: it runs per event at stream rates, so it builds no
-    pydantic object (the rows are serialised straight to JSON); :func:`decide`
+    pydantic object (the rows are serialised straight to JSON); :func:`validate_decisions`
     validates them into :class:`Decision` models, and the tests check that every
     row is a valid Decision.
     """
@@ -194,21 +194,3 @@ def validate_decisions(rows: list[dict[str, Any]]) -> list[Decision]:
     """Decision models from :func:`decision_rows` (pydantic checks every field)."""
     return _DECISIONS.validate_python(rows)
 
-
-def decide(
-    events: list[Event],
-    match: MatchResult,
-    index: RouteIndex,
-    policy: Policy,
-    *,
-    decided_at: datetime,
-    event_times: list[float | None] | None = None,
-    source_topics: list[str | None] | None = None,
-    images: list[ImageRef | None] | None = None,
-    top_routes: int = 5,
-) -> list[Decision]:
-    """One :class:`Decision` per event, in order (:func:`decision_rows`, validated)."""
-    return validate_decisions(decision_rows(
-        events, match, index, policy, decided_at=decided_at, event_times=event_times,
-        source_topics=source_topics, images=images, top_routes=top_routes,
-    ))
