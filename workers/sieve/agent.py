@@ -77,7 +77,9 @@ class _Transport(faust_aiokafka.Transport):
 class SieveApp(faust.App):
     """A Faust app whose consumer fetches waiting at most ``fetch_max_wait_ms`` (settings ``kafka``)."""
 
-    fetch_max_wait_ms: int = 50
+    def __init__(self, *args: Any, fetch_max_wait_ms: int, **options: Any) -> None:
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        super().__init__(*args, **options)
 
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self)
@@ -86,7 +88,7 @@ class SieveApp(faust.App):
 def build_app(topology: Topology, settings: Settings) -> faust.App:
     """A Faust app for one topology: stateless, at-least-once, no web server of its own."""
     kafka = settings.kafka
-    app = SieveApp(
+    return SieveApp(
         topology.consumer_group,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
@@ -108,9 +110,8 @@ def build_app(topology: Topology, settings: Settings) -> faust.App:
         broker_commit_interval=kafka.commit_interval_s,
         stream_buffer_maxsize=max(4096, 2 * topology.batching.max_events),
         processing_guarantee="at_least_once",
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
-    app.fetch_max_wait_ms = kafka.fetch_max_wait_ms
-    return app
 
 
 def settle_heap(gen0_threshold: int = 50_000) -> None:
@@ -220,8 +221,7 @@ class BatchWorker:
                 events = [await queue.get()]
             except StopAsyncIteration:  # the channel was closed: the agent is stopping
                 return
-            started = loop.time()
-            deadline = started + max_wait
+            deadline = loop.time() + max_wait
             # The first event's own deadline: once past it, the batch closes as soon as
             # nothing has arrived for _IDLE_CLOSE_S (a backlog still fills the batch).
             due = deadline - _waited(events[0].message.timestamp)

@@ -147,16 +147,11 @@ def partitions_for_keys(
     keys: Sequence[bytes | None], everything: list[int], available: list[int]
 ) -> list[int]:
     """The default partitioner's choice per key: ``DefaultPartitioner()(key, everything, available)``."""
-    chosen: list[int] = [0] * len(keys)
-    keyed = [(i, key) for i, key in enumerate(keys) if key is not None]
-    hashed = murmur2_many([key for _, key in keyed])
-    positions = (hashed & np.uint32(0x7FFFFFFF)) % np.uint32(len(everything))
-    for (i, _), position in zip(keyed, positions.tolist(), strict=True):
-        chosen[i] = everything[position]
-    for i, key in enumerate(keys):
-        if key is None:  # random, as the default partitioner does
-            chosen[i] = _PARTITIONER(None, everything, available)
-    return chosen
+    hashed = murmur2_many([key for key in keys if key is not None])
+    positions = iter(((hashed & np.uint32(0x7FFFFFFF)) % np.uint32(len(everything))).tolist())
+    # A key's partition from its hash; no key: random among the available ones, as the client does.
+    return [everything[next(positions)] if key is not None else _PARTITIONER(None, everything, available)
+            for key in keys]
 
 
 async def send_batched(producer: AIOKafkaProducer, messages: Sequence[Outbound]) -> None:
@@ -186,15 +181,12 @@ async def send_batched(producer: AIOKafkaProducer, messages: Sequence[Outbound])
     for (topic, partition), group in grouped.items():
         batch = producer.create_batch()
         for message in group:
-            if batch.append(timestamp=None, key=message.key, value=message.value,
-                            headers=list(message.headers)) is None:
+            while batch.append(timestamp=None, key=message.key, value=message.value,
+                               headers=list(message.headers)) is None:  # the batch is full
                 if batch.record_count() == 0:
                     raise ValueError(f"a {len(message.value)}-byte message does not fit in a record batch")
                 pending.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = producer.create_batch()
-                if batch.append(timestamp=None, key=message.key, value=message.value,
-                                headers=list(message.headers)) is None:
-                    raise ValueError(f"a {len(message.value)}-byte message does not fit in a record batch")
         if batch.record_count():
             pending.append(await producer.send_batch(batch, topic, partition=partition))
     await asyncio.gather(*pending)
