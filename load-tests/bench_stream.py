@@ -10,11 +10,14 @@ worker's topology has no per-route topics here, so it too sends one per event):
 2. ``aiokafka loop + pipeline``: the same loop running Sieve's own batch pipeline
    (decode, trivial encode, match, decide, plan) and sending what it plans.
 3. ``sieve worker``: the real worker process (``sieve worker``, a Faust agent)
-   with the trivial encoder.
+   with the trivial encoder, once per compute mode: ``thread`` (the pipeline on a
+   thread of the worker) and ``process`` (``SIEVE_COMPUTE=process``: in a child).
 
-The ratio ``sieve worker / aiokafka loop`` is the streaming-ceiling figure. Rates
-come from the output records' timestamps (first to last). ``--profile`` runs the
-worker under py-spy and prints where its time goes.
+The ratio ``sieve worker / aiokafka loop`` is the streaming-ceiling figure. The plain
+loop runs first and last and the ratios use the mean of its two rates (this
+machine's speed drifts over minutes). Rates come from the output records'
+timestamps (first to last). ``--profile`` runs the workers under py-spy and prints
+where their time goes.
 
     .venv/bin/python load-tests/bench_stream.py                   # 50,000 events
     .venv/bin/python load-tests/bench_stream.py --events 2000 --quick
@@ -55,17 +58,23 @@ from sieve.topology import Topology
 REPO = Path(__file__).resolve().parents[1]
 ROUTES = REPO / "routes" / "moderation.yaml"
 INPUT = "stream.in"
-OUTCOMES = {"clean": "stream.clean", "violating": "stream.violating", "needs_review": "stream.needs-review"}
+COMPUTE_MODES = ("thread", "process")
 
 
-def topology_dict(max_events: int, max_wait_s: float, partitions: int) -> dict:
+def outcome_topics(tag: str) -> dict[str, str]:
+    """One run's outcome topics (each worker run reads the backlog in its own group, writes its own)."""
+    return {"clean": f"stream.{tag}.clean", "violating": f"stream.{tag}.violating",
+            "needs_review": f"stream.{tag}.needs-review"}
+
+
+def topology_dict(max_events: int, max_wait_s: float, partitions: int, tag: str = "bench") -> dict:
     return {
-        "name": "stream", "input": {"topics": [INPUT], "partitions": partitions},
+        "name": f"stream-{tag}", "input": {"topics": [INPUT], "partitions": partitions},
         "route_set": {"name": "moderation", "file": str(ROUTES)},
         "encoder": {"kind": "trivial"},
         "batching": {"max_events": max_events, "max_wait_s": max_wait_s},
         # one message per event, as the reference loops send (no per-route copy)
-        "output": {"outcome_topics": OUTCOMES, "dead_letter_topic": "stream.dead-letters",
+        "output": {"outcome_topics": outcome_topics(tag), "dead_letter_topic": f"stream.{tag}.dead-letters",
                    "route_topic_prefix": None},
     }
 
@@ -177,23 +186,25 @@ def hot_frames(raw_profile: Path, top: int = 25) -> dict:
     }
 
 
-def run_worker(kafka: KafkaSettings, events: int, tmp: Path, args: argparse.Namespace) -> dict:
-    topology_path = tmp / "topology-stream.yaml"
-    topology_path.write_text(yaml.safe_dump(topology_dict(args.max_events, args.max_wait, args.partitions)))
-    env = {**os.environ, "SIEVE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+def run_worker(kafka: KafkaSettings, events: int, tmp: Path, args: argparse.Namespace, compute: str) -> dict:
+    topology = topology_dict(args.max_events, args.max_wait, args.partitions, tag=compute)
+    topology_path = tmp / f"topology-{compute}.yaml"
+    topology_path.write_text(yaml.safe_dump(topology))
+    env = {**os.environ, "SIEVE_COMPUTE": compute, "SIEVE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
            "SIEVE_QDRANT__PATH": str(tmp / "qdrant"), "SIEVE_METRICS_PORT": str(free_port()),
            "SIEVE_LOG_LEVEL": "WARNING", "SIEVE_KAFKA__SESSION_TIMEOUT_S": "4",
            "SIEVE_KAFKA__HEARTBEAT_INTERVAL_S": "1"}
     command = [sys.executable, "-m", "sieve", "worker", str(topology_path)]
-    profile = tmp / "worker.pyspy.txt"
+    profile = tmp / f"worker-{compute}.pyspy.txt"
     if args.profile:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        command = [py_spy, "record", "--rate", "250", "--format", "raw", "--nonblocking",
+        command = [py_spy, "record", "--rate", "250", "--format", "raw", "--nonblocking", "--subprocesses",
                    "-o", str(profile), "--", *command]
-    worker = subprocess.Popen(command, env=env, stdout=open(tmp / "worker.log", "wb"),
+    worker = subprocess.Popen(command, env=env, stdout=open(tmp / f"worker-{compute}.log", "wb"),
                               stderr=subprocess.STDOUT)
     try:
-        records = asyncio.run(_read(kafka, list(OUTCOMES.values()), events, args.timeout))
+        records = asyncio.run(_read(kafka, list(topology["output"]["outcome_topics"].values()), events,
+                                    args.timeout))
     finally:
         worker.send_signal(2 if args.profile else 15)
         worker.wait(60)
@@ -230,7 +241,7 @@ def main() -> None:
         index = RouteStore(QdrantSettings(path=tmp / "qdrant")).load("moderation", encoder.id)
         pipeline = RouterPipeline(topology, encoder, index, "bench")
         events = sample_events(args.events)
-        asyncio.run(ensure_topics(kafka, {INPUT: args.partitions, **{t: 4 for t in OUTCOMES.values()}}))
+        asyncio.run(ensure_topics(kafka, {INPUT: args.partitions}))
         asyncio.run(produce(kafka, INPUT, [(e["id"].encode(), json.dumps(e).encode()) for e in events]))
         # the reference sends messages as large as the worker's decisions
         sample = [RawRecord(INPUT, 0, i, e["id"].encode(), json.dumps(e).encode(), 0)
@@ -238,29 +249,37 @@ def main() -> None:
         sizes = sorted(len(m.value) for m in pipeline.process(sample).outbound)
         payload_size = sizes[len(sizes) // 2]
 
-        rows = [("aiokafka loop, one send per event", run_reference(kafka, args.events, None,
-                                                                    payload_size, "plain"))]
+        first = run_reference(kafka, args.events, None, payload_size, "plain-first")
+        rows = []
         if not args.quick:
             rows.append(("aiokafka loop + Sieve's pipeline (trivial encoder)",
                          run_reference(kafka, args.events, pipeline, payload_size, "pipeline")))
-        worker = run_worker(kafka, args.events, tmp, args)
-        rows.append((f"sieve worker (Faust agent), trivial encoder, batches of {args.max_events}", worker))
+        workers = {compute: run_worker(kafka, args.events, tmp, args, compute) for compute in COMPUTE_MODES}
+        for compute, worker in workers.items():
+            rows.append((f"sieve worker (Faust agent), trivial encoder, batches of {args.max_events}, "
+                         f"compute={compute}", worker))
+        last = run_reference(kafka, args.events, None, payload_size, "plain-last")
     finally:
         broker.terminate()
         broker.wait(10)
 
-    reference = rows[0][1]["rate"]
+    reference = (first["rate"] + last["rate"]) / 2
+    rows.insert(0, ("aiokafka loop, one send per event (mean of the runs before and after)",
+                    {"events": min(first["events"], last["events"]), "rate": reference}))
     print(f"\nSieve streaming ceiling — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU cores, dev broker (tansu) on the same cores; {args.events} demo "
-          f"events, {args.partitions} partitions, {payload_size}-byte messages\n")
+          f"events, {args.partitions} partitions, {payload_size}-byte messages; the aiokafka loop "
+          f"ran at {first['rate']:,.0f} events/s first and {last['rate']:,.0f} last\n")
     print("| loop | events out | events/s | vs. aiokafka loop |")
     print("|---|---:|---:|---:|")
     for label, row in rows:
         print(f"| {label} | {row['events']} | {row['rate']:,.0f} | {row['rate'] / reference:.2f}× |")
-    if "profile" in worker:
+    for compute, worker in workers.items():
+        if "profile" not in worker:
+            continue
         prof = worker["profile"]
-        print(f"\nworker profile (py-spy, {worker['profile_file']}), steady state: busy in "
-              f"{prof['busy_share']:.0%} of samples; shares of busy samples\n")
+        print(f"\nworker profile, compute={compute} (py-spy, {worker['profile_file']}), steady state: "
+              f"busy in {prof['busy_share']:.0%} of samples; shares of busy samples\n")
         print("by package (self): " + ", ".join(f"{name} {share:.0%}" for name, share in prof["packages"]))
         print("\n| function (self) | share | function (inclusive) | share |")
         print("|---|---:|---|---:|")
@@ -268,10 +287,12 @@ def main() -> None:
             print(f"| {own} | {own_share:.1%} | {inc} | {inc_share:.1%} |")
     if args.json:
         args.json.write_text(json.dumps({"payload_bytes": payload_size, "events": args.events,
+                                         "reference_runs": [first, last],
                                          "rows": [{"loop": label, **row} for label, row in rows]},
                                         indent=2, default=str))
-    if worker["events"] < args.events:
-        sys.exit(f"the worker decided {worker['events']} of {args.events} events")
+    short = {compute: w["events"] for compute, w in workers.items() if w["events"] < args.events}
+    if short:
+        sys.exit(f"the worker decided fewer than {args.events} events: {short}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sieve.agent import RouterWorker
+from sieve.compute import ThreadCompute
 from sieve.match import RouteIndex
 from sieve.pipeline import RouterPipeline
 from sieve.publish import Outbound
@@ -44,7 +45,7 @@ def router(minilm, moderation_set) -> RouterWorker:
         update={"batching": topology.batching.model_copy(update={"max_events": 8, "max_wait_s": 0.05})}
     )
     pipeline = RouterPipeline(topology, minilm, RouteIndex.build(moderation_set, minilm), "test")
-    return RouterWorker(topology, Settings(metrics_port=0), pipeline)
+    return RouterWorker(topology, Settings(metrics_port=0), ThreadCompute(pipeline))
 
 
 def _event(i: int, text: str) -> bytes:

@@ -83,5 +83,7 @@ def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:
     stdout, figures = run_bench("bench_stream.py", "--events", "1500", "--quick", "--max-events", "256",
                                 json_out=tmp_path / "stream.json")
     assert "| loop | events out | events/s | vs. aiokafka loop |" in stdout
-    assert [row["events"] for row in figures["rows"]] == [1500, 1500]
+    assert [row["events"] for row in figures["rows"]] == [1500, 1500, 1500]  # reference, thread, process
+    assert [row["loop"].rsplit("compute=", 1)[-1] for row in figures["rows"][1:]] == ["thread", "process"]
     assert all(row["rate"] > 0 for row in figures["rows"])
+    assert len(figures["reference_runs"]) == 2

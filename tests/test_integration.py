@@ -49,6 +49,7 @@ class Stack:
     prefix: str
     encoder: str = "sentence-transformers"
     partitions: int = 4
+    compute: str = "thread"  # SIEVE_COMPUTE of the workers it starts
     workers: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -101,7 +102,8 @@ class Stack:
         process = subprocess.Popen(
             [sys.executable, "-m", "sieve", "worker", str(topology)],
             env=worker_env(self.bootstrap, self.qdrant_path, SIEVE_METRICS_PORT=str(metrics_port),
-                           SIEVE_WORKER_NAME=f"{self.prefix}-w{len(self.workers)}"),
+                           SIEVE_WORKER_NAME=f"{self.prefix}-w{len(self.workers)}",
+                           SIEVE_COMPUTE=self.compute),
             stdout=open(log, "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
@@ -276,8 +278,31 @@ def test_two_workers_split_partitions_and_decide_everything(stack: Stack, trivia
     assert sum(per_worker) >= 3000
 
 
-def test_sigkill_mid_stream_then_restart_loses_nothing(stack: Stack, trivial_encoder) -> None:
+def child_pids(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("compute", ["thread", "process"])
+def test_sigkill_mid_stream_then_restart_loses_nothing(stack: Stack, trivial_encoder, compute: str) -> None:
     stack.encoder = "trivial"
+    stack.compute = compute
     route_file = REPO / "routes" / "moderation.yaml"
     sync_routes(stack, trivial_encoder, route_file)
     topology = stack.write_topology(route_file)
@@ -289,8 +314,14 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(stack: Stack, trivial_enc
     while time.monotonic() < deadline and len(partial) < 500:
         partial = asyncio.run(read_all(stack.kafka, stack.verdict_topics, timeout_s=2, idle_s=0.5))
     assert len(partial) >= 500, stack.logs_text()
+    children = child_pids(first.pid)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
+    # compute=process: the worker's compute child does not outlive it
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "a child of the killed worker is still running"
     decided_before = {d["event_id"] for d in asyncio.run(
         read_all(stack.kafka, stack.verdict_topics, timeout_s=5, idle_s=1))}
     assert len(decided_before) < 20000, "the kill came too late to be mid-stream"
@@ -326,8 +357,11 @@ def test_sigterm_finishes_the_batch_commits_and_exits(stack: Stack, trivial_enco
     assert duplicates <= 4 * 2 * 128, duplicates
 
 
-def test_route_set_synced_mid_stream_is_picked_up_without_restart(stack: Stack, trivial_encoder) -> None:
+@pytest.mark.parametrize("compute", ["thread", "process"])
+def test_route_set_synced_mid_stream_is_picked_up_without_restart(stack: Stack, trivial_encoder,
+                                                                  compute: str) -> None:
     stack.encoder = "trivial"
+    stack.compute = compute
     route_file = stack.tmp / "moderation.yaml"
     route_file.write_text((REPO / "routes" / "moderation.yaml").read_text())
     v1 = sync_routes(stack, trivial_encoder, route_file)

@@ -24,9 +24,9 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import EventT
 
 from sieve import metrics
+from sieve.compute import Compute, Computed
 from sieve.dead_letter import RawRecord, make_dead_letter
 from sieve.kafka import send_batched, ssl_context
-from sieve.pipeline import BatchResult, RouterPipeline
 from sieve.publish import Outbound, plan_dead_letters
 from sieve.settings import Settings
 from sieve.store import RouteStore
@@ -357,28 +357,29 @@ class BatchWorker:
 
 
 class RouterWorker(BatchWorker):
-    """One topology's router: the Faust agent, route refresh and graceful drain."""
+    """One topology's router: the Faust agent, route refresh and graceful drain.
+
+    ``compute`` runs the batches (:mod:`sieve.compute`: on a thread, or in a child process).
+    """
 
     def __init__(
         self,
         topology: Topology,
         settings: Settings,
-        pipeline: RouterPipeline,
+        compute: Compute,
         store: RouteStore | None = None,
         app: faust.App | None = None,
     ) -> None:
         super().__init__(topology.name, settings, app or build_app(topology, settings), topology.batching)
         self.topology = topology
-        self.pipeline = pipeline
+        self.compute = compute
         self.store = store
         self._add_agent(topology.input.topics, topology.input.partitions, f"sieve.{topology.name}.router")
         if store is not None:
             self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
-        # Encoding runs here, off the event loop, one batch at a time.
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="sieve-encode")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
 
-    async def handle(self, records: list[RawRecord]) -> BatchResult:
+    async def handle(self, records: list[RawRecord]) -> Computed:
         """Process one batch to the end: it returns only once every output is acknowledged."""
         metrics.IN_FLIGHT.labels(self.topology.name).set(1)
         try:
@@ -394,21 +395,20 @@ class RouterWorker(BatchWorker):
         finally:
             metrics.IN_FLIGHT.labels(self.topology.name).set(0)
 
-    async def _process(self, records: list[RawRecord]) -> BatchResult:
-        """Run the pipeline off the loop; retry; isolate a record that keeps failing."""
-        loop = asyncio.get_running_loop()
+    async def _process(self, records: list[RawRecord]) -> Computed:
+        """Compute the batch; retry; isolate a record that keeps failing."""
         for attempt in range(1, _MAX_PROCESS_ATTEMPTS + 1):
             try:
-                return await loop.run_in_executor(self._compute, self.pipeline.process, records)
+                return await self.compute.run(records)
             except Exception:
                 log.exception("batch of %d failed (attempt %d)", len(records), attempt)
                 metrics.BATCH_RETRIES.labels(self.topology.name, "process").inc()
                 await asyncio.sleep(0.1 * 2**attempt)
         # The batch keeps failing: process record by record; dead-letter what fails alone.
-        merged = BatchResult([], [], [])
+        merged = Computed([], [], {}, {}, [])
         for record in records:
             try:
-                one = await loop.run_in_executor(self._compute, self.pipeline.process, [record])
+                one = await self.compute.run([record])
             except Exception as exc:
                 letter = make_dead_letter(
                     record,
@@ -419,10 +419,12 @@ class RouterWorker(BatchWorker):
                     topology=self.topology.name,
                     max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
                 )
-                one = BatchResult([], [letter], plan_dead_letters([letter], self.topology.output))
-            merged.rows += one.rows
-            merged.dead_letters += one.dead_letters
+                one = Computed(plan_dead_letters([letter], self.topology.output), [letter], {}, {}, [])
             merged.outbound += one.outbound
+            merged.dead_letters += one.dead_letters
+            merged.event_times += one.event_times
+            for key, count in one.outcomes.items():
+                merged.outcomes[key] = merged.outcomes.get(key, 0) + count
         return merged
 
     # -- route-set refresh -------------------------------------------------------------------
@@ -432,7 +434,7 @@ class RouterWorker(BatchWorker):
         assert self.store is not None
         loop = asyncio.get_running_loop()
         name = self.topology.route_set.name
-        for space, current in self.pipeline.indexes.items():
+        for space, current in self.compute.indexes.items():
             encoder_id = current.encoder_id
             try:
                 version = await loop.run_in_executor(
@@ -441,7 +443,7 @@ class RouterWorker(BatchWorker):
                 if version is None or version == current.version:
                     continue
                 index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
-                self.pipeline.swap_index(index)
+                await self.compute.swap_index(index)
                 metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
                 metrics.ROUTE_SET.info({"route_set": name, "version": index.version, "encoder": encoder_id})
                 log.info("route set %s (%s space): now at version %s", name, space, index.version)

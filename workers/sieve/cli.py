@@ -180,7 +180,7 @@ def worker(
 ) -> None:
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.agent import DrainingWorker, RouterWorker, settle_heap
-    from sieve.encoders import build_image_encoder, build_text_encoder
+    from sieve.compute import build_compute, build_encoders
     from sieve.health import attach_router, serve
     from sieve.metrics import ROUTE_SET
     from sieve.pipeline import RouterPipeline
@@ -193,15 +193,7 @@ def worker(
     try:
         topology = load_topology(topology_path)
         route_set = load_topology_route_set(topology)
-        encoder = build_text_encoder(
-            topology.encoder, device=settings.device, torch_threads=settings.torch_threads,
-            onnx_cache_dir=settings.onnx_cache_dir,
-        )
-        image_encoder = None
-        if topology.image_encoder is not None:
-            image_encoder = build_image_encoder(
-                topology.image_encoder, device=settings.device, torch_threads=settings.torch_threads
-            )
+        encoder, image_encoder = build_encoders(topology, settings)
         store = RouteStore(settings.qdrant)
         if sync:
             store.sync(route_set, encoder)
@@ -212,17 +204,21 @@ def worker(
         pipeline = RouterPipeline(topology, encoder, index, settings.worker_name,
                                   image_encoder=image_encoder, image_index=image_index,
                                   image_fetch=settings.images)
+        # compute=process: a child builds its own encoders; this process lets go of its own.
+        compute = build_compute(settings.compute, pipeline, settings)
+        del pipeline
     except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
         _fail(str(exc))
+    encoder_ids = encoder.id + (f", image encoder {image_encoder.id}" if image_encoder else "")
+    del encoder, image_encoder
     asyncio.run(_create_topics(topology, index.route_set))
-    ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": encoder.id})
-    router = RouterWorker(topology, settings, pipeline, store)
+    ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": index.encoder_id})
+    router = RouterWorker(topology, settings, compute, store)
     attach_router(router)  # /healthz heartbeat, /readyz checks, consumer-lag gauges
     serve(settings.metrics_host, settings.metrics_port, settings.health)
     console.print(
         f"worker {settings.worker_name}: topology {topology.name}, route set "
-        f"{index.route_set.name}@{index.version}, encoder {encoder.id}"
-        f"{', image encoder ' + image_encoder.id if image_encoder else ''}, "
+        f"{index.route_set.name}@{index.version}, encoder {encoder_ids}, compute {settings.compute}, "
         f"metrics :{settings.metrics_port}"
     )
     settle_heap()

@@ -238,7 +238,7 @@ def attach_router(router: RouterWorker, probes: Probes = PROBES) -> WorkerHealth
     """Give a router worker its heartbeat, readiness checks (route index loaded) and lag gauges."""
 
     def index_loaded() -> tuple[bool, str]:
-        index = router.pipeline.index
+        index = router.compute.indexes.get("text")
         return index is not None, f"route set version {getattr(index, 'version', None)}"
 
     return WorkerHealth(router, router.topology.input.topics, probes, {"route_index": index_loaded})

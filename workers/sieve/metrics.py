@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from sieve.dead_letter import RawRecord
-from sieve.pipeline import BatchResult
+
+if TYPE_CHECKING:
+    from sieve.compute import Computed
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -58,7 +61,7 @@ HEARTBEAT = Gauge(
 
 
 def record_batch(
-    topology: str, records: list[RawRecord], result: BatchResult, publish_seconds: float
+    topology: str, records: list[RawRecord], result: Computed, publish_seconds: float
 ) -> None:
     """Account for one batch whose messages were all acknowledged by the broker."""
     acked_at = time.time()
@@ -69,13 +72,9 @@ def record_batch(
         STAGE_SECONDS.labels(topology, stage).observe(seconds)
     STAGE_SECONDS.labels(topology, "publish").observe(publish_seconds)
     latency = END_TO_END_SECONDS.labels(topology)
-    outcomes: Tally[tuple[str, str, str]] = Tally()
-    for row in result.rows:
-        outcomes[row["outcome"], row["route"] or "", row["decided_by"]] += 1
-        if row["latency_ms"] is not None:
-            waited = acked_at - row["decided_at"].timestamp()
-            latency.observe(max(0.0, row["latency_ms"] / 1000.0 + waited))
-    for (outcome, route, decided_by), count in outcomes.items():
+    for event_time in result.event_times:
+        latency.observe(max(0.0, acked_at - event_time))
+    for (outcome, route, decided_by), count in result.outcomes.items():
         DECISIONS.labels(topology, outcome, route, decided_by).inc(count)
     letters = Tally((letter.stage, letter.reason) for letter in result.dead_letters)
     for (stage, reason), count in letters.items():

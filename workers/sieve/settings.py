@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
     # Where an encoder may run: auto picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where a router worker computes its batches: "thread" (in its own process) or "process"
+    # (a spawned child with its own encoders, on another core; see sieve.compute).
+    compute: Literal["thread", "process"] = "thread"
     # Seconds a worker waits for its in-flight batch on SIGTERM.
     shutdown_grace_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

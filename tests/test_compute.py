@@ -1,0 +1,138 @@
+"""The two compute modes: the pipeline on a thread, or in a spawned child process.
+
+Both must publish the same decisions. The child is real (spawned, building its own
+trivial encoder from the topology); its death is injected by killing it with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from sieve.agent import RouterWorker
+from sieve.compute import ChildDied, ProcessCompute, ThreadCompute, summarise
+from sieve.dead_letter import RawRecord
+from sieve.match import RouteIndex
+from sieve.pipeline import RouterPipeline
+from sieve.settings import Settings
+from sieve.topology import Topology
+
+REPO = Path(__file__).resolve().parents[1]
+# Differ between two runs of the same batch: when (and how long after the event) it was decided or failed.
+_RUN_FIELDS = ("decided_at", "latency_ms", "failed_at")
+
+
+def _topology() -> Topology:
+    return Topology.model_validate({
+        "name": "compute", "input": {"topics": ["compute.in"]},
+        "route_set": {"name": "moderation", "file": str(REPO / "routes" / "moderation.yaml")},
+        "encoder": {"kind": "trivial"},
+        "output": {"outcome_topics": {"clean": "c.clean", "violating": "c.violating",
+                                      "needs_review": "c.review"},
+                   "route_topic_prefix": "c.route.", "dead_letter_topic": "c.dead"},
+    })
+
+
+def _records(n: int, prefix: str = "ev") -> list[RawRecord]:
+    texts = ["buy cheap pills now", "what a lovely morning", "i will hurt you", "let's get lunch"]
+    records = [RawRecord("compute.in", 0, i, f"{prefix}-{i}".encode(),
+                         json.dumps({"id": f"{prefix}-{i}", "text": texts[i % len(texts)]}).encode(),
+                         time.time()) for i in range(n)]
+    records.append(RawRecord("compute.in", 0, n, None, b"{not json", time.time()))
+    return records
+
+
+def _comparable(value: bytes) -> dict:
+    decoded = json.loads(value)
+    return {k: v for k, v in decoded.items() if k not in _RUN_FIELDS}
+
+
+@pytest.fixture(scope="module")
+def pipeline(trivial_encoder, moderation_set) -> RouterPipeline:
+    index = RouteIndex.build(moderation_set, trivial_encoder)
+    return RouterPipeline(_topology(), trivial_encoder, index, "t")
+
+
+@pytest.fixture(scope="module")
+def child(pipeline: RouterPipeline):
+    compute = ProcessCompute(pipeline.topology, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)
+    yield compute
+    compute.close()
+
+
+async def test_the_child_publishes_what_the_thread_does(pipeline: RouterPipeline,
+                                                        child: ProcessCompute) -> None:
+    records = _records(40)
+    on_thread = await ThreadCompute(pipeline).run(records)
+    in_child = await child.run(records)
+    assert child.pid != os.getpid()
+    assert [(m.topic, m.key, m.headers) for m in in_child.outbound] == \
+        [(m.topic, m.key, m.headers) for m in on_thread.outbound]
+    assert [_comparable(m.value) for m in in_child.outbound] == \
+        [_comparable(m.value) for m in on_thread.outbound]
+    assert [d.reason for d in in_child.dead_letters] == ["not_json"]
+    assert in_child.outcomes == on_thread.outcomes and sum(in_child.outcomes.values()) == 40
+    assert len(in_child.event_times) == 40
+
+
+def test_summary_counts_what_the_rows_say(pipeline: RouterPipeline) -> None:
+    records = _records(12)
+    result = pipeline.process(records)
+    summary = summarise(result)
+    assert summary.outbound is result.outbound
+    expected: dict[tuple[str, str, str], int] = {}
+    for row in result.rows:
+        key = (row["outcome"], row["route"] or "", "router")
+        expected[key] = expected.get(key, 0) + 1
+    assert summary.outcomes == expected
+    for t, record in zip(summary.event_times, records, strict=False):
+        assert t == pytest.approx(record.timestamp, abs=1e-3)
+
+
+async def test_a_dead_child_is_replaced_and_the_batch_raised_for_retry(child: ProcessCompute) -> None:
+    await child.run(_records(4))
+    os.kill(child.pid, signal.SIGKILL)  # fault injection: the child dies (as by the OOM killer)
+    time.sleep(0.5)
+    with pytest.raises(ChildDied):
+        await child.run(_records(4))
+    assert child.restarts == 1
+    again = await child.run(_records(4, "after"))  # the new child decides
+    assert sum(again.outcomes.values()) == 4
+
+
+async def test_an_index_swap_reaches_the_child_and_survives_a_restart(
+    child: ProcessCompute, trivial_encoder, moderation_set,
+) -> None:
+    first = await child.run(_records(2))
+    assert {json.loads(m.value)["route_set_version"] for m in first.outbound if m.topic != "c.dead"} == \
+        {child.indexes["text"].version}
+    renamed = moderation_set.model_copy(update={"routes": moderation_set.routes[:-1]})
+    index = RouteIndex.build(renamed, trivial_encoder)
+    assert index.version != child.indexes["text"].version
+    await child.swap_index(index)
+    after = await child.run(_records(2))
+    assert {json.loads(m.value)["route_set_version"] for m in after.outbound if m.topic != "c.dead"} == \
+        {index.version}
+    os.kill(child.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    with pytest.raises(ChildDied):
+        await child.run(_records(2))
+    restarted = await child.run(_records(2))
+    assert {json.loads(m.value)["route_set_version"] for m in restarted.outbound if m.topic != "c.dead"} == \
+        {index.version}
+
+
+async def test_router_retries_a_batch_whose_child_died_and_dead_letters_nothing(
+    child: ProcessCompute,
+) -> None:
+    router = RouterWorker(_topology(), Settings(metrics_port=0), child)
+    os.kill(child.pid, signal.SIGKILL)  # the child dies before the batch reaches it
+    time.sleep(0.5)
+    computed = await router._process(_records(30))
+    assert sum(computed.outcomes.values()) == 30
+    assert [d.reason for d in computed.dead_letters] == ["not_json"]  # only the bad record

@@ -1,0 +1,258 @@
+"""Where the router computes a batch: on a thread of the worker, or in a child process.
+
+The pipeline (decode, encode, match, decide, serialise, plan) is pure per-event
+Python around the encoder call. On a thread (``compute: thread``, the default) it
+shares the interpreter lock with the event loop that runs Faust's consumer and
+the producer: both stages take turns on one core. In a child process
+(``compute: process``) it runs on its own core and interpreter, and the worker's
+process keeps only the Kafka side; the records go to the child and the planned
+messages come back by pickle (~10 µs per event together). With the trivial
+encoder this measured 1.3-1.7x the events/s of the thread (docs/benchmarks.md);
+with a model on the CPU the encoder, not the Python, is the bound either way, and a
+GPU worker is where it pays.
+
+Both return a :class:`Computed`: the messages to publish and what the metrics
+count, never the decision rows (pickling those would cost more than the child saves).
+The child is spawned (not forked: torch and threads do not survive a fork), builds
+its own encoders from the topology, and gets route indexes from the worker, which
+alone talks to the route store. A child that dies (out of memory, a crash in native
+code) is replaced and the batch is raised as failed, so the worker retries it and, if
+one record keeps killing it, dead-letters that record alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from typing_extensions import override
+
+from sieve.contracts import DeadLetter
+from sieve.dead_letter import RawRecord
+from sieve.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
+from sieve.match import RouteIndex
+from sieve.pipeline import BatchResult, RouterPipeline
+from sieve.publish import Outbound
+from sieve.routeset import Space
+from sieve.settings import Settings
+from sieve.topology import Topology
+
+log = logging.getLogger(__name__)
+
+ComputeMode = Literal["thread", "process"]
+
+
+@dataclass
+class Computed:
+    """What the worker needs of a computed batch: the messages, and what the metrics count.
+
+    ``outcomes`` counts decisions by ``(outcome, route or "", decided_by)``;
+    ``event_times`` are the Kafka timestamps (s) of the decided events that had one
+    (end-to-end latency is measured from them once the batch is acknowledged).
+    """
+
+    outbound: list[Outbound]
+    dead_letters: list[DeadLetter]
+    seconds: dict[str, float]
+    outcomes: dict[tuple[str, str, str], int]
+    event_times: list[float]
+
+
+def summarise(result: BatchResult) -> Computed:
+    """A pipeline result reduced to what leaves the compute stage."""
+    outcomes: dict[tuple[str, str, str], int] = {}
+    event_times: list[float] = []
+    for row in result.rows:
+        key = (row["outcome"], row["route"] or "", row["decided_by"])
+        outcomes[key] = outcomes.get(key, 0) + 1
+        if row["latency_ms"] is not None:
+            event_times.append(row["decided_at"].timestamp() - row["latency_ms"] / 1000.0)
+    return Computed(result.outbound, result.dead_letters, result.seconds, outcomes, event_times)
+
+
+def build_encoders(topology: Topology, settings: Settings) -> tuple[TextEncoder, ImageEncoder | None]:
+    """The topology's text encoder and, when it has one, its image encoder (settings: device, threads)."""
+    encoder = build_text_encoder(topology.encoder, device=settings.device,
+                                 torch_threads=settings.torch_threads, onnx_cache_dir=settings.onnx_cache_dir)
+    image_encoder = None
+    if topology.image_encoder is not None:
+        image_encoder = build_image_encoder(topology.image_encoder, device=settings.device,
+                                            torch_threads=settings.torch_threads)
+    return encoder, image_encoder
+
+
+class Compute:
+    """Runs batches through a topology's pipeline; holds the route indexes it decides against."""
+
+    @property
+    def indexes(self) -> dict[Space, RouteIndex]:
+        """Every space's current route index."""
+        raise NotImplementedError
+
+    async def run(self, records: list[RawRecord]) -> Computed:
+        """One batch through every stage."""
+        raise NotImplementedError
+
+    async def swap_index(self, index: RouteIndex) -> None:
+        """Decide against ``index`` (in its space) from the next batch on."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the thread or the child."""
+        raise NotImplementedError
+
+
+def _run_pipeline(pipeline: RouterPipeline, records: list[RawRecord]) -> Computed:
+    return summarise(pipeline.process(records))
+
+
+class ThreadCompute(Compute):
+    """The pipeline on one thread of the worker's process, a batch at a time."""
+
+    def __init__(self, pipeline: RouterPipeline) -> None:
+        self.pipeline = pipeline
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sieve-encode")
+
+    @property
+    @override
+    def indexes(self) -> dict[Space, RouteIndex]:
+        return self.pipeline.indexes
+
+    @override
+    async def run(self, records: list[RawRecord]) -> Computed:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, _run_pipeline, self.pipeline, records)
+
+    @override
+    async def swap_index(self, index: RouteIndex) -> None:
+        self.pipeline.swap_index(index)
+
+    @override
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+# -- the child process ---------------------------------------------------------------------
+
+_CHILD: RouterPipeline | None = None
+
+
+def _exit_with(parent: int) -> None:
+    """Exit as soon as ``parent`` is gone (a SIGKILLed worker cannot tell its child to stop).
+
+    The child holds both ends of its call queue's pipe, so it would wait for work
+    forever; it polls its parent's id instead (reparented: the worker died).
+    """
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _child_start(
+    topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex], parent: int,
+) -> None:
+    """In the child: build the encoders and the pipeline once; leave signals to the worker."""
+    global _CHILD
+    from sieve.agent import settle_heap
+
+    threading.Thread(target=_exit_with, args=(parent,), name="sieve-parent-watch", daemon=True).start()
+    # The worker decides when the child stops (a Ctrl-C reaches the whole process group).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    encoder, image_encoder = build_encoders(topology, settings)
+    _CHILD = RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
+                            image_encoder=image_encoder, image_index=indexes.get("image"),
+                            image_fetch=settings.images)
+    settle_heap()
+
+
+def _child_ready() -> int:
+    return os.getpid()
+
+
+def _child_run(rows: list[tuple[Any, ...]]) -> Computed:
+    assert _CHILD is not None
+    return _run_pipeline(_CHILD, [RawRecord(*row) for row in rows])
+
+
+def _child_swap(index: RouteIndex) -> None:
+    assert _CHILD is not None
+    _CHILD.swap_index(index)
+
+
+class ChildDied(RuntimeError):
+    """The compute child exited while it held a batch (it has been replaced)."""
+
+
+class ProcessCompute(Compute):
+    """The pipeline in a spawned child process with its own encoders; the worker keeps the Kafka side.
+
+    Starting it blocks until the child has built its encoders (so a model that
+    cannot load fails the worker's start, not its first batch).
+    """
+
+    def __init__(self, topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex]) -> None:
+        self.topology = topology
+        self.settings = settings
+        self._indexes = dict(indexes)
+        self.restarts = 0
+        self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        executor = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_start,
+            initargs=(self.topology, self.settings, self._indexes, os.getpid()),
+        )
+        self.pid = executor.submit(_child_ready).result()
+        return executor
+
+    @property
+    @override
+    def indexes(self) -> dict[Space, RouteIndex]:
+        return dict(self._indexes)
+
+    async def _call(self, function: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        executor: Executor = self._executor
+        try:
+            return await loop.run_in_executor(executor, function, *args)
+        except BrokenProcessPool as exc:
+            if executor is self._executor:  # not yet replaced by a concurrent call
+                log.error("the compute child (pid %s) died; starting a new one", self.pid)
+                self.restarts += 1
+                self._executor = await loop.run_in_executor(None, self._start)
+            raise ChildDied(f"the compute child died during {function.__name__}") from exc
+
+    @override
+    async def run(self, records: list[RawRecord]) -> Computed:
+        rows = [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records]
+        result: Computed = await self._call(_child_run, rows)
+        return result
+
+    @override
+    async def swap_index(self, index: RouteIndex) -> None:
+        self._indexes[index.space] = index  # a restarted child starts with it
+        try:
+            await self._call(_child_swap, index)
+        except ChildDied:
+            pass  # the new child was started with the new index
+
+    @override
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_compute(mode: ComputeMode, pipeline: RouterPipeline, settings: Settings) -> Compute:
+    """``thread``: this pipeline on a thread; ``process``: a child building its own from the same topology."""
+    if mode == "process":
+        return ProcessCompute(pipeline.topology, settings, pipeline.indexes)
+    return ThreadCompute(pipeline)
