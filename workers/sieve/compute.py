@@ -26,9 +26,13 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -144,27 +148,56 @@ class ThreadCompute(Compute):
 # -- the child process ---------------------------------------------------------------------
 
 _CHILD: RouterPipeline | None = None
+_SCRATCH = ""
 
 
-def _exit_with(parent: int) -> None:
+def _scratch_root() -> str:
+    """A memory-backed folder for batch files when there is one (``/dev/shm``), else the temp folder."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _put(folder: str, value: Any) -> str:
+    """Pickle ``value`` into a new file in ``folder`` with one write; its path."""
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    fd, path = tempfile.mkstemp(dir=folder, suffix=".pickle")
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    return path
+
+
+def _take(path: str) -> Any:
+    """What :func:`_put` wrote (the file is removed)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    finally:
+        os.unlink(path)
+    return pickle.loads(data)
+
+
+def _exit_with(parent: int, scratch: str) -> None:
     """Exit as soon as ``parent`` is gone (a SIGKILLed worker cannot tell its child to stop).
 
     The child holds both ends of its call queue's pipe, so it would wait for work
-    forever; it polls its parent's id instead (reparented: the worker died).
+    forever; it polls its parent's id instead (reparented: the worker died) and
+    removes the batch files' folder on its way out.
     """
     while os.getppid() == parent:
         time.sleep(0.5)
+    shutil.rmtree(scratch, ignore_errors=True)
     os._exit(0)
 
 
 def _child_start(
-    topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex], parent: int,
+    topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex], parent: int, scratch: str,
 ) -> None:
     """In the child: build the encoders and the pipeline once; leave signals to the worker."""
-    global _CHILD
+    global _CHILD, _SCRATCH
     from sieve.agent import settle_heap
 
-    threading.Thread(target=_exit_with, args=(parent,), name="sieve-parent-watch", daemon=True).start()
+    _SCRATCH = scratch
+    threading.Thread(target=_exit_with, args=(parent, scratch), name="sieve-parent-watch",
+                     daemon=True).start()
     # The worker decides when the child stops (a Ctrl-C reaches the whole process group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -179,9 +212,10 @@ def _child_ready() -> int:
     return os.getpid()
 
 
-def _child_run(rows: list[tuple[Any, ...]]) -> Computed:
+def _child_run(records_file: str) -> str:
     assert _CHILD is not None
-    return _run_pipeline(_CHILD, [RawRecord(*row) for row in rows])
+    rows: list[tuple[Any, ...]] = _take(records_file)
+    return _put(_SCRATCH, _run_pipeline(_CHILD, [RawRecord(*row) for row in rows]))
 
 
 def _child_swap(index: RouteIndex) -> None:
@@ -205,12 +239,15 @@ class ProcessCompute(Compute):
         self.settings = settings
         self._indexes = dict(indexes)
         self.restarts = 0
+        self.scratch = tempfile.mkdtemp(prefix="sieve-compute-", dir=_scratch_root())
+        # removed by close(), at the worker's exit, or by the child if the worker is killed
+        weakref.finalize(self, shutil.rmtree, self.scratch, ignore_errors=True)
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
         executor = ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_start,
-            initargs=(self.topology, self.settings, self._indexes, os.getpid()),
+            initargs=(self.topology, self.settings, self._indexes, os.getpid(), self.scratch),
         )
         self.pid = executor.submit(_child_ready).result()
         return executor
@@ -234,8 +271,17 @@ class ProcessCompute(Compute):
 
     @override
     async def run(self, records: list[RawRecord]) -> Computed:
-        rows = [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records]
-        result: Computed = await self._call(_child_run, rows)
+        # A batch goes to the child and back as files, not through the executor's pipe: the
+        # pipe moves 64 kB per read, and between reads the worker's result thread waits for
+        # the interpreter lock while the child, its pipe full, waits for the worker.
+        records_file = _put(self.scratch, [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                                           for r in records])
+        try:
+            result_file: str = await self._call(_child_run, records_file)
+        finally:
+            if os.path.exists(records_file):  # the child died before it took the batch
+                os.unlink(records_file)
+        result: Computed = _take(result_file)
         return result
 
     @override
@@ -249,6 +295,7 @@ class ProcessCompute(Compute):
     @override
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def build_compute(mode: ComputeMode, pipeline: RouterPipeline, settings: Settings) -> Compute:
