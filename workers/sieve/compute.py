@@ -274,8 +274,7 @@ class ProcessCompute(Compute):
         # A batch goes to the child and back as files, not through the executor's pipe: the
         # pipe moves 64 kB per read, and between reads the worker's result thread waits for
         # the interpreter lock while the child, its pipe full, waits for the worker.
-        records_file = _put(self.scratch, [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-                                           for r in records])
+        records_file = _put(self.scratch, [tuple(record) for record in records])
         try:
             result_file: str = await self._call(_child_run, records_file)
         finally:

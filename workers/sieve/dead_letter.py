@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sieve.contracts import DeadLetter, DeadLetterStage, utcnow
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """One consumed Kafka record, before decoding."""
+class RawRecord(NamedTuple):
+    """One consumed Kafka record, before decoding (a named tuple: one is made per event)."""
 
     topic: str | None
     partition: int | None

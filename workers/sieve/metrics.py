@@ -6,6 +6,7 @@ import time
 from collections import Counter as Tally
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from sieve.dead_letter import RawRecord
@@ -60,6 +61,24 @@ HEARTBEAT = Gauge(
 )
 
 
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, counted per bucket in one pass.
+
+    The same bucket counts and sum as observing one by one (tested), without a call
+    and a lock per event: a batch has thousands. Uses the histogram's bucket
+    counters (``_upper_bounds``, ``_buckets``, ``_sum``, prometheus-client >= 0.20).
+    """
+    if len(values) == 0:
+        return
+    bounds = histogram._upper_bounds
+    # observe() counts a value in the first bucket whose upper bound is >= the value
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
+
+
 def record_batch(
     topology: str, records: list[RawRecord], result: Computed, publish_seconds: float
 ) -> None:
@@ -72,8 +91,7 @@ def record_batch(
         STAGE_SECONDS.labels(topology, stage).observe(seconds)
     STAGE_SECONDS.labels(topology, "publish").observe(publish_seconds)
     latency = END_TO_END_SECONDS.labels(topology)
-    for event_time in result.event_times:
-        latency.observe(max(0.0, acked_at - event_time))
+    observe_many(latency, np.maximum(0.0, acked_at - np.asarray(result.event_times, dtype=np.float64)))
     for (outcome, route, decided_by), count in result.outcomes.items():
         DECISIONS.labels(topology, outcome, route, decided_by).inc(count)
     letters = Tally((letter.stage, letter.reason) for letter in result.dead_letters)
