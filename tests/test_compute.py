@@ -136,3 +136,11 @@ async def test_router_retries_a_batch_whose_child_died_and_dead_letters_nothing(
     computed = await router._process(_records(30))
     assert sum(computed.outcomes.values()) == 30
     assert [d.reason for d in computed.dead_letters] == ["not_json"]  # only the bad record
+
+
+def test_a_child_that_cannot_build_its_encoder_fails_the_start_clearly(pipeline: RouterPipeline,
+                                                                       tmp_path: Path) -> None:
+    broken = _topology().model_copy(update={"encoder": _topology().encoder.model_copy(
+        update={"kind": "sentence-transformers", "model": str(tmp_path / "no-such-model")})})
+    with pytest.raises(ValueError, match="could not build its pipeline"):
+        ProcessCompute(broken, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)

@@ -36,7 +36,7 @@ import weakref
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from typing_extensions import override
 
@@ -47,13 +47,10 @@ from sieve.match import RouteIndex
 from sieve.pipeline import BatchResult, RouterPipeline
 from sieve.publish import Outbound
 from sieve.routeset import Space
-from sieve.settings import Settings
+from sieve.settings import ComputeMode, Settings
 from sieve.topology import Topology
 
 log = logging.getLogger(__name__)
-
-ComputeMode = Literal["thread", "process"]
-
 
 @dataclass
 class Computed:
@@ -249,7 +246,12 @@ class ProcessCompute(Compute):
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_start,
             initargs=(self.topology, self.settings, self._indexes, os.getpid(), self.scratch),
         )
-        self.pid = executor.submit(_child_ready).result()
+        try:
+            self.pid = executor.submit(_child_ready).result()
+        except BrokenProcessPool:
+            executor.shutdown(wait=False)
+            raise ValueError("the compute child could not build its pipeline (its error is printed "
+                             "above); SIEVE_COMPUTE=thread runs it in the worker's process") from None
         return executor
 
     @property

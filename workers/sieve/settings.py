@@ -18,6 +18,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Where a router worker computes its batches (sieve.compute): a thread, or a child process.
+ComputeMode = Literal["thread", "process"]
+
 
 class KafkaSettings(BaseModel):
     """How to reach the Kafka cluster; passed through to aiokafka and Faust."""
@@ -171,7 +174,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Where a router worker computes its batches: "thread" (in its own process) or "process"
     # (a spawned child with its own encoders, on another core; see sieve.compute).
-    compute: Literal["thread", "process"] = "thread"
+    compute: ComputeMode = "thread"
     # Seconds a worker waits for its in-flight batch on SIGTERM.
     shutdown_grace_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
