@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from sieve.encoders import TextEncoder
 from sieve.kafka import produce
@@ -134,9 +135,9 @@ def sync_routes(stack: Stack, encoder: TextEncoder, route_file: Path) -> str:
     return report.version
 
 
-def text_events(count: int, tag: str) -> list[tuple[bytes, bytes]]:
+def text_events(count: int, tag: str, *, start: int = 0) -> list[tuple[bytes, bytes]]:
     events = []
-    for i in range(count):
+    for i in range(start, start + count):
         sample = SAMPLES[i % len(SAMPLES)]
         event = {"id": f"{tag}-{i}", "text": sample["text"], "tenant": sample.get("tenant"),
                  "metadata": {"n": i}}
@@ -299,6 +300,46 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+class PacedProducer(threading.Thread):
+    """Keeps producing ``tag-N`` events (``chunk`` every ``pause_s``) until stopped or ``limit`` is reached.
+
+    A worker killed while this runs is killed mid-stream however fast it is: a fixed backlog
+    can be drained entirely before the test sees the first decisions.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str, tag: str, *, chunk: int = 200,
+                 pause_s: float = 0.1, limit: int = 100_000) -> None:
+        super().__init__(daemon=True)
+        self.kafka, self.topic, self.tag = kafka, topic, tag
+        self.chunk, self.pause_s, self.limit = chunk, pause_s, limit
+        self.produced = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._produce())
+
+    async def _produce(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_servers, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            while not self.stopped.is_set() and self.produced < self.limit:
+                sends = []
+                for key, value in text_events(self.chunk, self.tag, start=self.produced):
+                    sends.append(await producer.send(self.topic, value=value, key=key))
+                await asyncio.gather(*sends)
+                self.produced += self.chunk
+                await asyncio.sleep(self.pause_s)
+        finally:
+            await producer.stop()
+
+    def stop(self) -> int:
+        """Stop producing; returns how many events were produced (all acknowledged)."""
+        self.stopped.set()
+        self.join(60)
+        assert not self.is_alive(), "the paced producer did not stop"
+        return self.produced
+
+
 @pytest.mark.parametrize("compute", ["thread", "process"])
 def test_sigkill_mid_stream_then_restart_loses_nothing(stack: Stack, trivial_encoder, compute: str) -> None:
     stack.encoder = "trivial"
@@ -306,27 +347,28 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(stack: Stack, trivial_enc
     route_file = REPO / "routes" / "moderation.yaml"
     sync_routes(stack, trivial_encoder, route_file)
     topology = stack.write_topology(route_file)
-    events = text_events(20000, "kill")
-    asyncio.run(produce(stack.kafka, stack.input_topic, events))
+    asyncio.run(produce(stack.kafka, stack.input_topic, text_events(2000, "backlog")))
     first = stack.start_worker(topology)
+    live = PacedProducer(stack.kafka, stack.input_topic, "kill")
+    live.start()
     deadline = time.monotonic() + 90
     partial: list[dict] = []
     while time.monotonic() < deadline and len(partial) < 500:
         partial = asyncio.run(read_all(stack.kafka, stack.verdict_topics, timeout_s=2, idle_s=0.5))
     assert len(partial) >= 500, stack.logs_text()
+    # Mid-stream: events are still arriving when the worker dies.
+    assert live.is_alive(), "the paced producer finished before the kill"
     children = child_pids(first.pid)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
+    produced = live.stop()
     # compute=process: the worker's compute child does not outlive it
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(alive(pid) for pid in children):
         time.sleep(0.2)
     assert not [pid for pid in children if alive(pid)], "a child of the killed worker is still running"
-    decided_before = {d["event_id"] for d in asyncio.run(
-        read_all(stack.kafka, stack.verdict_topics, timeout_s=5, idle_s=1))}
-    assert len(decided_before) < 20000, "the kill came too late to be mid-stream"
     stack.start_worker(topology)
-    wanted = {f"kill-{i}" for i in range(20000)}
+    wanted = {f"backlog-{i}" for i in range(2000)} | {f"kill-{i}" for i in range(produced)}
     decisions = asyncio.run(read_all(stack.kafka, stack.verdict_topics, until=wanted, timeout_s=180))
     assert {d["event_id"] for d in decisions} == wanted, stack.logs_text()
     ids = {}
