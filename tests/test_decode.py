@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sieve.contracts import DeadLetter
 from sieve.dead_letter import RawRecord, dead_letter_payload
-from sieve.decode import decode_batch
+from sieve.decode import _checked, _parse_and_validate, _Rejected, decode_batch, decode_one
 from sieve.topology import LimitsSpec
 
 LIMITS = LimitsSpec(max_text_chars=100, max_event_bytes=2_000, max_dead_letter_payload_bytes=1_000)
@@ -49,6 +49,8 @@ def single_letter(value: bytes | None, limits: LimitsSpec = LIMITS) -> DeadLette
         pytest.param(b"x" * 2_001, "event_too_large", "decode", None, "2001 bytes",
                      id="too-large"),
         pytest.param(b"\xff\xfe", "invalid_utf8", "decode", None, "at byte 0", id="utf8"),
+        pytest.param(b'{"id": "s", "text": "x", "metadata": {"m": "\\ud800"}}', "invalid_utf8", "decode", "s",
+                     "lone surrogate", id="lone-surrogate-escape"),
         pytest.param(b'{"id": "a", "text": "caf\xc3"}', "invalid_utf8", "decode", None,
                      "at byte", id="utf8-truncated"),
         pytest.param(b"{not json", "not_json", "decode", None, "not JSON", id="not-json"),
@@ -83,6 +85,12 @@ def test_each_rejection_reason(value, reason, stage, event_id, detail):
     assert letter.event_id == event_id
     assert detail in letter.error
     assert letter.worker == "w-1" and letter.topology == "moderation"
+
+
+def test_escaped_surrogate_pair_is_accepted():
+    # json.dumps escapes an emoji as a surrogate pair: a valid character, not a lone surrogate
+    oks, errs = decode([record(event_bytes(id="emoji", text="ok \U0001F600", metadata={"m": "\U0001F600"}))])
+    assert errs == [] and oks[0].event.text == "ok \U0001F600"
 
 
 def test_text_at_the_limit_is_accepted():
@@ -235,6 +243,45 @@ def test_decode_batch_never_raises_and_accounts_for_every_record(values):
         assert err.truncated == (len(original) > cap)
         assert err.payload_size == len(original)
         assert err.payload_sha256 == hashlib.sha256(original).hexdigest()
+
+
+def _outcome(decode_it):
+    try:
+        return decode_it()
+    except _Rejected as rejected:
+        return ("rejected", rejected.reason, rejected.event_id)
+
+
+_specials = st.sampled_from([
+    b'{"id": "a", "text": "x", "metadata": {"v": NaN}}',
+    b'{"id": "a", "text": "x", "metadata": {"v": -Infinity}}',
+    b'{"id": "a", "text": "x", "id": "b"}', b'{"id": "a", "text": "\\ud800"}',
+    b'{"id": "a", "text": "\\ud83d\\ude00"}', b'{"id": "a", "text": "x"} ',
+    b'{"id": "a", "text": "x"} {}', b'{"id": "a", "text": "x", "created_at": 1700000000}',
+    b'{"id": "a", "text": "x", "created_at": "2026-11-22T10:00:00+01:00"}', b'{"id": 7, "text": "x"}',
+    b'{"id": "a", "text": "x", "metadata": {"n": 1e400}}', b'{"id": "a", "text": "x", "tenant": null}',
+])
+
+
+@settings(deadline=None, max_examples=400)
+@given(_specials | _json.map(lambda v: json.dumps(v).encode())
+       | _event_like.map(lambda v: json.dumps(v).encode())
+       | _event_like.map(lambda v: json.dumps(v, ensure_ascii=False).encode()))
+def test_one_step_decode_agrees_with_the_standard_library_parse(value):
+    # decode_one parses with pydantic-core and falls back to json.loads only to name an error:
+    # whatever it accepts, json.loads + validation accepts as the same event, and it rejects the rest alike.
+    modalities = frozenset({"text"})
+    one_step = _outcome(lambda: decode_one(record(value), LIMITS, modalities))
+    reference = _outcome(lambda: _checked(_parse_and_validate(value.decode()), value, LIMITS, modalities))
+    if isinstance(reference, tuple) and reference[1] == "event_too_large":
+        return
+    if len(value) > LIMITS.max_event_bytes:
+        assert one_step[1] == "event_too_large"
+        return
+    if isinstance(one_step, tuple) or isinstance(reference, tuple):
+        assert one_step == reference
+    else:
+        assert repr(one_step.model_dump()) == repr(reference.model_dump())  # repr: NaN equals NaN
 
 
 # --------------------------------------------------------------------------- poison JSON

@@ -14,7 +14,7 @@ from pydantic_core import to_json
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
 from sieve.decide import Policy, decide_scores, decision_rows, validate_decisions
-from sieve.match import RouteIndex, aggregate, example_id, match_batch
+from sieve.match import RouteIndex, aggregate, example_id, match_batch, top_columns
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
 
 # --------------------------------------------------------------------------- aggregate
@@ -155,6 +155,20 @@ def test_match_batch_nearest_k():
     everything = match_batch(Q_A[None, :], hand_index(), Aggregation(), nearest_k=50)
     assert everything.nearest_index.shape == (1, 5)  # capped at the example count
     assert np.all(np.diff(everything.nearest_score[0]) <= 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda cols: st.tuples(
+    arrays(np.float32, st.tuples(st.integers(1, 6), st.just(cols)),
+           elements=st.floats(-1, 1, width=32)),
+    st.integers(1, min(cols, 8)))))
+def test_top_columns_are_the_k_highest_best_first(case):
+    scores, k = case
+    picked, values = top_columns(scores, k)
+    assert picked.shape == values.shape == (scores.shape[0], k)
+    np.testing.assert_array_equal(values, np.take_along_axis(scores, picked, axis=1))
+    np.testing.assert_array_equal(values, -np.sort(-scores, axis=1)[:, :k])  # the k highest, best first
+    assert all(len(set(row)) == k for row in picked.tolist())  # k distinct columns
 
 
 def test_match_batch_empty():

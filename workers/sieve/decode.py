@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from sieve.contracts import DeadLetter, Event
 from sieve.dead_letter import RawRecord, make_dead_letter
@@ -92,6 +93,15 @@ def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]
     depth = nesting_depth(payload)
     if depth > MAX_JSON_DEPTH:
         raise _Rejected("not_json", f"JSON nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    try:  # the common case in one step: pydantic-core parses and validates the JSON itself
+        event = Event.model_validate_json(text)
+    except ValidationError:  # the parse below names what is wrong, as it would on its own
+        event = _parse_and_validate(text)
+    return _checked(event, payload, limits, modalities)
+
+
+def _parse_and_validate(text: str) -> Event:
+    """The event in ``text`` (parsed by the standard library, then validated) or ``_Rejected``."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -103,9 +113,17 @@ def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]
     raw_id = data.get("id")
     event_id = raw_id if isinstance(raw_id, str) else None
     try:
-        event = Event.model_validate(data)
+        return Event.model_validate(data)
     except ValidationError as exc:
         raise _Rejected("schema", _validation_summary(exc), event_id) from None
+
+
+def _checked(event: Event, payload: bytes, limits: LimitsSpec, modalities: frozenset[str]) -> Event:
+    """``event`` (decoded from ``payload``) if this topology handles it, else ``_Rejected``."""
+    if (b"\\ud" in payload or b"\\uD" in payload) and _has_lone_surrogate(event):
+        # JSON may escape a lone surrogate; no UTF-8 encodes it, so no decision could carry it.
+        raise _Rejected("invalid_utf8", "payload escapes a lone surrogate (\\ud800-\\udfff), "
+                        "which has no UTF-8 form", event.id)
     if event.modality not in modalities:
         raise _Rejected(
             "unsupported_modality",
@@ -124,6 +142,14 @@ def decode_one(record: RawRecord, limits: LimitsSpec, modalities: frozenset[str]
                 event.id,
             )
     return event
+
+
+def _has_lone_surrogate(event: Event) -> bool:
+    try:
+        event.__pydantic_serializer__.to_json(event)
+    except PydanticSerializationError:
+        return True
+    return False
 
 
 def decode_batch(
