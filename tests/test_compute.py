@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from sieve.agent import RouterWorker
 from sieve.compute import ChildDied, ProcessCompute, ThreadCompute, summarise
@@ -68,7 +69,10 @@ def child(pipeline: RouterPipeline):
 async def test_the_child_publishes_what_the_thread_does(pipeline: RouterPipeline,
                                                         child: ProcessCompute) -> None:
     records = _records(40)
-    on_thread = await ThreadCompute(pipeline).run(records)
+    # as in a worker, numpy's BLAS on one thread (settings.blas_threads): a matrix product's
+    # last bits depend on how OpenBLAS splits it between threads
+    with threadpool_limits(limits=1, user_api="blas"):
+        on_thread = await ThreadCompute(pipeline).run(records)
     in_child = await child.run(records)
     assert child.pid != os.getpid()
     assert [(m.topic, m.key, m.headers) for m in in_child.outbound] == \
@@ -144,3 +148,23 @@ def test_a_child_that_cannot_build_its_encoder_fails_the_start_clearly(pipeline:
         update={"kind": "sentence-transformers", "model": str(tmp_path / "no-such-model")})})
     with pytest.raises(ValueError, match="could not build its pipeline"):
         ProcessCompute(broken, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)
+
+
+def _blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_the_child_caps_numpys_blas_threads(child: ProcessCompute) -> None:
+    # OpenBLAS's idle threads spin: a worker's processes keep them to settings.blas_threads (1)
+    assert child._executor.submit(_blas_threads).result() == [1]
+
+
+def test_limit_blas_threads_sets_this_process_pool() -> None:
+    from sieve.compute import limit_blas_threads
+
+    before = _blas_threads()
+    try:
+        limit_blas_threads(Settings(metrics_port=0, blas_threads=1))
+        assert _blas_threads() == [1]
+    finally:
+        threadpool_limits(limits=max(before), user_api="blas")

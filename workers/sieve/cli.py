@@ -180,7 +180,7 @@ def worker(
 ) -> None:
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.agent import DrainingWorker, RouterWorker, settle_heap
-    from sieve.compute import build_compute, build_encoders
+    from sieve.compute import build_compute, build_encoders, limit_blas_threads
     from sieve.health import attach_router, serve
     from sieve.metrics import ROUTE_SET
     from sieve.pipeline import RouterPipeline
@@ -190,6 +190,7 @@ def worker(
 
     _setup_logging()
     settings = get_settings()
+    limit_blas_threads(settings)
     try:
         topology = load_topology(topology_path)
         route_set = load_topology_route_set(topology)

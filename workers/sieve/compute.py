@@ -38,6 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+from threadpoolctl import threadpool_limits
 from typing_extensions import override
 
 from sieve.contracts import DeadLetter
@@ -78,6 +79,11 @@ def summarise(result: BatchResult) -> Computed:
         if row["latency_ms"] is not None:
             event_times.append(row["decided_at"].timestamp() - row["latency_ms"] / 1000.0)
     return Computed(result.outbound, result.dead_letters, result.seconds, outcomes, event_times)
+
+
+def limit_blas_threads(settings: Settings) -> None:
+    """Cap numpy's BLAS thread pool at ``settings.blas_threads`` for this process (worker or child)."""
+    threadpool_limits(limits=settings.blas_threads, user_api="blas")
 
 
 def build_encoders(topology: Topology, settings: Settings) -> tuple[TextEncoder, ImageEncoder | None]:
@@ -198,6 +204,7 @@ def _child_start(
     # The worker decides when the child stops (a Ctrl-C reaches the whole process group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    limit_blas_threads(settings)
     encoder, image_encoder = build_encoders(topology, settings)
     _CHILD = RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
                             image_encoder=image_encoder, image_index=indexes.get("image"),

@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     # CPU threads for the encoder: torch's (None keeps torch's default), and the intra-op
     # threads of the ONNX backends' session (None: the CPUs this process may use).
     torch_threads: int | None = None
+    # Threads numpy's BLAS may use (route matching's matrix product). That product is small,
+    # and OpenBLAS's idle threads spin on the cores the event loop and the encoder need: with
+    # 2 threads the trivial-encoder pipeline ran 1.3-2x slower next to a second busy process.
+    blas_threads: int = Field(default=1, ge=1)
     # Where an encoder may run: auto picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Where a router worker computes its batches: "thread" (in its own process) or "process"
