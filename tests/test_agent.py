@@ -88,3 +88,21 @@ async def test_agent_retries_publish_until_acknowledged(router: RouterWorker) ->
     keys = {m.key for m in capture.sent if m.topic == "sieve.clean"}
     assert keys == {f"ev-{i}".encode() for i in range(4)}
     assert capture.calls > capture.fail_first  # the failed attempts were retried, not dropped
+
+
+def test_raw_record_is_the_messages_record() -> None:
+    from types import SimpleNamespace
+
+    from sieve.agent import raw_record
+    from sieve.dead_letter import RawRecord
+
+    def event(key, value):
+        message = SimpleNamespace(topic="in", partition=2, offset=7, key=key, value=value, timestamp=1.5)
+        return SimpleNamespace(message=message)
+
+    record = raw_record(event(b"k", b"{}"))
+    assert type(record) is RawRecord and record == RawRecord("in", 2, 7, b"k", b"{}", 1.5)
+    assert record.key == b"k" and record.timestamp == 1.5
+    # a key or value Faust decoded into something else is not bytes: left out, not passed on
+    assert raw_record(event("text key", {"a": 1})) == RawRecord("in", 2, 7, None, None, 1.5)
+    assert raw_record(event(None, b"x")).key is None
