@@ -106,3 +106,15 @@ def test_raw_record_is_the_messages_record() -> None:
     # a key or value Faust decoded into something else is not bytes: left out, not passed on
     assert raw_record(event("text key", {"a": 1})) == RawRecord("in", 2, 7, None, None, 1.5)
     assert raw_record(event(None, b"x")).key is None
+
+
+def test_app_creates_events_of_its_configured_type(router: RouterWorker) -> None:
+    from types import SimpleNamespace
+
+    app = router.app
+    message = SimpleNamespace(topic="in", partition=0, offset=1)
+    first = app.create_event(b"k", b"v", [], message)
+    second = app.create_event(b"k2", b"v2", [], message)
+    assert type(first) is type(second) is app.conf.Event
+    assert (first.key, first.value, first.message, first.app) == (b"k", b"v", message, app)
+    assert second.key == b"k2"
