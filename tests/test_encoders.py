@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,6 +122,17 @@ def test_trivial_deterministic_and_normalised(trivial_encoder):
     np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(first[0], first[2])
     assert float(first[0] @ first[3]) < 0.99
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=60), max_size=12))
+def test_trivial_is_a_normalised_count_of_hashed_words(texts):
+    # the definition, one word at a time: bucket = CRC-32 of the lower-cased word's UTF-8 mod dim
+    expected = np.zeros((len(texts), 64), np.float32)
+    for row, text in enumerate(texts):
+        for word in text.lower().split():
+            expected[row, zlib.crc32(word.encode()) % 64] += 1.0
+    np.testing.assert_allclose(TrivialEncoder().encode(texts), l2_normalise_rows(expected), rtol=0, atol=0)
 
 
 def test_trivial_counts_repeated_words(trivial_encoder):

@@ -331,17 +331,19 @@ class TrivialEncoder:
         return self._dim
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Hash each lower-cased word (CRC-32) into a bucket; normalise each row."""
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
-        rows: list[int] = []
-        buckets: list[int] = []
+        """Hash each lower-cased word (CRC-32) into a bucket; count per row; normalise each row."""
         crc32, dim = zlib.crc32, self._dim
-        for row, text in enumerate(texts):
+        counts: list[int] = []
+        hashes: list[int] = []
+        for text in texts:
             words = text.lower().split()
-            rows.extend([row] * len(words))
-            buckets.extend([crc32(word.encode()) % dim for word in words])
-        np.add.at(out, (np.asarray(rows, dtype=np.intp), np.asarray(buckets, dtype=np.intp)), 1.0)
-        return l2_normalise_rows(out)
+            counts.append(len(words))
+            hashes.extend([crc32(word.encode()) for word in words])
+        # cell (row, bucket) of every word, counted in one pass (np.add.at cost 10x more)
+        cells = (np.repeat(np.arange(len(texts), dtype=np.intp) * dim, counts)
+                 + np.asarray(hashes, dtype=np.uint32).astype(np.intp) % dim)
+        out = np.bincount(cells, minlength=len(texts) * dim).reshape(len(texts), dim)
+        return l2_normalise_rows(out.astype(np.float32))
 
 
 def build_text_encoder(
