@@ -8,8 +8,7 @@
 2. per message set: token lengths, the share of padded token positions with and
    without bucketing, and the cosine of each int8 row to its torch fp32 row (min / mean),
    and of each fp32 ONNX row (min);
-3. on a CUDA machine only: fp16 sentences/s at batch 32/128/512 and ViT-B-32
-   (random weights) images/s at batch 32/128.
+The CPU backends only: the CUDA path (fp16 text, images, the pipeline) is bench_gpu.py's.
 
 Message sets: the shipped demo messages (routes/samples/demo-messages.jsonl, short
 chat messages) and openai-moderation prompts (a seeded sample; long, varied).
@@ -46,7 +45,7 @@ from worker_rig import cpu_model  # noqa: E402
 
 from sieve.datasets import load_openai_moderation  # noqa: E402
 from sieve.demo import SAMPLES  # noqa: E402
-from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
+from sieve.encoders import SentenceTransformerEncoder  # noqa: E402
 from sieve.onnx_backend import OnnxEncoder  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 
@@ -163,8 +162,6 @@ def main() -> None:
                         "cosine_mean": float(cosines.mean()),
                         "onnx_fp32_cosine_min": float(fp32_cosines.min())})
 
-    cuda_rows = cuda_figures(sets, repeat) if torch.cuda.is_available() else []
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"\nSieve text encoder benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU cores, {cpu_model()}, {gpu}; torch {torch.__version__}, "
@@ -185,46 +182,12 @@ def main() -> None:
         print(f"| {q['set']} | {q['texts']} | {q['tokens_mean']:.0f} / {q['tokens_max']} "
               f"| {q['padding_bucketed']:.0%} / {q['padding_caller_order']:.0%} "
               f"| {q['cosine_min']:.4f} / {q['cosine_mean']:.4f} | {q['onnx_fp32_cosine_min']:.7f} |")
-    if cuda_rows:
-        print("\n| CUDA measurement | batch | per second |")
-        print("|---|---:|---:|")
-        for row in cuda_rows:
-            print(f"| {row['what']} | {row['batch']} | {row['rate']:.0f} |")
-    else:
-        print("\nno CUDA device: fp16 and image figures not measured")
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"node": platform.node(), "cores": os.cpu_count(), "cpu": cpu_model(), "gpu": gpu,
                         "torch": torch.__version__, "onnxruntime": metadata.version("onnxruntime")},
-            "export": export_note or None, "rates": rows, "quality": quality, "cuda": cuda_rows,
+            "export": export_note or None, "rates": rows, "quality": quality,
         }, indent=2))
-
-
-def cuda_figures(sets: dict[str, list[str]], repeat: int) -> list[dict]:
-    from PIL import Image
-
-    rows = []
-    fp16 = SentenceTransformerEncoder(device="cuda")
-    for set_name, texts in sets.items():
-        many = (texts * (2048 // len(texts) + 1))[:2048]
-        for batch in (32, 128, 512):
-            fp16.batch_size = batch
-            rows.append({"what": f"MiniLM fp16 sentences, {set_name}", "batch": batch,
-                         "rate": best_rate(fp16, many, repeat)})
-    clip = OpenClipEncoder("ViT-B-32", None, device="cuda")
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(512)]
-    for batch in (32, 128):
-        clip.batch_size = batch
-        clip.encode_images(images[:batch])  # warm-up
-        best = 0.0
-        for _ in range(repeat):
-            started = time.perf_counter()
-            clip.encode_images(images)
-            best = max(best, len(images) / (time.perf_counter() - started))
-        rows.append({"what": "ViT-B-32 images (random weights, preprocess included)", "batch": batch,
-                     "rate": best})
-    return rows
 
 
 if __name__ == "__main__":

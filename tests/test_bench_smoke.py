@@ -40,6 +40,18 @@ def test_bench_images_runs_and_prints_its_table() -> None:
     assert all(float(row.split("|")[3]) > 0 for row in rows)
 
 
+def test_bench_gpu_runs_on_the_cpu_and_prints_its_tables(tmp_path) -> None:
+    # The CUDA figures come from a GPU machine; here the same code runs on the CPU, tiny.
+    stdout, figures = run_bench("bench_gpu.py", "--device", "cpu", "--quick", json_out=tmp_path / "gpu.json")
+    assert "| demo messages | 8 |" in stdout and "| ViT-B-32 (random weights) | float32 | 4 |" in stdout
+    assert {row["set"] for row in figures["text"]} == {"demo messages", "openai-moderation"}
+    assert all(row["sieve"] > 0 and row["cosine_min"] >= 0.999 for row in figures["text"])
+    assert figures["images"][0]["model_only"] > 0 and figures["images"][0]["from_jpeg"] > 0
+    [row] = figures["pipeline"]
+    assert row["batch"] == 16 and row["rate"] > 0
+    assert {"decode", "encode", "match", "decide"} <= set(row["us_per_event"])
+
+
 def test_bench_latency_runs_and_prints_its_table(tmp_path) -> None:
     stdout, figures = run_bench("bench_latency.py", "--encoder", "trivial", "--quick", "--duration", "3",
                                 json_out=tmp_path / "latency.json")

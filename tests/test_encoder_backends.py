@@ -57,8 +57,8 @@ def sample() -> list[str]:
 
 @pytest.fixture(scope="module")
 def torch_encoder() -> SentenceTransformerEncoder:
-    """The torch backend on the device ``auto`` resolves to (the CPU here), batch 32."""
-    return SentenceTransformerEncoder(device="auto", batch_size=32)
+    """The torch backend on the CPU in fp32, batch 32 (also on a CUDA machine: the reference)."""
+    return SentenceTransformerEncoder(device="cpu", batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +176,14 @@ def test_prefetched_prepares_each_group_once_in_order_on_a_helper_thread():
 def test_device_auto_resolves_to_what_is_present(torch_encoder):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == expected
-    assert torch_encoder.device == expected
-    weights = next(torch_encoder._model.parameters())
+    auto = torch_encoder if expected == "cpu" else SentenceTransformerEncoder(device="auto", batch_size=32)
+    assert auto.device == expected
+    weights = next(auto._model.parameters())
     assert weights.device.type == expected
     assert weights.dtype == (torch.float16 if expected == "cuda" else torch.float32)
     # The CPU path copies from ordinary (pageable) memory.
-    if expected == "cpu":
-        host = torch_encoder.host_batch([[101, 7592, 102], [101, 102]])
-        assert not any(tensor.is_pinned() for tensor in host.values())
+    host = torch_encoder.host_batch([[101, 7592, 102], [101, 102]])
+    assert torch_encoder.device == "cpu" and not any(tensor.is_pinned() for tensor in host.values())
 
 
 def test_torch_path_matches_sentence_transformers_encode(torch_encoder, sample, fp32_reference):
