@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encoders import StEncode, best_rate, message_sets  # noqa: E402
 from bench_images import photo_jpeg  # noqa: E402
 
+from sieve.compute import limit_blas_threads  # noqa: E402
 from sieve.dead_letter import RawRecord  # noqa: E402
 from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
 from sieve.images import decode_image  # noqa: E402
@@ -73,8 +75,9 @@ def image_rows(device: str, model: str, batches: list[int], count: int, repeat: 
     encoder = OpenClipEncoder(model, None, device=device)
     payloads = [photo_jpeg(i) for i in range(count)]
     limits = LimitsSpec()
+    decoders = ThreadPoolExecutor(get_settings().images.fetch_concurrency)
     pictures = [decode_image(data, limits).image for data in payloads]
-    dtype = next(encoder._model.parameters()).dtype
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32  # as OpenClipEncoder runs it
     tensors = encoder.preprocess(pictures).to(device, dtype)
     rows = []
     for batch in batches:
@@ -93,8 +96,10 @@ def image_rows(device: str, model: str, batches: list[int], count: int, repeat: 
         for _ in range(repeat):
             started = time.perf_counter()
             for start in range(0, count, batch):
+                # decoded on threads, as the pipeline's image fetchers do
                 chunk = payloads[start:start + batch]
-                encoder.encode_images([decode_image(data, limits).image for data in chunk])
+                decoded = decoders.map(lambda data: decode_image(data, limits), chunk)
+                encoder.encode_images([d.image for d in decoded])
             best_path = max(best_path, count / (time.perf_counter() - started))
         rows.append({"model": model, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
                      "model_only": best_model, "from_jpeg": best_path})
@@ -119,6 +124,12 @@ def pipeline_rows(texts: list[str], device: str, batches: list[int], size: int, 
     rows = []
     for batch in batches:
         pipeline.process(records[:batch])  # warm-up
+        alone = 0.0  # the encoder by itself, called with the same batches
+        for _ in range(repeat):
+            started = time.perf_counter()
+            for start in range(0, size, batch):
+                encoder.encode(many[start:start + batch])
+            alone = max(alone, size / (time.perf_counter() - started))
         best, stages = 0.0, {}
         for _ in range(repeat):
             started = time.perf_counter()
@@ -130,7 +141,7 @@ def pipeline_rows(texts: list[str], device: str, batches: list[int], size: int, 
             rate = size / (time.perf_counter() - started)
             if rate > best:
                 best, stages = rate, {k: v / size * 1e6 for k, v in seconds.items()}
-        rows.append({"batch": batch, "rate": best, "us_per_event": stages})
+        rows.append({"batch": batch, "rate": best, "encoder_alone": alone, "us_per_event": stages})
     return rows
 
 
@@ -141,38 +152,52 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI smoke size (use with --device cpu)")
     parser.add_argument("--repeat", type=int, default=3, help="passes per figure (the best counts)")
     parser.add_argument("--datasets-dir", type=Path, default=None, help="default: settings datasets_dir")
+    parser.add_argument("--parts", default="text,images,pipeline", help="which tables (comma-separated)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    limit_blas_threads(get_settings())  # as a worker does
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device here: run with --device cpu (a smoke run) or on a GPU machine")
     quick = args.quick
     sets = message_sets(16 if quick else 200, args.datasets_dir or get_settings().datasets_dir)
     repeat = 1 if quick else args.repeat
-    text = text_rows(sets, args.device, [8] if quick else [32, 128, 512], 32 if quick else 4096, repeat)
-    images = image_rows(args.device, "ViT-B-32", [4] if quick else [32, 128, 256], 8 if quick else 512,
-                        repeat)
-    pipeline = pipeline_rows(sets["demo messages"], args.device, [16] if quick else [256, 1024, 4096],
-                             32 if quick else 16384, repeat)
+    text = images = pipeline = []
+    if "text" in parts:
+        text = text_rows(sets, args.device, [8] if quick else [32, 128, 512], 32 if quick else 4096, repeat)
+    if "images" in parts:
+        images = image_rows(args.device, "ViT-B-32", [4] if quick else [32, 128, 256], 8 if quick else 512,
+                            repeat)
+    if "pipeline" in parts:
+        pipeline = pipeline_rows(sets["demo messages"], args.device, [16] if quick else [256, 1024, 4096],
+                                 32 if quick else 16384, repeat)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
     print(f"\nSieve GPU path — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {name}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}\n")
     precision = "fp16, sorted, pinned, prefetch" if args.device.startswith("cuda") else "fp32 on the CPU"
-    print(f"| texts | batch | Sieve's torch path ({precision}) sentences/s "
-          "| SentenceTransformer.encode fp32 | cosine to CPU fp32 (min) |")
-    print("|---|---:|---:|---:|---:|")
-    for row in text:
-        print(f"| {row['set']} | {row['batch']} | {row['sieve']:,.0f} | {row['library_fp32']:,.0f} "
-              f"| {row['cosine_min']:.4f} |")
-    print("\n| image model | dtype | batch | images/s, model only | images/s from JPEG bytes |")
-    print("|---|---|---:|---:|---:|")
-    for row in images:
-        print(f"| {row['model']} (random weights) | {row['dtype']} | {row['batch']} "
-              f"| {row['model_only']:,.0f} | {row['from_jpeg']:,.0f} |")
-    print("\n| router pipeline, MiniLM on the device, demo messages | events/s | µs per event by stage |")
-    print("|---|---:|---|")
-    for row in pipeline:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in row["us_per_event"].items())
-        print(f"| batches of {row['batch']} | {row['rate']:,.0f} | {stages} |")
+    tables = [
+        (text, f"| texts | batch | Sieve's torch path ({precision}) sentences/s "
+               "| SentenceTransformer.encode fp32 | cosine to CPU fp32 (min) |\n|---|---:|---:|---:|---:|",
+         lambda r: f"| {r['set']} | {r['batch']} | {r['sieve']:,.0f} | {r['library_fp32']:,.0f} "
+                   f"| {r['cosine_min']:.4f} |"),
+        (images, "| image model | dtype | batch | images/s, model only "
+                 "| images/s from JPEG bytes (decode on threads) |\n|---|---|---:|---:|---:|",
+         lambda r: f"| {r['model']} (random weights) | {r['dtype']} | {r['batch']} "
+                   f"| {r['model_only']:,.0f} | {r['from_jpeg']:,.0f} |"),
+        (pipeline, "| router pipeline, MiniLM on the device, demo messages | events/s | the encoder alone, "
+                   "same batches, sentences/s | µs per event by stage |\n|---|---:|---:|---|",
+         lambda r: f"| batches of {r['batch']} | {r['rate']:,.0f} | {r['encoder_alone']:,.0f} | "
+                   + ", ".join(f"{k} {v:.1f}" for k, v in r["us_per_event"].items()) + " |"),
+    ]
+    for rows, header, line in tables:
+        if rows:
+            print(header)
+            for row in rows:
+                print(line(row))
+            print()
     if args.json:
         figures = {"device": name, "text": text, "images": images, "pipeline": pipeline}
         args.json.write_text(json.dumps(figures, indent=2))

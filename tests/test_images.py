@@ -140,6 +140,22 @@ def test_prompt_rows_do_not_depend_on_batch_neighbours(tiny_clip, prompts, pick)
     assert np.allclose(batch[i], tiny_clip.encode_prompts([prompts[i]])[0], atol=1e-5)
 
 
+def test_preprocessing_on_threads_is_the_same_tensor(tiny_clip) -> None:
+    from PIL import Image
+
+    images = [Image.new("RGB", (50 + 7 * i, 40 + 3 * i), (i * 20 % 255, 80, 160)) for i in range(9)]
+    threads = tiny_clip.preprocess_threads
+    try:
+        tiny_clip.preprocess_threads = 1
+        alone = tiny_clip.preprocess(images)
+        tiny_clip.preprocess_threads = 4
+        pooled = tiny_clip.preprocess(images)
+    finally:
+        tiny_clip.preprocess_threads = threads
+    assert tiny_clip._preprocessors is not None  # the pool ran
+    assert alone.shape[0] == 9 and bool((alone == pooled).all())
+
+
 def test_saved_tiny_model_reloads_identically(tiny_clip, tiny_clip_dir) -> None:
     again = OpenClipEncoder(f"local-dir:{tiny_clip_dir}", None, device="cpu")
     images = [picture(1), picture(2)]
