@@ -156,7 +156,8 @@ def _blas_threads() -> list[int]:
 
 def test_the_child_caps_numpys_blas_threads(child: ProcessCompute) -> None:
     # OpenBLAS's idle threads spin: a worker's processes keep them to settings.blas_threads (1)
-    assert child._executor.submit(_blas_threads).result() == [1]
+    pools = child._executor.submit(_blas_threads).result()
+    assert pools and set(pools) == {1}  # every BLAS library loaded there (numpy's, scipy's, ...)
 
 
 def test_limit_blas_threads_sets_this_process_pool() -> None:
@@ -165,6 +166,6 @@ def test_limit_blas_threads_sets_this_process_pool() -> None:
     before = _blas_threads()
     try:
         limit_blas_threads(Settings(metrics_port=0, blas_threads=1))
-        assert _blas_threads() == [1]
+        assert _blas_threads() and set(_blas_threads()) == {1}
     finally:
         threadpool_limits(limits=max(before), user_api="blas")
