@@ -7,7 +7,7 @@ the producer: both stages take turns on one core. In a child process
 (``compute: process``) it runs on its own core and interpreter, and the worker's
 process keeps only the Kafka side; the records go to the child and the planned
 messages come back pickled, as files in a memory-backed folder. With the trivial
-encoder this measured 1.1-1.9x the events/s of the thread (docs/benchmarks.md);
+encoder this measured 1.2-1.8x the events/s of the thread on 2 cores (docs/benchmarks.md);
 with a model on the CPU the encoder, not the Python, is the bound either way, and a
 GPU worker is where it pays.
 
