@@ -52,7 +52,7 @@ from sieve.encoders import TrivialEncoder
 from sieve.kafka import ensure_topics, produce, read_topic
 from sieve.pipeline import RouterPipeline
 from sieve.routeset import load_route_set
-from sieve.settings import KafkaSettings, QdrantSettings
+from sieve.settings import KafkaSettings, QdrantSettings, Settings, usable_cpus
 from sieve.store import RouteStore
 from sieve.topology import Topology
 
@@ -287,13 +287,15 @@ def main() -> None:
         broker.terminate()
         broker.wait(10)
 
+    default_mode = Settings().compute_mode
     reference = (first["rate"] + last["rate"]) / 2
     rows.insert(0, ("aiokafka loop, one send per event (mean of the runs before and after)",
                     {"events": min(first["events"], last["events"]), "rate": reference}))
     print(f"\nSieve streaming ceiling — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU cores, dev broker (tansu) on the same cores; {args.events} demo "
           f"events, {args.partitions} partitions, {payload_size}-byte messages; the aiokafka loop "
-          f"ran at {first['rate']:,.0f} events/s first and {last['rate']:,.0f} last\n")
+          f"ran at {first['rate']:,.0f} events/s first and {last['rate']:,.0f} last; a worker's "
+          f"default here, compute=auto, is compute={default_mode} ({usable_cpus()} usable CPUs)\n")
     print("| loop | events out | events/s | vs. aiokafka loop |")
     print("|---|---:|---:|---:|")
     for label, row in rows:
@@ -311,6 +313,7 @@ def main() -> None:
             print(f"| {own} | {own_share:.1%} | {inc} | {inc_share:.1%} |")
     if args.json:
         args.json.write_text(json.dumps({"payload_bytes": payload_size, "events": args.events,
+                                         "default_compute": default_mode,
                                          "reference_runs": [first, last],
                                          "rows": [{"loop": label, **row} for label, row in rows]},
                                         indent=2, default=str))

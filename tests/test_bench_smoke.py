@@ -99,3 +99,4 @@ def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:
     assert [row["loop"].rsplit("compute=", 1)[-1] for row in figures["rows"][1:]] == ["thread", "process"]
     assert all(row["rate"] > 0 for row in figures["rows"])
     assert len(figures["reference_runs"]) == 2
+    assert figures["default_compute"] in ("thread", "process")  # what compute=auto resolved to here

@@ -169,3 +169,66 @@ def test_limit_blas_threads_sets_this_process_pool() -> None:
         assert _blas_threads() and set(_blas_threads()) == {1}
     finally:
         threadpool_limits(limits=max(before), user_api="blas")
+
+
+# -- compute: auto ----------------------------------------------------------------------------
+
+
+def _cgroup(tmp_path: Path, v2: str | None = None, v1: tuple[str, str] | None = None) -> Path:
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0] + "\n")
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1] + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("v2", "v1", "cap"), [
+    (None, None, None),                          # no cgroup files: the affinity alone
+    ("max 100000", None, None),                  # v2 without a quota
+    ("100000 100000", None, 1),                  # v2: one CPU
+    ("250000 100000", None, 2),                  # v2: 2.5 CPUs are two whole ones
+    ("50000 100000", None, 1),                   # v2: half a CPU is still one
+    (None, ("-1", "100000"), None),              # v1 without a quota
+    (None, ("300000", "100000"), 3),             # v1: three CPUs
+])
+def test_usable_cpus_is_the_affinity_capped_by_the_container_quota(
+        tmp_path: Path, v2: str | None, v1: tuple[str, str] | None, cap: int | None) -> None:
+    from sieve.settings import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if cap is None else min(affinity, cap)
+    assert usable_cpus(_cgroup(tmp_path, v2, v1)) == expected
+
+
+@pytest.mark.parametrize(("cpus", "mode"), [(1, "thread"), (2, "process"), (16, "process")])
+def test_compute_auto_is_a_child_process_from_two_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int,
+                                                       mode: str) -> None:
+    import sieve.settings
+
+    monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: cpus)
+    assert Settings(metrics_port=0).compute == "auto"  # the default
+    assert Settings(metrics_port=0).compute_mode == mode
+    # an explicit mode is kept whatever the CPUs
+    assert Settings(metrics_port=0, compute="thread").compute_mode == "thread"
+    assert Settings(metrics_port=0, compute="process").compute_mode == "process"
+
+
+def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch,
+                                                 pipeline: RouterPipeline) -> None:
+    import sieve.settings
+    from sieve.compute import build_compute
+
+    monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: 1)
+    compute = build_compute(pipeline, Settings(metrics_port=0, worker_name="t"))
+    try:
+        assert isinstance(compute, ThreadCompute) and compute.mode == "thread"
+    finally:
+        compute.close()
+    monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: 2)
+    compute = build_compute(pipeline, Settings(metrics_port=0, worker_name="t"))
+    try:
+        assert isinstance(compute, ProcessCompute) and compute.mode == "process"
+    finally:
+        compute.close()

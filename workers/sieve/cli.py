@@ -181,6 +181,7 @@ def worker(
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.agent import DrainingWorker, RouterWorker, settle_heap
     from sieve.compute import build_compute, build_encoders, limit_blas_threads
+    from sieve.encoders import release_device_memory
     from sieve.health import attach_router, serve
     from sieve.metrics import ROUTE_SET
     from sieve.pipeline import RouterPipeline
@@ -206,12 +207,14 @@ def worker(
                                   image_encoder=image_encoder, image_index=image_index,
                                   image_fetch=settings.images)
         # compute=process: a child builds its own encoders; this process lets go of its own.
-        compute = build_compute(settings.compute, pipeline, settings)
+        compute = build_compute(pipeline, settings)
         del pipeline
     except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
         _fail(str(exc))
     encoder_ids = encoder.id + (f", image encoder {image_encoder.id}" if image_encoder else "")
     del encoder, image_encoder
+    if compute.mode == "process":
+        release_device_memory()  # the compute child built its own encoders
     asyncio.run(_create_topics(topology, index.route_set))
     ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": index.encoder_id})
     router = RouterWorker(topology, settings, compute, store)
@@ -219,7 +222,7 @@ def worker(
     serve(settings.metrics_host, settings.metrics_port, settings.health)
     console.print(
         f"worker {settings.worker_name}: topology {topology.name}, route set "
-        f"{index.route_set.name}@{index.version}, encoder {encoder_ids}, compute {settings.compute}, "
+        f"{index.route_set.name}@{index.version}, encoder {encoder_ids}, compute {compute.mode}, "
         f"metrics :{settings.metrics_port}"
     )
     settle_heap()

@@ -1,15 +1,18 @@
 """Where the router computes a batch: on a thread of the worker, or in a child process.
 
 The pipeline (decode, encode, match, decide, serialise, plan) is pure per-event
-Python around the encoder call. On a thread (``compute: thread``, the default) it
-shares the interpreter lock with the event loop that runs Faust's consumer and
-the producer: both stages take turns on one core. In a child process
-(``compute: process``) it runs on its own core and interpreter, and the worker's
-process keeps only the Kafka side; the records go to the child and the planned
-messages come back pickled, as files in a memory-backed folder. With the trivial
-encoder this measured 1.2-1.8x the events/s of the thread on 2 cores (docs/benchmarks.md);
-with a model on the CPU the encoder, not the Python, is the bound either way, and a
-GPU worker is where it pays.
+Python around the encoder call. On a thread (``compute: thread``) it shares the
+interpreter lock with the event loop that runs Faust's consumer and the producer:
+both stages take turns on one core. In a child process (``compute: process``) it
+runs on its own core and interpreter, and the worker's process keeps only the
+Kafka side; the records go to the child and the planned messages come back
+pickled, as files in a memory-backed folder. The default, ``auto``, is the child
+when the worker may use two CPUs or more (:func:`sieve.settings.usable_cpus`) and
+the thread otherwise. With the trivial encoder the child measured 1.2-1.8x the
+events/s of the thread on 2 cores, which is what brings a worker to 0.4x of a plain
+aiokafka loop (docs/benchmarks.md); with MiniLM on the CPU the encoder is the bound
+and both modes make the same events/s (the child costs a second interpreter and
+model in memory); on a GPU the per-event Python is the bound again and the child pays.
 
 Both return a :class:`Computed`: the messages to publish and what the metrics
 count, never the decision rows (pickling those would cost more than the child saves).
@@ -48,7 +51,7 @@ from sieve.match import RouteIndex
 from sieve.pipeline import BatchResult, RouterPipeline
 from sieve.publish import Outbound
 from sieve.routeset import Space
-from sieve.settings import ComputeMode, Settings
+from sieve.settings import Settings
 from sieve.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,8 @@ def build_encoders(topology: Topology, settings: Settings) -> tuple[TextEncoder,
 class Compute:
     """Runs batches through a topology's pipeline; holds the route indexes it decides against."""
 
+    mode: str  # "thread" or "process"
+
     @property
     def indexes(self) -> dict[Space, RouteIndex]:
         """Every space's current route index."""
@@ -124,6 +129,8 @@ def _run_pipeline(pipeline: RouterPipeline, records: list[RawRecord]) -> Compute
 
 class ThreadCompute(Compute):
     """The pipeline on one thread of the worker's process, a batch at a time."""
+
+    mode = "thread"
 
     def __init__(self, pipeline: RouterPipeline) -> None:
         self.pipeline = pipeline
@@ -245,6 +252,8 @@ class ProcessCompute(Compute):
     cannot load fails the worker's start, not its first batch).
     """
 
+    mode = "process"
+
     def __init__(self, topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex]) -> None:
         self.topology = topology
         self.settings = settings
@@ -314,8 +323,8 @@ class ProcessCompute(Compute):
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def build_compute(mode: ComputeMode, pipeline: RouterPipeline, settings: Settings) -> Compute:
-    """``thread``: this pipeline on a thread; ``process``: a child building its own from the same topology."""
-    if mode == "process":
+def build_compute(pipeline: RouterPipeline, settings: Settings) -> Compute:
+    """``settings.compute_mode``: this pipeline on a thread, or a child building its own (same topology)."""
+    if settings.compute_mode == "process":
         return ProcessCompute(pipeline.topology, settings, pipeline.indexes)
     return ThreadCompute(pipeline)

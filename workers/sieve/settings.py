@@ -18,8 +18,39 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Where a router worker computes its batches (sieve.compute): a thread, or a child process.
-ComputeMode = Literal["thread", "process"]
+# Where a router worker computes its batches (sieve.compute): a thread, or a child process;
+# auto: a child process when this process may use two CPUs or more (usable_cpus), else a thread.
+ComputeMode = Literal["auto", "thread", "process"]
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a container's CFS quota allows (cgroup v2 ``cpu.max``, or v1), None without a quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Whole CPUs this process may run on: its CPU affinity, capped by a container's CPU quota.
+
+    ``os.cpu_count()`` counts the host's cores; a pod limited to 1 CPU on a 64-core node
+    gets a quota of 1, and that is what a worker can use in parallel.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cpus = min(cpus, max(1, int(limit)))
+    return max(1, cpus)
 
 
 class KafkaSettings(BaseModel):
@@ -176,9 +207,17 @@ class Settings(BaseSettings):
     blas_threads: int = Field(default=1, ge=1)
     # Where an encoder may run: auto picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Where a router worker computes its batches: "thread" (in its own process) or "process"
-    # (a spawned child with its own encoders, on another core; see sieve.compute).
-    compute: ComputeMode = "thread"
+    # Where a router worker computes its batches: "thread" (in its own process), "process" (a
+    # spawned child with its own encoders, on another core; see sieve.compute), or "auto":
+    # process when this process may use two CPUs or more (affinity and container quota), else thread.
+    compute: ComputeMode = "auto"
+
+    @property
+    def compute_mode(self) -> Literal["thread", "process"]:
+        """``compute`` with ``auto`` resolved for the CPUs this process may use now."""
+        if self.compute == "auto":
+            return "process" if usable_cpus() >= 2 else "thread"
+        return self.compute
     # Seconds a worker waits for its in-flight batch on SIGTERM.
     shutdown_grace_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
