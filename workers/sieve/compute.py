@@ -167,11 +167,18 @@ def _scratch_root() -> str:
 
 
 def _put(folder: str, value: Any) -> str:
-    """Pickle ``value`` into a new file in ``folder`` with one write; its path."""
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    """Pickle ``value`` (no cycles) into a new file in ``folder``; its path.
+
+    The pickler runs without its memo (``fast``): a batch's messages are thousands of
+    small tuples and bytes objects, and memoising each of them cost 1.5 µs per message
+    against 0.3 without (the memo only saves repeats of the same object, here the topic
+    and header names). ``fast`` refuses self-referencing values; batches have none.
+    """
     fd, path = tempfile.mkstemp(dir=folder, suffix=".pickle")
     with os.fdopen(fd, "wb") as file:
-        file.write(data)
+        pickler = pickle.Pickler(file, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.fast = True
+        pickler.dump(value)
     return path
 
 

@@ -8,7 +8,7 @@ naming the reason.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
@@ -18,9 +18,8 @@ from sieve.dead_letter import RawRecord, make_dead_letter
 from sieve.topology import LimitsSpec
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedEvent:
-    """A valid event and the record it came from."""
+class DecodedEvent(NamedTuple):
+    """A valid event and the record it came from (a named tuple: one is made per event)."""
 
     event: Event
     record: RawRecord
@@ -132,7 +131,7 @@ def _checked(event: Event, payload: bytes, limits: LimitsSpec, modalities: froze
         )
     if event.modality == "text":
         assert event.text is not None
-        if not event.text.strip():
+        if event.text.isspace() or not event.text:  # (no stripped copy of the text)
             raise _Rejected("empty_text", "text is empty or only whitespace", event.id)
         if len(event.text) > limits.max_text_chars:
             raise _Rejected(
@@ -152,6 +151,9 @@ def _has_lone_surrogate(event: Event) -> bool:
     return False
 
 
+_new_tuple = tuple.__new__  # DecodedEvent without its generated __new__'s Python frame
+
+
 def decode_batch(
     records: list[RawRecord],
     limits: LimitsSpec,
@@ -165,7 +167,7 @@ def decode_batch(
     errs: list[DeadLetter] = []
     for record in records:
         try:
-            oks.append(DecodedEvent(decode_one(record, limits, modalities), record))
+            oks.append(_new_tuple(DecodedEvent, (decode_one(record, limits, modalities), record)))
         except _Rejected as rejected:
             errs.append(
                 make_dead_letter(

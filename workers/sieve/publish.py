@@ -24,14 +24,22 @@ class Outbound(NamedTuple):
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+_new_tuple = tuple.__new__
+
+
 def plan_decisions(decisions: Sequence[Decision | dict[str, Any]], output: OutputSpec) -> list[Outbound]:
     """Each decision to its outcome's topic and, when it has a route, to the route's topic.
 
     Decisions come as models or as the worker's rows (:func:`sieve.decide.decision_rows`,
     plain dicts shaped like :class:`Decision`, serialised by the same pydantic-core).
+    Runs per decision at stream rates: the topic and header of each outcome are looked
+    up once per batch, and the messages are made with ``tuple.__new__`` (as
+    ``Outbound._make`` does), without the named tuple's Python-level ``__new__``.
     """
     messages: list[Outbound] = []
+    append = messages.append
     prefix = output.route_topic_prefix
+    by_outcome: dict[str, tuple[str, tuple[str, bytes]]] = {}
     for decision in decisions:
         if isinstance(decision, Decision):
             decision_id, event_id, outcome, route = (
@@ -41,11 +49,16 @@ def plan_decisions(decisions: Sequence[Decision | dict[str, Any]], output: Outpu
             decision_id, event_id, outcome, route = (
                 decision["id"], decision["event_id"], decision["outcome"], decision["route"])
             value = to_json(decision)
+        try:
+            topic, outcome_header = by_outcome[outcome]
+        except KeyError:
+            topic, outcome_header = by_outcome[outcome] = (
+                output.topic_for(outcome), ("sieve-outcome", outcome.encode()))
         key = event_id.encode()
-        headers = (("sieve-decision-id", decision_id.encode()), ("sieve-outcome", outcome.encode()))
-        messages.append(Outbound(output.topic_for(outcome), key, value, headers))
+        headers = (("sieve-decision-id", decision_id.encode()), outcome_header)
+        append(_new_tuple(Outbound, (topic, key, value, headers)))
         if route is not None and prefix is not None:
-            messages.append(Outbound(prefix + route, key, value, headers))
+            append(_new_tuple(Outbound, (prefix + route, key, value, headers)))
     return messages
 
 
