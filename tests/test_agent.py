@@ -118,3 +118,35 @@ def test_app_creates_events_of_its_configured_type(router: RouterWorker) -> None
     assert type(first) is type(second) is app.conf.Event
     assert (first.key, first.value, first.message, first.app) == (b"k", b"v", message, app)
     assert second.key == b"k2"
+
+
+async def test_fetch_loop_wakes_when_a_paused_partition_resumes(router: RouterWorker,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Faust pauses every partition while the stream buffer is under pressure; its fetch loop then
+    # slept 1 s before looking again. Ours waits for a partition to come back and fetches at once.
+    from faust.types import TP
+
+    consumer = router.app.consumer
+    tp = TP("sieve.events", 0)
+    consumer._active_partitions = set()  # every partition paused by buffer pressure
+    consumer._buffered_partitions = {tp}
+    fetched: list[set] = []
+    slept: list[float] = []
+
+    async def getmany(active_partitions, timeout):
+        fetched.append(set(active_partitions))
+        return {}
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(consumer, "_getmany", getmany)
+    monkeypatch.setattr(consumer, "sleep", sleep)
+    waiting = asyncio.ensure_future(consumer._wait_next_records(1.0))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done() and not fetched  # nothing to fetch from: it waits
+    consumer.on_buffer_drop(tp)  # the buffer drained: Faust puts the partition back
+    records, active = await asyncio.wait_for(waiting, timeout=5)
+    assert records == {} and active == {tp}
+    assert fetched == [{tp}] and slept == []  # it fetched from the resumed partition, no 1 s sleep
