@@ -40,6 +40,7 @@ from loadgen import dataset_texts, make_events  # noqa: E402
 from worker_rig import WorkerRig, cpu_model, encoder_spec, metric_total  # noqa: E402
 
 from sieve.demo import steady_rate  # noqa: E402
+from sieve.settings import get_settings  # noqa: E402
 
 MAX_TEXT_CHARS = 8000  # the topology's default limit; longer texts would be dead-lettered
 
@@ -137,11 +138,13 @@ def main() -> None:
     passed = e2e["p99"] <= target_ms
     words = np.array([len(same[i % len(same)].text.split()) for i in range(count)])
 
+    compute = get_settings().compute_mode  # the worker's, from the same environment
     encoder_label = "trivial encoder" if args.encoder == "trivial" else f"MiniLM ({args.backend})"
     print(f"\nSieve latency at {args.load:.0%} load — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; one worker, "
           f"{encoder_label}, {args.threads} thread(s), batches of ≤ {args.max_events} / "
-          f"{args.max_wait:g} s; dataset messages, {words.mean():.0f} words on average\n")
+          f"{args.max_wait:g} s, compute={compute}; dataset messages, {words.mean():.0f} words on "
+          f"average\n")
     print("| measurement | value |")
     print("|---|---:|")
     print(f"| max load (backlog of {backlog}, after the first batch, over {window:.1f} s) "
@@ -161,12 +164,14 @@ def main() -> None:
     print(f"| target: p99 ≤ max_wait + 2 × encode | {target_ms:.0f} ms: {'PASS' if passed else 'FAIL'} |")
     if clock_skew:
         print(f"\ninput record timestamp − loadgen's load_sent_ms: median {np.median(clock_skew):.1f} ms, "
-              f"max {max(clock_skew):.0f} ms; worker peak RSS {memory:.0f} MiB; logs in {tmp}")
+              f"max {max(clock_skew):.0f} ms; worker peak RSS {memory:.0f} MiB (with its compute child); "
+              f"logs in {tmp}")
     if args.json:
         args.json.write_text(json.dumps({
             "date": datetime.now(UTC).isoformat(), "host": platform.node(), "cores": os.cpu_count(),
-            "cpu": cpu_model(), "encoder": args.encoder, "backend": args.backend if args.encoder != "trivial"
-            else None, "threads": args.threads, "batch_size": args.batch_size, "max_events": args.max_events,
+            "cpu": cpu_model(), "compute": compute, "encoder": args.encoder,
+            "backend": args.backend if args.encoder != "trivial" else None, "threads": args.threads,
+            "batch_size": args.batch_size, "max_events": args.max_events,
             "max_wait_s": args.max_wait, "backlog": backlog, "max_rate": max_rate, "max_window_s": window,
             "max_dead_letters": dead, "load": args.load, "paced_rate": rate, "sent_rate": sent.rate,
             "duration_s": args.duration, "paced_events": count, "decided": len(paced),

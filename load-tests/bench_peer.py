@@ -259,7 +259,7 @@ def main() -> None:
               f"{row['accepted_route']} with a route accepted (score ≥ its accept threshold; outcome/reason: "
               f"{row['outcomes']}), "
               f"rate over {row['window_s']:.1f} s after the first batch, worker peak RSS "
-              f"{row['memory_mib']:.0f} MiB")
+              f"{row['memory_mib']:.0f} MiB (with its compute child)")
     for backend in skipped:
         print(f"skipped backend {backend}: this checkout's topology EncoderSpec has no 'backend' field")
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_bench_latency_runs_and_prints_its_table(tmp_path) -> None:
     assert figures["decided"] == figures["paced_events"] > 0
     assert figures["max_rate"] > 0 and figures["paced_rate"] > 0
     assert {"p50", "p90", "p99", "max"} <= set(figures["latency_ms"])
+    assert figures["compute"] in ("thread", "process")
     for key in ("encode_s_mean", "batch_size_mean", "target_ms", "passed", "max_wait_s"):
         assert key in figures
 
@@ -100,3 +102,22 @@ def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:
     assert all(row["rate"] > 0 for row in figures["rows"])
     assert len(figures["reference_runs"]) == 2
     assert figures["default_compute"] in ("thread", "process")  # what compute=auto resolved to here
+
+
+def test_peak_rss_counts_the_workers_child_processes() -> None:
+    # compute=process: a worker's memory is its own plus its compute child's
+    sys.path.insert(0, str(REPO / "load-tests"))
+    from bench_spine import _descendants, peak_rss_mib
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; held = b'x' * (300 * 2**20); "
+                               "print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert holder.pid in _descendants(os.getpid())
+        with open(f"/proc/{os.getpid()}/status") as status:
+            mine = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+        assert peak_rss_mib(os.getpid()) >= mine + 290  # the child's 300 MiB counted
+    finally:
+        holder.kill()
+        holder.wait()
