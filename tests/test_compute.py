@@ -215,20 +215,15 @@ def test_compute_auto_is_a_child_process_from_two_cpus(monkeypatch: pytest.Monke
     assert Settings(metrics_port=0, compute="process").compute_mode == "process"
 
 
-def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch,
-                                                 pipeline: RouterPipeline) -> None:
+@pytest.mark.parametrize(("cpus", "kind"), [(1, ThreadCompute), (2, ProcessCompute)])
+def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch, pipeline: RouterPipeline,
+                                                 cpus: int, kind: type) -> None:
     import sieve.settings
     from sieve.compute import build_compute
 
-    monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: cpus)
     compute = build_compute(pipeline, Settings(metrics_port=0, worker_name="t"))
     try:
-        assert isinstance(compute, ThreadCompute) and compute.mode == "thread"
-    finally:
-        compute.close()
-    monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: 2)
-    compute = build_compute(pipeline, Settings(metrics_port=0, worker_name="t"))
-    try:
-        assert isinstance(compute, ProcessCompute) and compute.mode == "process"
+        assert type(compute) is kind and compute.mode == kind.mode
     finally:
         compute.close()

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from sieve.settings import usable_cpus
 from sieve.topology import EncoderSpec, ImageEncoderSpec
 
 T = TypeVar("T")
@@ -477,7 +478,7 @@ class OpenClipEncoder:
         # bound (on an H100, ViT-B-32 encoded ~25,000 images/s; from JPEG, with decode and
         # preprocessing on one thread, ~110, on threads ~600). PIL and torch release the
         # interpreter lock there, so a batch's images go to threads.
-        self.preprocess_threads = min(8, os.cpu_count() or 1)
+        self.preprocess_threads = min(8, usable_cpus())
         self._preprocessors: ThreadPoolExecutor | None = None
 
     @property

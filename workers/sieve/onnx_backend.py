@@ -69,6 +69,7 @@ from sieve.encoders import (
     plan_batches,
     prefetched,
 )
+from sieve.settings import usable_cpus
 
 # Part of the cache key and of nothing else: bump it when the export or the
 # quantisation changes. A change that moves the vectors must also change ID_SUFFIXES.
@@ -437,7 +438,7 @@ class OnnxEncoder:
         self._tokenizer.enable_truncation(self.layout.max_seq_length)
         padding = _read_json(directory / "tokenizer.json").get("padding") or {}
         self._pad_id = int(padding.get("pad_id", 0))
-        self.threads = len(os.sched_getaffinity(0)) if threads is None else threads
+        self.threads = usable_cpus() if threads is None else threads
         session = _session(self.folder / MODEL_FILES[precision], self.threads)
         self._runner = _Runner(session, self.layout.pooling, int(self.meta["dim"]))
         self._token_types = "token_type_ids" in self._runner.inputs

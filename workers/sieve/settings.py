@@ -199,7 +199,7 @@ class Settings(BaseSettings):
     # How often a worker asks the route store whether its route set changed.
     route_refresh_s: float = 5.0
     # CPU threads for the encoder: torch's (None keeps torch's default), and the intra-op
-    # threads of the ONNX backends' session (None: the CPUs this process may use).
+    # threads of the ONNX backends' session (None: the CPUs this process may use, `usable_cpus`).
     torch_threads: int | None = None
     # Threads numpy's BLAS may use (route matching's matrix product). That product is small,
     # and OpenBLAS's idle threads spin on the cores the event loop and the encoder need: with
@@ -212,12 +212,6 @@ class Settings(BaseSettings):
     # process when this process may use two CPUs or more (affinity and container quota), else thread.
     compute: ComputeMode = "auto"
 
-    @property
-    def compute_mode(self) -> Literal["thread", "process"]:
-        """``compute`` with ``auto`` resolved for the CPUs this process may use now."""
-        if self.compute == "auto":
-            return "process" if usable_cpus() >= 2 else "thread"
-        return self.compute
     # Seconds a worker waits for its in-flight batch on SIGTERM.
     shutdown_grace_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -230,6 +224,13 @@ class Settings(BaseSettings):
     # Encoders with backend onnx / onnx-int8 (and auto on a CPU): the exported models, one folder per model
     # and tool versions, written atomically (workers starting together share it safely).
     onnx_cache_dir: Path = Path(".sieve/cache/onnx")
+
+    @property
+    def compute_mode(self) -> Literal["thread", "process"]:
+        """``compute`` with ``auto`` resolved for the CPUs this process may use now."""
+        if self.compute == "auto":
+            return "process" if usable_cpus() >= 2 else "thread"
+        return self.compute
 
 
 @lru_cache(maxsize=1)
