@@ -31,9 +31,11 @@ from sieve.encoders import (
     resolve_device,
 )
 from sieve.onnx_backend import (
+    DISABLED_OPTIMIZERS,
     META_FILE,
     MODEL_FILES,
     OnnxEncoder,
+    _session,
     cache_key,
     publish_folder,
     read_layout,
@@ -350,6 +352,24 @@ def test_fp32_onnx_batch_row_equals_single(onnx_fp32, sample):
     batch = onnx_fp32.encode(texts)
     singles = np.stack([onnx_fp32.encode([text])[0] for text in texts])
     np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_exported_graphs_carry_no_nan_guard_and_sessions_skip_the_slow_fusion(int8, tmp_path):
+    """Eager attention exports without SDPA's IsNaN + Where over every attention cell, and
+    the graph ONNX Runtime runs keeps plain LayerNormalization (its fused SkipLayerNorm
+    kernel was the slow one here)."""
+    import onnx
+
+    assert "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
+    for precision, file_name in MODEL_FILES.items():
+        ops = [node.op_type for node in onnx.load(str(int8.folder / file_name)).graph.node]
+        assert "IsNaN" not in ops, f"{precision}: a NaN guard is back in the export"
+        assert ops.count("Softmax") == 6, "one softmax per MiniLM layer"
+        ran = tmp_path / f"{precision}.optimized.onnx"
+        _session(int8.folder / file_name, 1, optimized_to=ran)
+        run_ops = [node.op_type for node in onnx.load(str(ran)).graph.node]
+        assert "SkipLayerNormalization" not in run_ops
+        assert run_ops.count("LayerNormalization") == 13, "embeddings + two per layer"
 
 
 def test_auto_backend_is_fp32_onnx_on_the_cpu_and_torch_on_cuda(int8, torch_encoder, monkeypatch):
