@@ -11,8 +11,9 @@ the worker, read decisions, pace more events at it and read its /metrics in betw
         records = rig.decisions(run, len(events))
         rate, _ = steady_rate(records)
 
-The worker syncs the route set with its own encoder at start (``sieve worker --sync``), so
-route vectors always come from the encoder (and backend) being measured.
+Before the worker starts, ``sieve routes sync --topology`` embeds the route set with the
+topology's own encoder (and backend), as a deployment's sync job would; the worker then
+loads no model in its own process when its pipeline runs in a compute child.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class WorkerRig:
         return asyncio.run(produce_events(self.kafka, INPUT_TOPIC, events, rate))
 
     def start_worker(self) -> None:
-        """Start ``sieve worker --sync`` on the topology (it creates its topics and syncs routes)."""
+        """Sync the routes with the topology's encoder; start ``sieve worker`` (it creates its topics)."""
         env = {
             **os.environ,
             "SIEVE_KAFKA__BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
@@ -159,8 +160,16 @@ class WorkerRig:
             # the worker runs in a temporary folder: point it at the checkout's ONNX export
             "SIEVE_ONNX_CACHE_DIR": str(Path(get_settings().onnx_cache_dir).resolve()),
         }
+        sync = subprocess.run(
+            [sys.executable, "-m", "sieve", "routes", "sync", str(ROUTES),
+             "--topology", str(self.topology_path)],
+            env=env, capture_output=True, cwd=self.tmp, check=False,
+        )
+        if sync.returncode != 0:
+            raise RuntimeError(f"routes sync failed ({sync.returncode}):\n{sync.stdout.decode()[-2000:]}"
+                               f"{sync.stderr.decode()[-2000:]}")
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "sieve", "worker", "--sync", str(self.topology_path)],
+            [sys.executable, "-m", "sieve", "worker", str(self.topology_path)],
             env=env, stdout=open(self.worker_log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
             cwd=self.tmp,  # Faust writes its <app>-data directory here
         )

@@ -222,8 +222,20 @@ def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch
     from sieve.compute import build_compute
 
     monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: cpus)
-    compute = build_compute(pipeline, Settings(metrics_port=0, worker_name="t"))
+    compute = build_compute(pipeline.topology, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)
     try:
         assert type(compute) is kind and compute.mode == kind.mode
+        assert compute.indexes == pipeline.indexes
     finally:
         compute.close()
+
+
+def test_a_child_refuses_an_index_of_another_encoder(moderation_set) -> None:
+    """The worker finds the index by the id the topology names; the child's loaded encoder checks it."""
+    from sieve.compute import encoder_ids
+    from sieve.encoders import TrivialEncoder
+
+    other = RouteIndex.build(moderation_set, TrivialEncoder(dim=32))
+    assert encoder_ids(_topology()) == {"text": TrivialEncoder().id} != {"text": other.encoder_id}
+    with pytest.raises(ValueError, match="could not build its pipeline"):
+        ProcessCompute(_topology(), Settings(metrics_port=0, worker_name="t"), {"text": other})

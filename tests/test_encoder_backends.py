@@ -394,6 +394,18 @@ def test_auto_backend_is_fp32_onnx_on_the_cpu_and_torch_on_cuda(int8, torch_enco
 # --------------------------------------------------------------------------- topology and cache
 
 
+def test_encoder_id_from_the_spec_is_the_loaded_encoders(int8, onnx_fp32, torch_encoder):
+    """A worker with a compute child finds its route index by these ids before any model loads."""
+    from sieve.encoders import TrivialEncoder, text_encoder_id
+
+    loaded = {"torch": torch_encoder, "onnx": onnx_fp32, "onnx-int8": int8, "auto": onnx_fp32}
+    for backend, encoder in loaded.items():
+        assert text_encoder_id(EncoderSpec(backend=backend)) == encoder.id, backend
+    assert text_encoder_id(EncoderSpec(kind="trivial")) == TrivialEncoder().id
+    named = EncoderSpec(model="/models/paraphrase-MiniLM-L3-v2/", backend="onnx-int8")
+    assert text_encoder_id(named) == "st:paraphrase-MiniLM-L3-v2+onnx-int8"
+
+
 def test_topology_backend_picks_the_encoder(int8, torch_encoder):
     assert EncoderSpec().backend == "auto"
     topology = Topology.model_validate({

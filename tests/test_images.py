@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from sieve.dead_letter import RawRecord
-from sieve.encoders import OpenClipEncoder
+from sieve.encoders import OpenClipEncoder, clip_encoder_id
 from sieve.images import ImageRejected, check_url, decode_image
 from sieve.match import RouteIndex
 from sieve.pipeline import RouterPipeline
@@ -160,6 +160,9 @@ def test_saved_tiny_model_reloads_identically(tiny_clip, tiny_clip_dir) -> None:
     again = OpenClipEncoder(f"local-dir:{tiny_clip_dir}", None, device="cpu")
     images = [picture(1), picture(2)]
     assert again.id == tiny_clip.id and again.id.startswith("clip:")
+    # what a worker with a compute child loads the image index by, without the model
+    assert clip_encoder_id(f"local-dir:{tiny_clip_dir}", None) == tiny_clip.id
+    assert clip_encoder_id("ViT-B-32", "laion2b_s34b_b79k") == "clip:ViT-B-32:laion2b_s34b_b79k"
     assert np.array_equal(again.encode_images(images), tiny_clip.encode_images(images))
 
 

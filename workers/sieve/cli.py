@@ -180,11 +180,10 @@ def worker(
 ) -> None:
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.agent import DrainingWorker, RouterWorker, settle_heap
-    from sieve.compute import build_compute, build_encoders, limit_blas_threads
+    from sieve.compute import build_compute, build_encoders, encoder_ids, limit_blas_threads
     from sieve.encoders import release_device_memory
     from sieve.health import attach_router, serve
     from sieve.metrics import ROUTE_SET
-    from sieve.pipeline import RouterPipeline
     from sieve.routeset import RouteSetError
     from sieve.store import RouteStore, RouteStoreError
     from sieve.topology import TopologyError, load_topology, load_topology_route_set
@@ -195,26 +194,26 @@ def worker(
     try:
         topology = load_topology(topology_path)
         route_set = load_topology_route_set(topology)
-        encoder, image_encoder = build_encoders(topology, settings)
         store = RouteStore(settings.qdrant)
+        # Models load here only to embed routes (--sync) or to run on a thread; with
+        # compute=process the child loads its own, and the index is found by encoder id.
+        encoders = None
+        if sync or settings.compute_mode == "thread":
+            encoders = build_encoders(topology, settings)
         if sync:
-            store.sync(route_set, encoder)
-            if image_encoder is not None:
-                store.sync(route_set, image_encoder)
-        index = store.load(topology.route_set.name, encoder.id)
-        image_index = store.load(topology.route_set.name, image_encoder.id) if image_encoder else None
-        pipeline = RouterPipeline(topology, encoder, index, settings.worker_name,
-                                  image_encoder=image_encoder, image_index=image_index,
-                                  image_fetch=settings.images)
-        # compute=process: a child builds its own encoders; this process lets go of its own.
-        compute = build_compute(pipeline, settings)
-        del pipeline
+            assert encoders is not None
+            for model in encoders:
+                if model is not None:
+                    store.sync(route_set, model)
+        ids = encoder_ids(topology)
+        indexes = {space: store.load(topology.route_set.name, model_id) for space, model_id in ids.items()}
+        compute = build_compute(topology, settings, indexes, encoders)
     except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
         _fail(str(exc))
-    encoder_ids = encoder.id + (f", image encoder {image_encoder.id}" if image_encoder else "")
-    del encoder, image_encoder
-    if compute.mode == "process":
+    if encoders is not None and compute.mode == "process":
+        del encoders
         release_device_memory()  # the compute child built its own encoders
+    index = indexes["text"]
     asyncio.run(_create_topics(topology, index.route_set))
     ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": index.encoder_id})
     router = RouterWorker(topology, settings, compute, store)
@@ -222,7 +221,7 @@ def worker(
     serve(settings.metrics_host, settings.metrics_port, settings.health)
     console.print(
         f"worker {settings.worker_name}: topology {topology.name}, route set "
-        f"{index.route_set.name}@{index.version}, encoder {encoder_ids}, compute {compute.mode}, "
+        f"{index.route_set.name}@{index.version}, encoder {', '.join(ids.values())}, compute {compute.mode}, "
         f"metrics :{settings.metrics_port}"
     )
     settle_heap()

@@ -11,16 +11,19 @@ when the worker may use two CPUs or more (:func:`sieve.settings.usable_cpus`) an
 the thread otherwise. With the trivial encoder the child measured 1.2-1.8x the
 events/s of the thread on 2 cores, which is what brings a worker to 0.4x of a plain
 aiokafka loop (docs/benchmarks.md); with MiniLM on the CPU the encoder is the bound
-and both modes make the same events/s (the child costs a second interpreter and
-model in memory); on a GPU the per-event Python is the bound again and the child pays.
+and both modes make the same events/s (the child costs a second interpreter); on a
+GPU the per-event Python is the bound again and the child pays.
 
 Both return a :class:`Computed`: the messages to publish and what the metrics
 count, never the decision rows (pickling those would cost more than the child saves).
 The child is spawned (not forked: torch and threads do not survive a fork), builds
 its own encoders from the topology, and gets route indexes from the worker, which
-alone talks to the route store. A child that dies (out of memory, a crash in native
-code) is replaced and the batch is raised as failed, so the worker retries it and, if
-one record keeps killing it, dead-letters that record alone.
+alone talks to the route store. The worker loads those indexes by the encoder ids the
+topology names (:func:`encoder_ids`), so it loads no model itself unless it embeds
+routes (``--sync``); the child's pipeline checks the ids against its loaded encoders.
+A child that dies (out of memory, a crash in native code) is replaced and the batch
+is raised as failed, so the worker retries it and, if one record keeps killing it,
+dead-letters that record alone.
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ from typing_extensions import override
 
 from sieve.contracts import DeadLetter
 from sieve.dead_letter import RawRecord
-from sieve.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
+from sieve.encoders import (
+    ImageEncoder,
+    TextEncoder,
+    build_image_encoder,
+    build_text_encoder,
+    clip_encoder_id,
+    text_encoder_id,
+)
 from sieve.match import RouteIndex
 from sieve.pipeline import BatchResult, RouterPipeline
 from sieve.publish import Outbound
@@ -98,6 +108,27 @@ def build_encoders(topology: Topology, settings: Settings) -> tuple[TextEncoder,
         image_encoder = build_image_encoder(topology.image_encoder, device=settings.device,
                                             torch_threads=settings.torch_threads)
     return encoder, image_encoder
+
+
+def encoder_ids(topology: Topology) -> dict[Space, str]:
+    """Each space's encoder id, from the topology alone: what to load its route index by, no model loaded."""
+    ids: dict[Space, str] = {"text": text_encoder_id(topology.encoder)}
+    if topology.image_encoder is not None:
+        ids["image"] = clip_encoder_id(topology.image_encoder.model, topology.image_encoder.pretrained)
+    return ids
+
+
+def build_pipeline(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
+                   encoders: tuple[TextEncoder, ImageEncoder | None] | None = None) -> RouterPipeline:
+    """The topology's pipeline over ``indexes``, with ``encoders`` or ones built here.
+
+    The pipeline refuses an index whose encoder id is not its encoder's, so ids taken
+    from :func:`encoder_ids` are checked once the models load.
+    """
+    encoder, image_encoder = encoders or build_encoders(topology, settings)
+    return RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
+                          image_encoder=image_encoder, image_index=indexes.get("image"),
+                          image_fetch=settings.images)
 
 
 class Compute:
@@ -219,10 +250,7 @@ def _child_start(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     limit_blas_threads(settings)
-    encoder, image_encoder = build_encoders(topology, settings)
-    _CHILD = RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
-                            image_encoder=image_encoder, image_index=indexes.get("image"),
-                            image_fetch=settings.images)
+    _CHILD = build_pipeline(topology, settings, indexes)
     settle_heap()
 
 
@@ -330,8 +358,13 @@ class ProcessCompute(Compute):
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def build_compute(pipeline: RouterPipeline, settings: Settings) -> Compute:
-    """``settings.compute_mode``: this pipeline on a thread, or a child building its own (same topology)."""
+def build_compute(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
+                  encoders: tuple[TextEncoder, ImageEncoder | None] | None = None) -> Compute:
+    """``settings.compute_mode``: a child that builds its own encoders, or the pipeline on a thread.
+
+    On a thread the pipeline uses ``encoders`` when given (built here otherwise); a
+    child always builds its own, so a worker in process mode need not load a model.
+    """
     if settings.compute_mode == "process":
-        return ProcessCompute(pipeline.topology, settings, pipeline.indexes)
-    return ThreadCompute(pipeline)
+        return ProcessCompute(topology, settings, indexes)
+    return ThreadCompute(build_pipeline(topology, settings, indexes, encoders))

@@ -224,11 +224,8 @@ class SentenceTransformerEncoder:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         if model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            model_path = bundled_minilm_path()
-            self._name = "all-MiniLM-L6-v2"
-        else:
-            model_path = model
-            self._name = model.rstrip("/").rsplit("/", 1)[-1]
+        model_path = bundled_minilm_path() if model is None else model
+        self._name = st_model_name(model)
         # OpenMP thread counts are per OS thread: encode() re-applies this in the
         # thread that calls it (the worker's executor thread, not the main one).
         self.torch_threads = torch_threads
@@ -358,6 +355,24 @@ class TrivialEncoder:
         return l2_normalise_rows(out.astype(np.float32))
 
 
+def st_model_name(model: str | None) -> str:
+    """A sentence-transformers model's short name (its encoder id): the bundled MiniLM for ``None``."""
+    return "all-MiniLM-L6-v2" if model is None else model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def text_encoder_id(spec: EncoderSpec) -> str:
+    """The id of the vector space :func:`build_text_encoder` would compute, without loading a model.
+
+    The device does not enter it: torch (CPU or CUDA), ``onnx`` and ``auto`` compute one
+    space; ``onnx-int8`` its own.
+    """
+    if spec.kind == "trivial":
+        return TrivialEncoder().id
+    from sieve.onnx_backend import ID_SUFFIXES
+
+    return f"st:{st_model_name(spec.model)}{ID_SUFFIXES['int8'] if spec.backend == 'onnx-int8' else ''}"
+
+
 def build_text_encoder(
     spec: EncoderSpec,
     *,
@@ -463,13 +478,7 @@ class OpenClipEncoder:
         self._torch = torch
         self.batch_size = batch_size
         self.torch_threads = torch_threads
-        if model.startswith("local-dir:"):
-            local = Path(model.removeprefix("local-dir:"))
-            weights = next(iter(sorted(local.glob("open_clip_model.*"))), None)
-            tag = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights else "local"
-            self._id = f"clip:{local.name}:{tag}"
-        else:
-            self._id = f"clip:{model}:{pretrained or 'random'}"
+        self._id = clip_encoder_id(model, pretrained)
         with torch.no_grad():
             probe = self._model.encode_text(self._tokenizer(["probe"]).to(self.device))
         self._dim = int(probe.shape[-1])
@@ -534,6 +543,16 @@ class OpenClipEncoder:
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
         return self._run(self._tokenizer(texts), "text")
+
+
+def clip_encoder_id(model: str, pretrained: str | None) -> str:
+    """An open_clip model's encoder id, without loading it: name and tag, or a local folder's weights hash."""
+    if model.startswith("local-dir:"):
+        local = Path(model.removeprefix("local-dir:"))
+        weights = next(iter(sorted(local.glob("open_clip_model.*"))), None)
+        tag = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights else "local"
+        return f"clip:{local.name}:{tag}"
+    return f"clip:{model}:{pretrained or 'random'}"
 
 
 def build_image_encoder(

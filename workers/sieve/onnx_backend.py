@@ -68,6 +68,7 @@ from sieve.encoders import (
     padding_stats,
     plan_batches,
     prefetched,
+    st_model_name,
 )
 from sieve.settings import usable_cpus
 
@@ -112,10 +113,10 @@ class ModelLayout:
 
 def resolve_model_dir(model: str | None) -> tuple[Path, str]:
     """A model's local folder and short name: the bundled MiniLM, a local path, or a hub name."""
+    name = st_model_name(model)
     if model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return Path(bundled_minilm_path()), "all-MiniLM-L6-v2"
-    name = model.rstrip("/").rsplit("/", 1)[-1]
+        return Path(bundled_minilm_path()), name
     path = Path(model)
     if path.is_dir():
         return path, name
