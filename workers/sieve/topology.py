@@ -52,7 +52,7 @@ class EncoderSpec(BaseModel):
 
     ``backend`` (sentence-transformers only) runs the model with ``torch`` (fp32
     on CPU, fp16 on CUDA), ``onnx`` (fp32 ONNX Runtime on the CPU: torch's vectors,
-    ~1.9x its sentences/s here), ``onnx-int8`` (ONNX Runtime with int8 attention
+    ~2x its sentences/s here), ``onnx-int8`` (ONNX Runtime with int8 attention
     weights, every row at cosine >= 0.99 to fp32) or ``auto`` (the default: torch
     on CUDA, onnx on the CPU). The ONNX models are exported on first use and cached
     on disk (settings ``onnx_cache_dir``); load-tests/bench_encoders.py measures
