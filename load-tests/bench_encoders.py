@@ -1,13 +1,14 @@
 """Text encoder backends side by side, in one run on this machine; prints Markdown tables.
 
-1. sentences/s of the torch fp32 path (Sieve's own forward) and the ONNX Runtime
-   fp32 and int8 paths, at 1 and 2 threads and batch sizes 16/32/64, each with length
+1. sentences/s of the torch fp32 path (Sieve's own forward), the ONNX Runtime
+   fp32 and int8 paths and the OpenVINO (bf16 where the CPU has it) and int8 paths,
+   at 1 and 2 threads and batch sizes 16/32/64, each with length
    bucketing (texts sorted by token length before batching) and in the caller's
    order; and of ``SentenceTransformer.encode`` itself (the path before, which
    sorts by character length) for reference;
 2. per message set: token lengths, the share of padded token positions with and
-   without bucketing, and the cosine of each int8 row to its torch fp32 row (min / mean),
-   and of each fp32 ONNX row (min);
+   without bucketing, and the cosine of each exported backend's rows to torch fp32's
+   (min / mean);
 The CPU backends only: the CUDA path (fp16 text, images, the pipeline) is bench_gpu.py's.
 
 Message sets: the shipped demo messages (routes/samples/demo-messages.jsonl, short
@@ -46,7 +47,7 @@ from worker_rig import cpu_model  # noqa: E402
 from sieve.datasets import load_openai_moderation  # noqa: E402
 from sieve.demo import SAMPLES  # noqa: E402
 from sieve.encoders import SentenceTransformerEncoder  # noqa: E402
-from sieve.onnx_backend import OnnxEncoder  # noqa: E402
+from sieve.onnx_backend import BACKEND_PRECISIONS, OnnxEncoder  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 
 
@@ -113,9 +114,9 @@ def main() -> None:
     onnx_by_threads: dict[tuple[str, int], OnnxEncoder] = {}
     export_note = ""
     for n in threads:
-        for precision in ("fp32", "int8"):
+        for backend, precision in BACKEND_PRECISIONS.items():
             made = OnnxEncoder(precision=precision, threads=n, cache_dir=cache)
-            onnx_by_threads[precision, n] = made
+            onnx_by_threads[backend, n] = made
             if made.built:
                 meta = made.meta
                 export_note = (f"ONNX models exported this run in {made.build_s:.1f} s (export "
@@ -131,8 +132,8 @@ def main() -> None:
                 rows.append({"set": set_name, "backend": "SentenceTransformer.encode (reference)",
                              "threads": n, "batch": batch, "bucketed": best_rate(reference, texts, repeat),
                              "caller_order": None})
-            for backend, encoder in (("torch fp32", fp32), ("onnx fp32", onnx_by_threads["fp32", n]),
-                                     ("onnx-int8", onnx_by_threads["int8", n])):
+            for backend, encoder in [("torch fp32", fp32),
+                                     *((name, onnx_by_threads[name, n]) for name in BACKEND_PRECISIONS)]:
                 for batch in batches:
                     encoder.batch_size = batch
                     rates = {}
@@ -144,28 +145,30 @@ def main() -> None:
                                  "bucketed": rates[True], "caller_order": rates[False]})
 
     quality = []
-    int8, onnx_fp32 = onnx_by_threads["int8", threads[-1]], onnx_by_threads["fp32", threads[-1]]
+    exported = {name: onnx_by_threads[name, threads[-1]] for name in BACKEND_PRECISIONS}
     for set_name, texts in sets.items():
-        fp32.batch_size = int8.batch_size = onnx_fp32.batch_size = 32
+        fp32.batch_size = 32
         reference = fp32.encode(texts)
         sorted_waste = fp32.last_padding.waste
         fp32.bucket_by_length = False
         fp32.encode(texts)
         order_waste = fp32.last_padding.waste
         fp32.bucket_by_length = True
-        cosines = np.sum(int8.encode(texts) * reference, axis=1)
-        fp32_cosines = np.sum(onnx_fp32.encode(texts) * reference, axis=1)
+        cosines = {}
+        for name, encoder in exported.items():
+            encoder.batch_size = 32
+            row_cosines = np.sum(encoder.encode(texts) * reference, axis=1)
+            cosines[name] = {"min": float(row_cosines.min()), "mean": float(row_cosines.mean())}
         lengths = [len(ids) for ids in fp32.token_ids(texts)]
         quality.append({"set": set_name, "texts": len(texts), "tokens_mean": float(np.mean(lengths)),
                         "tokens_max": int(max(lengths)), "padding_bucketed": sorted_waste,
-                        "padding_caller_order": order_waste, "cosine_min": float(cosines.min()),
-                        "cosine_mean": float(cosines.mean()),
-                        "onnx_fp32_cosine_min": float(fp32_cosines.min())})
+                        "padding_caller_order": order_waste, "cosine_to_torch_fp32": cosines})
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"\nSieve text encoder benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU cores, {cpu_model()}, {gpu}; torch {torch.__version__}, "
-          f"onnxruntime {metadata.version('onnxruntime')}; all-MiniLM-L6-v2, best of {repeat} pass(es)\n")
+          f"onnxruntime {metadata.version('onnxruntime')}, openvino {metadata.version('openvino')}; "
+          f"all-MiniLM-L6-v2, best of {repeat} pass(es)\n")
     if export_note:
         print(export_note + "\n")
     print("| messages | backend | threads | batch | sentences/s, length-bucketed "
@@ -175,17 +178,19 @@ def main() -> None:
         order = "—" if row["caller_order"] is None else f"{row['caller_order']:.0f}"
         print(f"| {row['set']} | {row['backend']} | {row['threads']} | {row['batch']} "
               f"| {row['bucketed']:.0f} | {order} |")
-    print("\n| messages | texts | tokens mean / max | padded positions, bucketed / caller's order (batch 32) "
-          "| int8 vs torch fp32 cosine min / mean | onnx fp32 vs torch fp32 cosine min |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| messages | texts | tokens mean / max "
+          "| padded positions, bucketed / caller's order (batch 32) | "
+          + " | ".join(f"{name} cosine to torch fp32, min / mean" for name in exported) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(exported))
     for q in quality:
+        cells = " | ".join(f"{c['min']:.5f} / {c['mean']:.5f}" for c in q["cosine_to_torch_fp32"].values())
         print(f"| {q['set']} | {q['texts']} | {q['tokens_mean']:.0f} / {q['tokens_max']} "
-              f"| {q['padding_bucketed']:.0%} / {q['padding_caller_order']:.0%} "
-              f"| {q['cosine_min']:.4f} / {q['cosine_mean']:.4f} | {q['onnx_fp32_cosine_min']:.7f} |")
+              f"| {q['padding_bucketed']:.0%} / {q['padding_caller_order']:.0%} | {cells} |")
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"node": platform.node(), "cores": os.cpu_count(), "cpu": cpu_model(), "gpu": gpu,
-                        "torch": torch.__version__, "onnxruntime": metadata.version("onnxruntime")},
+                        "torch": torch.__version__, "onnxruntime": metadata.version("onnxruntime"),
+                        "openvino": metadata.version("openvino")},
             "export": export_note or None, "rates": rows, "quality": quality,
         }, indent=2))
 

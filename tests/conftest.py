@@ -22,7 +22,7 @@ from sieve.routeset import RouteSet, load_route_set
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-# Workers on the CPU run MiniLM on fp32 ONNX Runtime (backend auto): every process of the
+# Workers on the CPU run MiniLM exported to ONNX (backend auto: OpenVINO): every process of the
 # session, in-process or a `sieve worker` subprocess in a temporary folder, shares one export.
 os.environ.setdefault("SIEVE_ONNX_CACHE_DIR", str(REPO / ".sieve" / "cache" / "onnx"))
 

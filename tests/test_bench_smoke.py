@@ -83,14 +83,17 @@ def test_bench_encoders_runs_and_prints_its_tables(tmp_path) -> None:
     assert "| demo messages | torch fp32 | 1 | 16 |" in stdout
     assert "| openai-moderation | onnx-int8 | 1 | 16 |" in stdout
     assert "ONNX models exported this run" in stdout
-    backends = ("SentenceTransformer.encode (reference)", "torch fp32", "onnx fp32", "onnx-int8")
+    backends = ("SentenceTransformer.encode (reference)", "torch fp32", "onnx", "onnx-int8", "openvino",
+                "openvino-int8")
     assert {(r["set"], r["backend"]) for r in figures["rates"]} == {
         (s, b) for s in ("demo messages", "openai-moderation") for b in backends}
     assert all(r["bucketed"] > 0 for r in figures["rates"])
     assert all(r["caller_order"] > 0 for r in figures["rates"] if r["backend"] != backends[0])
     for q in figures["quality"]:
-        assert q["cosine_min"] >= 0.99 and q["padding_bucketed"] <= q["padding_caller_order"]
-        assert q["onnx_fp32_cosine_min"] >= 0.9999
+        cosines = q["cosine_to_torch_fp32"]
+        assert q["padding_bucketed"] <= q["padding_caller_order"]
+        assert cosines["onnx-int8"]["min"] >= 0.99 and cosines["openvino-int8"]["min"] >= 0.99
+        assert cosines["onnx"]["min"] >= 0.9999 and cosines["openvino"]["min"] >= 0.9999
 
 
 def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:

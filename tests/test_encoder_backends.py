@@ -1,4 +1,4 @@
-"""Text encoder backends: torch (our forward, length buckets, prefetch) and ONNX Runtime int8.
+"""Text encoder backends: torch (our forward, length buckets, prefetch), ONNX Runtime and OpenVINO.
 
 Real all-MiniLM-L6-v2 weights throughout. The int8 model is exported once per
 module (by two threads at once, into a fresh cache folder: the cache's own test).
@@ -34,11 +34,14 @@ from sieve.onnx_backend import (
     DISABLED_OPTIMIZERS,
     META_FILE,
     MODEL_FILES,
+    OPENVINO_GROUP_SIZE,
     OnnxEncoder,
     _session,
     cache_key,
+    openvino_config,
     publish_folder,
     read_layout,
+    write_weight_int8,
 )
 from sieve.store import space_name
 from sieve.topology import EncoderSpec, Topology
@@ -237,7 +240,7 @@ def test_int8_cache_built_once_by_two_concurrent_constructions(int8_pair):
     assert sorted([first.built, second.built]) == [False, True]
     assert first.folder == second.folder
     files = sorted(p.name for p in first.folder.iterdir())
-    assert files == sorted([*MODEL_FILES.values(), META_FILE])
+    assert files == sorted({*MODEL_FILES.values(), META_FILE})
     # No temporary folder left behind next to it.
     assert [p.name for p in first.folder.parent.iterdir() if p.is_dir()] == [first.folder.name]
     meta = json.loads((first.folder / META_FILE).read_text())
@@ -361,21 +364,21 @@ def test_exported_graphs_carry_no_nan_guard_and_sessions_skip_the_slow_fusion(in
     import onnx
 
     assert "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
-    for precision, file_name in MODEL_FILES.items():
+    for file_name in sorted(set(MODEL_FILES.values())):
         ops = [node.op_type for node in onnx.load(str(int8.folder / file_name)).graph.node]
-        assert "IsNaN" not in ops, f"{precision}: a NaN guard is back in the export"
+        assert "IsNaN" not in ops, f"{file_name}: a NaN guard is back in the export"
         assert ops.count("Softmax") == 6, "one softmax per MiniLM layer"
-        ran = tmp_path / f"{precision}.optimized.onnx"
+        ran = tmp_path / f"{file_name}.optimized.onnx"
         _session(int8.folder / file_name, 1, optimized_to=ran)
         run_ops = [node.op_type for node in onnx.load(str(ran)).graph.node]
         assert "SkipLayerNormalization" not in run_ops
         assert run_ops.count("LayerNormalization") == 13, "embeddings + two per layer"
 
 
-def test_auto_backend_is_fp32_onnx_on_the_cpu_and_torch_on_cuda(int8, torch_encoder, monkeypatch):
+def test_auto_backend_is_openvino_on_the_cpu_and_torch_on_cuda(int8, torch_encoder, monkeypatch):
     spec = EncoderSpec(batch_size=8)
     on_cpu = build_text_encoder(spec, device="cpu", torch_threads=1, onnx_cache_dir=int8.folder.parent)
-    assert isinstance(on_cpu, OnnxEncoder) and on_cpu.precision == "fp32" and on_cpu.id == torch_encoder.id
+    assert isinstance(on_cpu, OnnxEncoder) and on_cpu.precision == "ov" and on_cpu.id == torch_encoder.id
     assert on_cpu.batch_size == 8 and on_cpu.threads == 1
     explicit = build_text_encoder(EncoderSpec(backend="onnx"), device="auto", torch_threads=1,
                                   onnx_cache_dir=int8.folder.parent)
@@ -387,18 +390,94 @@ def test_auto_backend_is_fp32_onnx_on_the_cpu_and_torch_on_cuda(int8, torch_enco
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert build_text_encoder(spec, device="auto", onnx_cache_dir=int8.folder.parent) is torch_encoder
     assert built == ["auto"]
-    with pytest.raises(ValueError, match="fp32 or int8"):
+    with pytest.raises(ValueError, match="one of fp32, int8, ov, ov-int8"):
         OnnxEncoder(precision="fp16", cache_dir=int8.folder.parent)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- OpenVINO backends
+
+
+@pytest.fixture(scope="module")
+def openvino(int8) -> OnnxEncoder:
+    """The fp32 export on OpenVINO (bf16 where this CPU has it), from the int8 fixture's export."""
+    return OnnxEncoder(precision="ov", batch_size=32, threads=1, cache_dir=int8.folder.parent)
+
+
+@pytest.fixture(scope="module")
+def openvino_int8(int8) -> OnnxEncoder:
+    return OnnxEncoder(precision="ov-int8", batch_size=32, threads=1, cache_dir=int8.folder.parent)
+
+
+def test_openvino_keeps_torchs_vector_space(openvino, torch_encoder, sample, fp32_reference):
+    """bf16 (or f32) on OpenVINO stays within cosine 0.9999 of torch on every row: one space."""
+    assert openvino.built is False and openvino.id == torch_encoder.id
+    vectors = openvino.encode(sample)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosines = np.sum(vectors * fp32_reference, axis=1)
+    assert cosines.min() >= 0.9999, f"worst row {cosines.argmin()}: {cosines.min():.6f}"
+    texts = sample[::10]
+    singles = np.stack([openvino.encode([text])[0] for text in texts])
+    assert np.sum(openvino.encode(texts) * singles, axis=1).min() >= 0.9999  # bf16 kernels vary by shape
+
+
+def test_openvino_int8_is_its_own_space_close_to_fp32_and_batch_independent(
+        openvino_int8, sample, fp32_reference):
+    assert openvino_int8.id == "st:all-MiniLM-L6-v2+openvino-int8"
+    vectors = openvino_int8.encode(sample)
+    cosines = np.sum(vectors * fp32_reference, axis=1)
+    assert cosines.min() >= 0.99, f"worst row {cosines.argmin()}: {cosines.min():.6f}"
+    assert cosines.mean() < 0.99999, "int8 arithmetic leaves a trace: the int8 model is what ran"
+    # Activations are quantised per token (groups of channels), not per batch as onnx-int8's
+    # are: a row hardly depends on its neighbours (kernels still vary by shape).
+    texts = sample[::10]
+    singles = np.stack([openvino_int8.encode([text])[0] for text in texts])
+    assert np.sum(openvino_int8.encode(texts) * singles, axis=1).min() >= 0.999
+
+
+def test_openvino_settings_follow_the_cpu(openvino, openvino_int8):
+    assert openvino_config("ov", 2, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
+    assert openvino_config("ov", 2, ["BF16", "FP32"])["INFERENCE_PRECISION_HINT"] == "bf16"
+    int8_config = openvino_config("ov-int8", 3, ["BF16"])
+    assert int8_config["INFERENCE_PRECISION_HINT"] == "f32" and int8_config["INFERENCE_NUM_THREADS"] == 3
+    assert int8_config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == OPENVINO_GROUP_SIZE
+    assert openvino._runner.session.config["INFERENCE_NUM_THREADS"] == openvino.threads == 1
+    assert openvino_int8._runner.session.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == OPENVINO_GROUP_SIZE
+
+
+def test_weight_int8_copy_quantises_every_weight_matmul_per_channel(int8, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    source = onnx.load(str(int8.folder / MODEL_FILES["fp32"]))
+    weights = {init.name: numpy_helper.to_array(init) for init in source.graph.initializer}
+    matmul_weights = [node.input[1] for node in source.graph.node
+                      if node.op_type == "MatMul" and node.input[1] in weights]
+    assert len(matmul_weights) == 36, "q, k, v, output, up, down in each of 6 layers"
+    target = tmp_path / "wq8.onnx"
+    assert write_weight_int8(int8.folder / MODEL_FILES["fp32"], target) == 36
+    copy = onnx.load(str(target))
+    stored = {init.name: numpy_helper.to_array(init) for init in copy.graph.initializer}
+    assert not set(matmul_weights) & set(stored), "no fp32 copy of a quantised weight is kept"
+    dequantise = {node.output[0]: node for node in copy.graph.node if node.op_type == "DequantizeLinear"}
+    assert len(dequantise) == 36
+    for name in matmul_weights:
+        node = dequantise[f"{name}_dequantised"]
+        quantised, scale = stored[node.input[0]], stored[node.input[1]]
+        assert quantised.dtype == np.int8 and scale.shape == (weights[name].shape[1],)
+        error = np.abs(quantised.astype(np.float32) * scale - weights[name])
+        assert (error <= scale / 2 + 1e-7).all(), name
 
 
 # --------------------------------------------------------------------------- topology and cache
 
 
-def test_encoder_id_from_the_spec_is_the_loaded_encoders(int8, onnx_fp32, torch_encoder):
+def test_encoder_id_from_the_spec_is_the_loaded_encoders(int8, onnx_fp32, torch_encoder, openvino,
+                                                        openvino_int8):
     """A worker with a compute child finds its route index by these ids before any model loads."""
     from sieve.encoders import TrivialEncoder, text_encoder_id
 
-    loaded = {"torch": torch_encoder, "onnx": onnx_fp32, "onnx-int8": int8, "auto": onnx_fp32}
+    loaded = {"torch": torch_encoder, "onnx": onnx_fp32, "onnx-int8": int8, "auto": openvino,
+              "openvino": openvino, "openvino-int8": openvino_int8}
     for backend, encoder in loaded.items():
         assert text_encoder_id(EncoderSpec(backend=backend)) == encoder.id, backend
     assert text_encoder_id(EncoderSpec(kind="trivial")) == TrivialEncoder().id

@@ -38,9 +38,10 @@ ModelOpt = Annotated[
 ]
 BackendOpt = Annotated[
     str,
-    typer.Option("--backend", help="auto (default: torch on CUDA, onnx on the CPU), torch, onnx (fp32) "
-                                   "or onnx-int8: how the sentence-transformers model runs; torch, onnx "
-                                   "and auto share one vector space, onnx-int8 is its own (route vectors, "
+    typer.Option("--backend", help="auto (default: torch on CUDA, openvino on the CPU), torch, onnx (fp32), "
+                                   "onnx-int8, openvino (bf16 where the CPU has it) or openvino-int8: how "
+                                   "the sentence-transformers model runs; torch, onnx, openvino and auto "
+                                   "share one vector space, each int8 backend has its own (route vectors, "
                                    "thresholds)."),
 ]
 

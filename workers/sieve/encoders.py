@@ -363,14 +363,15 @@ def st_model_name(model: str | None) -> str:
 def text_encoder_id(spec: EncoderSpec) -> str:
     """The id of the vector space :func:`build_text_encoder` would compute, without loading a model.
 
-    The device does not enter it: torch (CPU or CUDA), ``onnx`` and ``auto`` compute one
-    space; ``onnx-int8`` its own.
+    The device does not enter it: torch (CPU or CUDA), ``onnx``, ``openvino`` and ``auto``
+    compute one space; ``onnx-int8`` and ``openvino-int8`` each their own.
     """
     if spec.kind == "trivial":
         return TrivialEncoder().id
-    from sieve.onnx_backend import ID_SUFFIXES
+    from sieve.onnx_backend import BACKEND_PRECISIONS, ID_SUFFIXES
 
-    return f"st:{st_model_name(spec.model)}{ID_SUFFIXES['int8'] if spec.backend == 'onnx-int8' else ''}"
+    precision = BACKEND_PRECISIONS.get(spec.backend)
+    return f"st:{st_model_name(spec.model)}{'' if precision is None else ID_SUFFIXES[precision]}"
 
 
 def build_text_encoder(
@@ -380,10 +381,11 @@ def build_text_encoder(
     torch_threads: int | None = None,
     onnx_cache_dir: str | Path | None = None,
 ) -> TextEncoder:
-    """The encoder a topology asks for; ``spec.backend`` picks torch or ONNX Runtime (fp32 or int8).
+    """The encoder a topology asks for; ``spec.backend`` picks torch, ONNX Runtime or OpenVINO.
 
-    ``auto`` is torch on CUDA (fp16) and fp32 ONNX Runtime on the CPU: the same
-    vectors (one encoder id), the fastest way to compute them on each.
+    ``auto`` is torch on CUDA (fp16) and OpenVINO on the CPU (bf16 where the CPU has
+    it, f32 elsewhere): the same vectors (one encoder id, every row within cosine 0.9999
+    of torch fp32), the fastest way to compute them on each.
     ``onnx_cache_dir`` keeps the exported models (settings ``onnx_cache_dir``);
     ``torch_threads`` also sets the ONNX session's threads.
     """
@@ -391,13 +393,13 @@ def build_text_encoder(
         return TrivialEncoder()
     backend = spec.backend
     if backend == "auto":
-        backend = "onnx" if resolve_device(device) == "cpu" else "torch"
-    if backend in ("onnx", "onnx-int8"):
-        from sieve.onnx_backend import DEFAULT_CACHE_DIR, OnnxEncoder
+        backend = "openvino" if resolve_device(device) == "cpu" else "torch"
+    if backend != "torch":
+        from sieve.onnx_backend import BACKEND_PRECISIONS, DEFAULT_CACHE_DIR, OnnxEncoder
 
         return OnnxEncoder(
             spec.model,
-            precision="int8" if backend == "onnx-int8" else "fp32",
+            precision=BACKEND_PRECISIONS[backend],
             device=device,
             batch_size=spec.batch_size,
             max_seq_length=spec.max_seq_length,

@@ -1,42 +1,56 @@
-"""The ONNX Runtime backends of the sentence-transformers text encoder: ``onnx`` (fp32) and ``onnx-int8``.
+"""The exported backends of the sentence-transformers text encoder: ONNX Runtime and OpenVINO.
 
 On first use a model's transformer, with eager attention, is exported to ONNX
 (``torch.onnx.export``, the torch.export-based exporter; inputs ``input_ids`` /
 ``attention_mask`` / ``token_type_ids``, output ``last_hidden_state``, dynamic batch
-and sequence axes).
-Both models are kept: the fp32 export itself (backend ``onnx``) and a quantised copy
-(backend ``onnx-int8``) made with ONNX Runtime's dynamic quantiser: the attention
-projections (query, key, value, output) in int8, per output channel, activations
-quantised per call; the feed-forward matmuls stay fp32.
+and sequence axes). Three model files are kept, run by four backends:
+
+* ``onnx``: the fp32 export on ONNX Runtime;
+* ``onnx-int8``: a copy made by ONNX Runtime's dynamic quantiser: the attention
+  projections (query, key, value, output) in int8, per output channel, activations
+  quantised per call; the feed-forward matmuls stay fp32;
+* ``openvino``: the fp32 export compiled by OpenVINO's CPU plugin, in bf16 where the
+  CPU has it (AVX512-BF16 or AMX; f32 elsewhere);
+* ``openvino-int8``: a copy with every weight matmul int8 per output channel
+  (:func:`write_weight_int8`), run by OpenVINO with dynamic quantisation: activations
+  in int8 per token, in groups of ``OPENVINO_GROUP_SIZE`` channels.
 
 fp32 ONNX computes what torch computes, faster on a small CPU: on the demo messages
-(2 threads, batch 16) 661 sentences/s against torch's 296, every row at cosine
+(2 threads, batch 16) 617-661 sentences/s against torch's ~295, every row at cosine
 >= 0.99999 to ``SentenceTransformer.encode`` (checked when the export is built, and
 by the tests). Its vectors are torch's, so it keeps torch's encoder id
-(``st:<model>``): route vectors and fitted thresholds carry over, and ``auto``
-picks it on machines without CUDA.
+(``st:<model>``): route vectors and fitted thresholds carry over. ``openvino`` in
+bf16 stays within cosine 0.9999 of torch on every row (0.99997 here, as torch fp16
+on CUDA does) and keeps the id too; on this CPU (AMD EPYC, AVX512-BF16, 2 threads)
+it ran 1.7x ``onnx`` on the demo messages and 1.9x on long moderation prompts, so
+``auto`` picks it on machines without CUDA.
 
-int8, measured over 500 demo and moderation texts (worst row's cosine to fp32 / demo
-sentences/s on 1 thread, fp32 ONNX 239): everything int8 0.977 / 567; feed-forward
-down-projection fp32 0.981 / 380; both feed-forward matmuls fp32 0.995 / 272. Only
-the last keeps every row at cosine >= 0.99, so it is the recipe. Its vectors are a
-space of their own (``st:<model>+onnx-int8``).
+int8 through ONNX Runtime, measured over 500 demo and moderation texts (worst row's
+cosine to fp32 / demo sentences/s on 1 thread, fp32 ONNX 239): everything int8
+0.977 / 567; feed-forward down-projection fp32 0.981 / 380; both feed-forward matmuls
+fp32 0.995 / 272. Only the last keeps every row at cosine >= 0.99, so it is the
+recipe. ONNX Runtime scales activations per tensor, i.e. per *batch*, which is what
+costs the accuracy: one outlier token coarsens every row's steps. OpenVINO's
+per-token groups keep every matmul int8 at a worst row of 0.997 (group 64; 0.9975
+at 32, 0.995 at 128, 0.989 per whole token) and run 1.8-1.9x ``onnx``. Each int8
+recipe is a vector space of its own (``st:<model>+onnx-int8``, ``+openvino-int8``).
+Weight-only int8 (ONNX Runtime's ``MatMulNBits``, 8 bits, any block size, int8
+compute) measured no faster than fp32 ONNX here.
 
 The result is cached on disk, one folder per model *content* and tool versions
 (:func:`cache_key`), built in a temporary folder and renamed into place, under a
 file lock: workers starting together export once and never see a half-written
 model. A cached model needs neither torch nor transformers at run time: the
-encoder is ONNX Runtime plus the model's fast tokenizer (``tokenizer.json``).
+encoder is ONNX Runtime or OpenVINO plus the model's fast tokenizer
+(``tokenizer.json``).
 
 Pooling (mean over the attention mask, or CLS) follows the model's own pooling
 config; rows are L2-normalised one by one.
 
-One caveat of int8: the quantiser scales activations per tensor, i.e. per *batch*,
-so a row depends on its batch neighbours within the quantisation error (cosine to
-the row encoded alone >= 0.996 on the demo messages; tested at >= 0.99), where the
-fp32 backends are exact. Weight-only int8 (``MatMulNBits``, 8 bits, block 32)
-would be batch-independent and closer to fp32 (cosine 0.9992) but measured no
-faster than fp32 ONNX here.
+A caveat of ``onnx-int8``: because of its per-batch activation scales a row depends
+on its batch neighbours within the quantisation error (cosine to the row encoded
+alone >= 0.996 on the demo messages; tested at >= 0.99), where the fp32 backends are
+exact; ``openvino-int8``'s rows move by less than 0.001 (tested).
 """
 
 from __future__ import annotations
@@ -75,17 +89,29 @@ from sieve.settings import usable_cpus
 
 # Part of the cache key and of nothing else: bump it when the export or the
 # quantisation changes. A change that moves the vectors must also change ID_SUFFIXES.
-RECIPE = ("onnx/3: torch.onnx dynamo export of eager attention, kept as fp32; "
-          "quantize_dynamic per-channel QInt8 MatMul, FFN fp32")
+RECIPE = ("onnx/4: torch.onnx dynamo export of eager attention, kept as fp32; "
+          "quantize_dynamic per-channel QInt8 MatMul, FFN fp32; "
+          "every weight MatMul int8 per output channel behind DequantizeLinear (OpenVINO)")
 # ONNX Runtime graph rewrites left out of every session: its SkipLayerNormalization
 # kernel took 11 % of a long-text batch here, the Add + LayerNormalization it replaces
 # 2-3 % (same outputs to float rounding).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 DEFAULT_CACHE_DIR = Path(".sieve/cache/onnx")
-Precision = Literal["fp32", "int8"]
-MODEL_FILES: dict[Precision, str] = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx"}
-# What each precision adds to the encoder id: fp32 computes torch's vectors, int8 its own.
-ID_SUFFIXES: dict[Precision, str] = {"fp32": "", "int8": "+onnx-int8"}
+# One model variant per ONNX backend: "fp32" (onnx), "int8" (onnx-int8), "ov" (openvino:
+# the fp32 export in bf16 where the CPU has it), "ov-int8" (openvino-int8).
+Precision = Literal["fp32", "int8", "ov", "ov-int8"]
+BACKEND_PRECISIONS: dict[str, Precision] = {
+    "onnx": "fp32", "onnx-int8": "int8", "openvino": "ov", "openvino-int8": "ov-int8"}
+MODEL_FILES: dict[Precision, str] = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx",
+                                     "ov": "model.fp32.onnx", "ov-int8": "model.wq8.onnx"}
+RUNTIMES: dict[Precision, str] = {"fp32": "onnxruntime", "int8": "onnxruntime",
+                                  "ov": "openvino", "ov-int8": "openvino"}
+# What each precision adds to the encoder id: fp32 computes torch's vectors, and so does
+# bf16 to within cosine 0.9999 (as torch fp16 on CUDA does); each int8 recipe its own.
+ID_SUFFIXES: dict[Precision, str] = {"fp32": "", "int8": "+onnx-int8", "ov": "", "ov-int8": "+openvino-int8"}
+# openvino-int8 quantises activations per token in groups of this many channels (rows
+# therefore do not depend on their batch); 64 measured fastest here, 32 closest to fp32.
+OPENVINO_GROUP_SIZE = 64
 META_FILE = "meta.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # Versions that change the exported or quantised graph.
@@ -97,7 +123,7 @@ PROBE_TEXTS = (
     "a cat is sleeping on the sofa",
     "the stock market fell sharply today after the central bank raised interest rates again",
 )
-MIN_PROBE_COSINE: dict[Precision, float] = {"fp32": 0.9999, "int8": 0.98}
+MIN_PROBE_COSINE: dict[Precision, float] = {"fp32": 0.9999, "int8": 0.98, "ov": 0.9999, "ov-int8": 0.98}
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +290,7 @@ def feed_forward_matmuls(model: Any, intermediate_size: int, hidden_size: int) -
 
 
 def export_models(layout: ModelLayout, folder: Path) -> dict[str, Any]:
-    """Export the model's transformer to ONNX (fp32), quantise a copy (int8); the metadata."""
+    """Export the model's transformer to ONNX (fp32), write its two int8 copies; the metadata."""
     import onnx
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -325,6 +351,7 @@ def export_models(layout: ModelLayout, folder: Path) -> dict[str, Any]:
         )
     finally:
         root.removeFilter(drop)
+    write_weight_int8(fp32_file, folder / MODEL_FILES["ov-int8"])
     quantised = time.perf_counter()
 
     # Both built models must agree with the torch model, or neither is cached.
@@ -333,8 +360,8 @@ def export_models(layout: ModelLayout, folder: Path) -> dict[str, Any]:
     probe_ids = list(tokenizer(list(PROBE_TEXTS), truncation=True,
                                max_length=layout.max_seq_length)["input_ids"])
     probe_cosines: dict[str, float] = {}
-    for precision, file_name in MODEL_FILES.items():
-        probe = _Runner(_session(folder / file_name, threads=1), layout.pooling, dim).run(
+    for precision in MODEL_FILES:
+        probe = _Runner(open_session(folder, precision, threads=1), layout.pooling, dim).run(
             probe_ids, pad_id=int(tokenizer.pad_token_id or 0), token_types="token_type_ids" in names)
         cosine = float(np.sum(l2_normalise_rows(probe) * reference, axis=1).min())
         if cosine < MIN_PROBE_COSINE[precision]:
@@ -375,14 +402,109 @@ def _session(path: Path, threads: int, optimized_to: Path | None = None) -> Any:
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
+def write_weight_int8(source: Path, target: Path) -> int:
+    """Copy ``source`` with every weight MatMul's weight int8 per output channel; how many.
+
+    Each constant ``[in, out]`` weight becomes symmetric int8 with one fp32 scale per
+    output column, read through ``DequantizeLinear``: OpenVINO takes that pattern as
+    compressed weights and, with dynamic quantisation, multiplies in int8.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {init.name: init for init in model.graph.initializer}
+    done: dict[str, str] = {}
+    nodes = []
+    for node in model.graph.node:
+        name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        if name in weights and len(weights[name].dims) == 2:
+            if name not in done:
+                weight = numpy_helper.to_array(weights[name]).astype(np.float32)
+                scale = np.abs(weight).max(axis=0) / 127.0
+                scale[scale == 0] = 1.0
+                quantised = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+                model.graph.initializer.extend([
+                    numpy_helper.from_array(quantised, f"{name}_int8"),
+                    numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero"),
+                ])
+                done[name] = f"{name}_dequantised"
+                nodes.append(helper.make_node(
+                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"], [done[name]],
+                    axis=1, name=f"{name}_DequantizeLinear"))
+            node.input[1] = done[name]
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(target))
+    return len(done)
+
+
+class _OrtSession:
+    """An ONNX Runtime session as the runner calls it: input names, feeds -> last hidden state."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.session = _session(path, threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.session.run(["last_hidden_state"], feeds)[0])
+
+
+def openvino_config(precision: Precision, threads: int, capabilities: list[str]) -> dict[str, Any]:
+    """OpenVINO CPU plugin settings: one stream of ``threads`` threads.
+
+    ``ov`` computes in bf16 where the CPU has it (f32 otherwise); ``ov-int8`` in f32 with
+    int8 weights and activations quantised per token group.
+    """
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                              "PERFORMANCE_HINT": "LATENCY"}
+    if precision == "ov":
+        config["INFERENCE_PRECISION_HINT"] = "bf16" if "BF16" in capabilities else "f32"
+    else:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = OPENVINO_GROUP_SIZE
+    return config
+
+
+class _OpenVinoSession:
+    """The exported model compiled by OpenVINO's CPU plugin (one infer request, dynamic shapes)."""
+
+    def __init__(self, path: Path, precision: Precision, threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.config = openvino_config(precision, threads,
+                                      list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", self.config)
+        self.inputs = [port.get_any_name() for port in compiled.inputs]
+        self._request = compiled.create_infer_request()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.array(self._request.infer(feeds)[0])  # a copy: the request reuses its buffer
+
+
+def open_session(folder: Path, precision: Precision, threads: int) -> _OrtSession | _OpenVinoSession:
+    """The runtime that runs ``precision``'s model file from an export folder."""
+    path = folder / MODEL_FILES[precision]
+    if RUNTIMES[precision] == "openvino":
+        return _OpenVinoSession(path, precision, threads)
+    return _OrtSession(path, threads)
+
+
 class _Runner:
     """Runs padded batches through a session and pools the last hidden state."""
 
-    def __init__(self, session: Any, pooling: str, dim: int) -> None:
+    def __init__(self, session: _OrtSession | _OpenVinoSession, pooling: str, dim: int) -> None:
         self.session = session
         self.pooling = pooling
         self.dim = dim
-        self.inputs = [i.name for i in session.get_inputs()]
+        self.inputs = session.inputs
 
     def pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.pooling == "cls":
@@ -401,18 +523,19 @@ class _Runner:
             return {name: arrays[name] for name in self.inputs}
 
         for group, feeds in prefetched(plan, prepare):
-            hidden = self.session.run(["last_hidden_state"], feeds)[0]
+            hidden = self.session(feeds)
             out[group] = self.pool(hidden, feeds["attention_mask"])
         return out
 
 
 class OnnxEncoder:
-    """A sentence-transformers model on ONNX Runtime (CPU), fp32 or with int8 attention weights.
+    """A sentence-transformers model exported to ONNX, run on the CPU by ONNX Runtime or OpenVINO.
 
     Same model and tokenizer as :class:`~sieve.encoders.SentenceTransformerEncoder`.
-    ``precision="fp32"`` (backend ``onnx``) computes the same vectors and has the
-    same ``id`` (``st:<model>``); ``"int8"`` (backend ``onnx-int8``) is a vector
-    space of its own, ``st:<model>+onnx-int8``. ``threads`` is the session's
+    ``precision`` is the backend's variant (``BACKEND_PRECISIONS``): ``"fp32"``
+    (backend ``onnx``) and ``"ov"`` (``openvino``) compute torch's vectors and have
+    its ``id`` (``st:<model>``); ``"int8"`` (``onnx-int8``) and ``"ov-int8"``
+    (``openvino-int8``) are vector spaces of their own. ``threads`` is the session's
     intra-op thread count (the worker's ``torch_threads``; unset: the CPUs
     this process may use);
     ``cache_dir`` holds the exported models. ``built`` says whether this
@@ -437,7 +560,7 @@ class OnnxEncoder:
         if device not in ("auto", "cpu"):
             raise ValueError(f"the ONNX backends run on the CPU, not {device!r}; use backend torch or auto")
         if precision not in MODEL_FILES:
-            raise ValueError(f"precision {precision!r}: fp32 or int8")
+            raise ValueError(f"precision {precision!r}: one of {', '.join(MODEL_FILES)}")
         from tokenizers import Tokenizer
 
         self.device = "cpu"
@@ -454,7 +577,7 @@ class OnnxEncoder:
         padding = _read_json(directory / "tokenizer.json").get("padding") or {}
         self._pad_id = int(padding.get("pad_id", 0))
         self.threads = usable_cpus() if threads is None else threads
-        session = _session(self.folder / MODEL_FILES[precision], self.threads)
+        session = open_session(self.folder, precision, self.threads)
         self._runner = _Runner(session, self.layout.pooling, int(self.meta["dim"]))
         self._token_types = "token_type_ids" in self._runner.inputs
         self.batch_size = batch_size

@@ -221,8 +221,9 @@ class Settings(BaseSettings):
     # adapters openai-moderation and clinc150), and the on-disk embedding cache.
     datasets_dir: Path = Path("../shared/datasets")
     embedding_cache_dir: Path = Path(".sieve/cache/embeddings")
-    # Encoders with backend onnx / onnx-int8 (and auto on a CPU): the exported models, one folder per model
-    # and tool versions, written atomically (workers starting together share it safely).
+    # Encoders with backend onnx, openvino or an int8 one (and auto on a CPU): the exported
+    # models, one folder per model and tool versions, written atomically (workers starting
+    # together share it safely).
     onnx_cache_dir: Path = Path(".sieve/cache/onnx")
 
     @property

@@ -53,19 +53,23 @@ class EncoderSpec(BaseModel):
     ``backend`` (sentence-transformers only) runs the model with ``torch`` (fp32
     on CPU, fp16 on CUDA), ``onnx`` (fp32 ONNX Runtime on the CPU: torch's vectors,
     ~2x its sentences/s here), ``onnx-int8`` (ONNX Runtime with int8 attention
-    weights, every row at cosine >= 0.99 to fp32) or ``auto`` (the default: torch
-    on CUDA, onnx on the CPU). The ONNX models are exported on first use and cached
-    on disk (settings ``onnx_cache_dir``); load-tests/bench_encoders.py measures
-    them. torch, onnx and auto share one vector space (encoder id ``st:<model>``);
-    int8 is its own (``st:<model>+onnx-int8``): route vectors, fitted thresholds
-    and heads are kept per space, so sync with the topology (``sieve routes sync
-    --topology``) and fit with the backend it runs (``sieve fit --backend onnx-int8``).
+    weights, every row at cosine >= 0.99 to fp32), ``openvino`` (the same export on
+    OpenVINO, bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere: torch's vectors to
+    cosine >= 0.9999), ``openvino-int8`` (OpenVINO, every matmul int8, activations per
+    token group: cosine >= 0.99, the fastest on the CPU) or ``auto`` (the default:
+    torch on CUDA, openvino on the CPU). The ONNX models are exported on first use and
+    cached on disk (settings ``onnx_cache_dir``); load-tests/bench_encoders.py
+    measures them. torch, onnx, openvino and auto share one vector space (encoder id
+    ``st:<model>``); each int8 recipe is its own (``st:<model>+onnx-int8``,
+    ``+openvino-int8``): route vectors, fitted thresholds and heads are kept per space,
+    so sync with the topology (``sieve routes sync --topology``) and fit with the
+    backend it runs (``sieve fit --backend openvino-int8``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["sentence-transformers", "trivial"] = "sentence-transformers"
-    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = "auto"
     model: str | None = None
     batch_size: int = Field(default=64, ge=1, le=4096)
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
