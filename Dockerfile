@@ -42,8 +42,9 @@ ARG VARIANT
 COPY pyproject.toml README.md ./
 COPY workers ./workers
 RUN pip install . && rm -rf build workers/*.egg-info
-# On the CPU, backend auto runs MiniLM on ONNX Runtime: export it (fp32 and int8) into the
-# image, so a worker starts without exporting. The CUDA image runs torch fp16 instead.
+# On the CPU, backend auto runs MiniLM exported to ONNX (on OpenVINO): export it (fp32 and the
+# int8 copies) into the image, so a worker starts without exporting. The CUDA image runs torch
+# fp16 instead.
 RUN if [ "${VARIANT}" = cpu ]; then \
         python -c "from sieve.onnx_backend import OnnxEncoder; OnnxEncoder(cache_dir='/opt/sieve-onnx')"; \
     fi

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--encoder", choices=["sentence-transformers", "trivial"],
                         default="sentence-transformers")
     parser.add_argument("--backend", default="torch", help="sentence-transformers backend (topology "
-                        "encoder.backend: torch, onnx or onnx-int8)")
+                        "encoder.backend: torch, onnx, onnx-int8, openvino or openvino-int8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the worker")
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch (shipped: 64)")
     parser.add_argument("--max-events", type=int, default=256, help="worker batch (shipped: 256)")

@@ -9,8 +9,8 @@
   ``router(text)``, one call per message: the peer has no public batch call.
 * Sieve: one real ``sieve worker`` process on the dev broker over a backlog of the same
   messages; events/s from its decisions after the first batch (``sieve.demo.steady_rate``),
-  once per encoder backend (``--backends``: fp32 torch, fp32 ONNX Runtime — what ``auto`` runs
-  on a CPU — and the ONNX int8 path).
+  once per encoder backend (``--backends``: fp32 torch, fp32 ONNX Runtime, its int8 path,
+  OpenVINO — what ``auto`` runs on a CPU, bf16 where the CPU has it — and its int8 path).
 * The peer runs before and after Sieve's runs (the machine's speed drifts); ratios use the
   mean of its two rates.
 * Both use the same torch thread count (``--threads``). The dev broker shares the cores with
