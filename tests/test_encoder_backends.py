@@ -440,6 +440,7 @@ def test_openvino_settings_follow_the_cpu(openvino, openvino_int8):
     int8_config = openvino_config("ov-int8", 3, ["BF16"])
     assert int8_config["INFERENCE_PRECISION_HINT"] == "f32" and int8_config["INFERENCE_NUM_THREADS"] == 3
     assert int8_config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == OPENVINO_GROUP_SIZE
+    assert int8_config["ENABLE_CPU_PINNING"] is False, "workers share cores: the OS places the threads"
     assert openvino._runner.session.config["INFERENCE_NUM_THREADS"] == openvino.threads == 1
     assert openvino_int8._runner.session.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == OPENVINO_GROUP_SIZE
 
