@@ -109,8 +109,8 @@ RUNTIMES: dict[Precision, str] = {"fp32": "onnxruntime", "int8": "onnxruntime",
 # What each precision adds to the encoder id: fp32 computes torch's vectors, and so does
 # bf16 to within cosine 0.9999 (as torch fp16 on CUDA does); each int8 recipe its own.
 ID_SUFFIXES: dict[Precision, str] = {"fp32": "", "int8": "+onnx-int8", "ov": "", "ov-int8": "+openvino-int8"}
-# openvino-int8 quantises activations per token in groups of this many channels (rows
-# therefore do not depend on their batch); 64 measured fastest here, 32 closest to fp32.
+# openvino-int8 quantises activations per token in groups of this many channels (so rows
+# hardly depend on their batch); 64 measured fastest here, 32 closest to fp32.
 OPENVINO_GROUP_SIZE = 64
 META_FILE = "meta.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -354,7 +354,7 @@ def export_models(layout: ModelLayout, folder: Path) -> dict[str, Any]:
     write_weight_int8(fp32_file, folder / MODEL_FILES["ov-int8"])
     quantised = time.perf_counter()
 
-    # Both built models must agree with the torch model, or neither is cached.
+    # Every built model must agree with the torch model, or none is cached.
     dim = int(model.get_embedding_dimension() or config.hidden_size)
     reference = model.encode(list(PROBE_TEXTS), convert_to_numpy=True, normalize_embeddings=True)
     probe_ids = list(tokenizer(list(PROBE_TEXTS), truncation=True,
