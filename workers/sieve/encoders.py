@@ -368,10 +368,10 @@ def text_encoder_id(spec: EncoderSpec) -> str:
     """
     if spec.kind == "trivial":
         return TrivialEncoder().id
-    from sieve.onnx_backend import BACKEND_PRECISIONS, ID_SUFFIXES
+    from sieve.onnx_backend import BACKEND_PRECISIONS, VARIANTS
 
     precision = BACKEND_PRECISIONS.get(spec.backend)
-    return f"st:{st_model_name(spec.model)}{'' if precision is None else ID_SUFFIXES[precision]}"
+    return f"st:{st_model_name(spec.model)}{'' if precision is None else VARIANTS[precision].id_suffix}"
 
 
 def build_text_encoder(

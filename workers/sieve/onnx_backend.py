@@ -88,7 +88,7 @@ from sieve.encoders import (
 from sieve.settings import usable_cpus
 
 # Part of the cache key and of nothing else: bump it when the export or the
-# quantisation changes. A change that moves the vectors must also change ID_SUFFIXES.
+# quantisation changes. A change that moves the vectors must also change the id suffix.
 RECIPE = ("onnx/4: torch.onnx dynamo export of eager attention, kept as fp32; "
           "quantize_dynamic per-channel QInt8 MatMul, FFN fp32; "
           "every weight MatMul int8 per output channel behind DequantizeLinear (OpenVINO)")
@@ -97,18 +97,32 @@ RECIPE = ("onnx/4: torch.onnx dynamo export of eager attention, kept as fp32; "
 # 2-3 % (same outputs to float rounding).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 DEFAULT_CACHE_DIR = Path(".sieve/cache/onnx")
-# One model variant per ONNX backend: "fp32" (onnx), "int8" (onnx-int8), "ov" (openvino:
-# the fp32 export in bf16 where the CPU has it), "ov-int8" (openvino-int8).
 Precision = Literal["fp32", "int8", "ov", "ov-int8"]
-BACKEND_PRECISIONS: dict[str, Precision] = {
-    "onnx": "fp32", "onnx-int8": "int8", "openvino": "ov", "openvino-int8": "ov-int8"}
-MODEL_FILES: dict[Precision, str] = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx",
-                                     "ov": "model.fp32.onnx", "ov-int8": "model.wq8.onnx"}
-RUNTIMES: dict[Precision, str] = {"fp32": "onnxruntime", "int8": "onnxruntime",
-                                  "ov": "openvino", "ov-int8": "openvino"}
-# What each precision adds to the encoder id: fp32 computes torch's vectors, and so does
-# bf16 to within cosine 0.9999 (as torch fp16 on CUDA does); each int8 recipe its own.
-ID_SUFFIXES: dict[Precision, str] = {"fp32": "", "int8": "+onnx-int8", "ov": "", "ov-int8": "+openvino-int8"}
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One exported backend: its topology name, model file, runtime, id suffix, probe bar."""
+
+    backend: str
+    file: str
+    runtime: Literal["onnxruntime", "openvino"]
+    # What it adds to the encoder id: fp32 computes torch's vectors, and so does bf16 to
+    # within cosine 0.9999 (as torch fp16 on CUDA does); each int8 recipe is its own space.
+    id_suffix: str
+    # A freshly built model must reach this cosine to torch on PROBE_TEXTS, or it is not cached.
+    min_probe_cosine: float
+
+
+VARIANTS: dict[Precision, Variant] = {
+    "fp32": Variant("onnx", "model.fp32.onnx", "onnxruntime", "", 0.9999),
+    "int8": Variant("onnx-int8", "model.int8.onnx", "onnxruntime", "+onnx-int8", 0.98),
+    # the fp32 export, in bf16 where the CPU has it
+    "ov": Variant("openvino", "model.fp32.onnx", "openvino", "", 0.9999),
+    "ov-int8": Variant("openvino-int8", "model.wq8.onnx", "openvino", "+openvino-int8", 0.98),
+}
+MODEL_FILES: dict[Precision, str] = {precision: v.file for precision, v in VARIANTS.items()}
+BACKEND_PRECISIONS: dict[str, Precision] = {v.backend: precision for precision, v in VARIANTS.items()}
 # openvino-int8 quantises activations per token in groups of this many channels (so rows
 # hardly depend on their batch); 64 measured fastest here, 32 closest to fp32.
 OPENVINO_GROUP_SIZE = 64
@@ -116,14 +130,13 @@ META_FILE = "meta.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # Versions that change the exported or quantised graph.
 KEY_PACKAGES = ("onnxruntime", "onnx", "torch", "transformers", "sentence-transformers")
-# A freshly built model must reach this cosine to fp32 on these texts, or it is not cached.
+# Every freshly built model is checked against torch on these texts (Variant.min_probe_cosine).
 PROBE_TEXTS = (
     "hi",
     "where is my refund? I returned the parcel three weeks ago and still have not heard back",
     "a cat is sleeping on the sofa",
     "the stock market fell sharply today after the central bank raised interest rates again",
 )
-MIN_PROBE_COSINE: dict[Precision, float] = {"fp32": 0.9999, "int8": 0.98, "ov": 0.9999, "ov-int8": 0.98}
 
 log = logging.getLogger(__name__)
 
@@ -360,14 +373,14 @@ def export_models(layout: ModelLayout, folder: Path) -> dict[str, Any]:
     probe_ids = list(tokenizer(list(PROBE_TEXTS), truncation=True,
                                max_length=layout.max_seq_length)["input_ids"])
     probe_cosines: dict[str, float] = {}
-    for precision in MODEL_FILES:
+    for precision, variant in VARIANTS.items():
         probe = _Runner(open_session(folder, precision, threads=1), layout.pooling, dim).run(
             probe_ids, pad_id=int(tokenizer.pad_token_id or 0), token_types="token_type_ids" in names)
         cosine = float(np.sum(l2_normalise_rows(probe) * reference, axis=1).min())
-        if cosine < MIN_PROBE_COSINE[precision]:
+        if cosine < variant.min_probe_cosine:
             raise RuntimeError(
                 f"{precision} ONNX export of {layout.name} disagrees with the torch model (cosine "
-                f"{cosine:.6f} < {MIN_PROBE_COSINE[precision]}); use backend torch"
+                f"{cosine:.6f} < {variant.min_probe_cosine}); use backend torch"
             )
         probe_cosines[precision] = round(cosine, 6)
     return {
@@ -494,7 +507,7 @@ class _OpenVinoSession:
 def open_session(folder: Path, precision: Precision, threads: int) -> _OrtSession | _OpenVinoSession:
     """The runtime that runs ``precision``'s model file from an export folder."""
     path = folder / MODEL_FILES[precision]
-    if RUNTIMES[precision] == "openvino":
+    if VARIANTS[precision].runtime == "openvino":
         return _OpenVinoSession(path, precision, threads)
     return _OrtSession(path, threads)
 
@@ -561,8 +574,8 @@ class OnnxEncoder:
     ) -> None:
         if device not in ("auto", "cpu"):
             raise ValueError(f"the ONNX backends run on the CPU, not {device!r}; use backend torch or auto")
-        if precision not in MODEL_FILES:
-            raise ValueError(f"precision {precision!r}: one of {', '.join(MODEL_FILES)}")
+        if precision not in VARIANTS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(VARIANTS)}")
         from tokenizers import Tokenizer
 
         self.device = "cpu"
@@ -590,7 +603,7 @@ class OnnxEncoder:
     @property
     def id(self) -> str:
         """``st:all-MiniLM-L6-v2`` (fp32: torch's vectors) or ``st:all-MiniLM-L6-v2+onnx-int8``."""
-        return f"st:{self.layout.name}{ID_SUFFIXES[self.precision]}"
+        return f"st:{self.layout.name}{VARIANTS[self.precision].id_suffix}"
 
     @property
     def dim(self) -> int:
