@@ -6,6 +6,7 @@ module (by two threads at once, into a fresh cache folder: the cache's own test)
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -106,8 +107,8 @@ def fp32_reference(torch_encoder, sample) -> np.ndarray:
 
 def test_plan_batches_sorts_by_length_and_covers_every_index_once():
     lengths = [5, 40, 7, 40, 3, 12, 12, 9]
-    plan = plan_batches(lengths, 3, min_fill=0.0)
-    assert [len(group) for group in plan] == [3, 3, 2]
+    plan = plan_batches(lengths, 3, call_cost=10**6)  # calls dear: the fewest groups, least padding
+    assert [len(group) for group in plan] == [2, 3, 3]
     order = np.concatenate(plan)
     assert sorted(order.tolist()) == list(range(len(lengths)))
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
@@ -119,15 +120,40 @@ def test_plan_batches_sorts_by_length_and_covers_every_index_once():
         plan_batches(lengths, 0)
 
 
+def plan_cost(lengths: list[int], plan: list[np.ndarray], call_cost: int) -> int:
+    return sum(len(group) * max(lengths[i] for i in group) + call_cost for group in plan)
+
+
+def cheapest_cost(lengths: list[int], batch_size: int, call_cost: int) -> int:
+    """Exhaustively: every way to cut the longest-first order into groups of at most batch_size."""
+    ordered = sorted(lengths, reverse=True)
+    best = None
+    for cuts in itertools.product((False, True), repeat=max(0, len(ordered) - 1)):
+        groups, start = [], 0
+        for position, cut in enumerate(cuts, start=1):
+            if cut:
+                groups.append(ordered[start:position])
+                start = position
+        groups.append(ordered[start:])
+        if ordered and all(len(group) <= batch_size for group in groups):
+            cost = sum(len(group) * group[0] + call_cost for group in groups)
+            best = cost if best is None else min(best, cost)
+    return best or 0
+
+
 @settings(deadline=None, max_examples=200)
-@given(st.lists(st.integers(1, 256), max_size=80), st.integers(1, 32))
-def test_plan_batches_never_pads_a_text_past_twice_its_length(lengths, batch_size):
-    plan = plan_batches(lengths, batch_size)
-    assert sorted(np.concatenate(plan).tolist() if plan else []) == list(range(len(lengths)))
-    for group in plan:
-        assert 1 <= len(group) <= batch_size
-        longest = max(lengths[i] for i in group)
-        assert all(2 * lengths[i] >= longest for i in group)
+@given(st.lists(st.integers(1, 256), max_size=80), st.integers(1, 32), st.sampled_from([0, 8, 48, 500]))
+def test_plan_batches_cuts_the_sorted_texts_at_the_cheapest_places(lengths, batch_size, call_cost):
+    plan = plan_batches(lengths, batch_size, call_cost=call_cost)
+    order = np.concatenate(plan).tolist() if plan else []
+    assert sorted(order) == list(range(len(lengths)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert all(1 <= len(group) <= batch_size for group in plan)
+    cost = plan_cost(lengths, plan, call_cost)
+    if len(lengths) <= 10:
+        assert cost == cheapest_cost(lengths, batch_size, call_cost)
+    fixed = [np.asarray(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    assert cost <= plan_cost(lengths, fixed, call_cost)  # never worse than plain groups of batch_size
 
 
 def test_plan_batches_splits_a_long_tail_in_a_small_batch():
@@ -135,7 +161,8 @@ def test_plan_batches_splits_a_long_tail_in_a_small_batch():
     plan = plan_batches(lengths, 16)
     assert [sorted(lengths[i] for i in group) for group in plan] == [[256], [8, 9, 10, 11, 12, 13, 14]]
     padded = padding_stats(lengths, plan).padded
-    assert padded == 256 + 7 * 14 < padding_stats(lengths, plan_batches(lengths, 16, min_fill=0.0)).padded / 5
+    one_group = padding_stats(lengths, plan_batches(lengths, 16, by_length=False)).padded
+    assert padded == 256 + 7 * 14 < one_group / 5
 
 
 def test_padding_stats_count_real_and_padded_tokens():

@@ -116,19 +116,28 @@ class PaddingStats:
         return 1.0 - self.real / self.padded if self.padded else 0.0
 
 
+# What one model call costs beyond its tokens, in tokens: the planner splits a group only
+# where the padding it saves is worth more than another call. Measured with OpenVINO (bf16)
+# on 2 cores over dataset texts (ms per event against the 2x-padding rule it replaced):
+# 16 and 32 gained 5-10 %, 48 gained 12-18 % at worker batches of 19, 64 and 256 events.
+CALL_COST_TOKENS = 48
+
+
 def plan_batches(
-    lengths: Sequence[int], batch_size: int, *, by_length: bool = True, min_fill: float = 0.5
+    lengths: Sequence[int], batch_size: int, *, by_length: bool = True,
+    call_cost: int = CALL_COST_TOKENS,
 ) -> list[np.ndarray]:
     """Index groups of at most ``batch_size`` texts; each batch is padded only to its own longest text.
 
     ``by_length``: the texts are sorted by token length (longest first, ties in the
-    caller's order) and cut into consecutive groups, so a batch holds texts of
-    similar length; a group also ends before a text shorter than ``min_fill`` times
-    the group's longest, so no text is padded to more than twice its length — in a
-    small batch with a long tail (a 300-word post among 10-word chats) one long text
-    would otherwise make every text of its group pay its length. Without
-    ``by_length`` the groups follow the caller's order. Together the groups hold
-    every index exactly once.
+    caller's order) and cut into consecutive groups at the cheapest places: each
+    group costs its size times its longest text's length (the token positions the
+    model runs) plus ``call_cost`` tokens for the call itself, and the cuts minimise
+    the total (dynamic programming over the sorted lengths, O(n x batch_size)). So a
+    small batch with a long tail (a 300-word post among 10-word chats) runs the post
+    alone instead of padding every chat to its length, and a full batch of similar
+    texts still runs in groups of ``batch_size``. Without ``by_length`` the groups
+    follow the caller's order. Together the groups hold every index exactly once.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -137,13 +146,22 @@ def plan_batches(
         return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     array = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-array, kind="stable")
+    longest = array[order].astype(np.float64)  # descending: a group's first text is its longest
+    count = len(order)
+    # best[end]: the cheapest plan of the first `end` sorted texts; cut[end]: where its last group starts
+    best = np.zeros(count + 1)
+    cut = np.zeros(count + 1, dtype=np.int64)
+    for end in range(1, count + 1):
+        first = max(0, end - batch_size)
+        costs = best[first:end] + np.arange(end - first, 0, -1) * longest[first:end] + call_cost
+        pick = int(np.argmin(costs))  # the first minimum: the larger group on a tie
+        best[end], cut[end] = costs[pick], first + pick
     groups: list[np.ndarray] = []
-    start = 0
-    for position in range(1, len(order) + 1):
-        if (position == len(order) or position - start >= batch_size
-                or array[order[position]] < min_fill * array[order[start]]):
-            groups.append(order[start:position])
-            start = position
+    end = count
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = int(cut[end])
+    groups.reverse()
     return groups
 
 
