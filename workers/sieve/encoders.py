@@ -118,8 +118,8 @@ class PaddingStats:
 
 # What one model call costs beyond its tokens, in tokens: the planner splits a group only
 # where the padding it saves is worth more than another call. Measured with OpenVINO (bf16)
-# on 2 cores over dataset texts (ms per event against the 2x-padding rule it replaced):
-# 16 and 32 gained 5-10 %, 48 gained 12-18 % at worker batches of 19, 64 and 256 events.
+# on 2 cores, the encoder alone over dataset texts in chunks of 19, 64 and 256 (ms per event
+# against the 2x-padding rule it replaced): 32 gained 4-15 %, 48 gained 12-18 %.
 CALL_COST_TOKENS = 48
 
 
