@@ -121,7 +121,7 @@ def test_plan_batches_sorts_by_length_and_covers_every_index_once():
 
 
 def plan_cost(lengths: list[int], plan: list[np.ndarray], call_cost: int) -> int:
-    return sum(len(group) * max(lengths[i] for i in group) + call_cost for group in plan)
+    return padding_stats(lengths, plan).padded + call_cost * len(plan)
 
 
 def cheapest_cost(lengths: list[int], batch_size: int, call_cost: int) -> int:

@@ -151,9 +151,10 @@ def plan_batches(
     # best[end]: the cheapest plan of the first `end` sorted texts; cut[end]: where its last group starts
     best = np.zeros(count + 1)
     cut = np.zeros(count + 1, dtype=np.int64)
+    sizes = np.arange(min(batch_size, count), 0, -1, dtype=np.float64)  # group size by start, tail-aligned
     for end in range(1, count + 1):
         first = max(0, end - batch_size)
-        costs = best[first:end] + np.arange(end - first, 0, -1) * longest[first:end] + call_cost
+        costs = best[first:end] + sizes[len(sizes) - (end - first):] * longest[first:end] + call_cost
         pick = int(np.argmin(costs))  # the first minimum: the larger group on a tie
         best[end], cut[end] = costs[pick], first + pick
     groups: list[np.ndarray] = []
