@@ -15,6 +15,10 @@
   mean of its two rates.
 * Both use the same torch thread count (``--threads``). The dev broker shares the cores with
   the worker; the peer has them to itself.
+* The compute bound (roofline.py): the messages' matmul FLOPs against this machine's measured
+  fp32 / bf16 / int8 matmul peaks give the largest ratio any system running the same model
+  at that precision could show here; each backend's share of its precision's peak is printed
+  beside it, and a target above its bound is marked so.
 
 Messages are real texts (../shared/datasets: OpenAI moderation prompts interleaved with CLINC150
 queries, as loadgen.py sends them); the word counts are printed with the table.
@@ -43,9 +47,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import Text, dataset_texts, make_events  # noqa: E402
+from roofline import (  # noqa: E402
+    PRECISIONS,
+    ModelShape,
+    backend_precision,
+    compute_bound,
+    cpu_has_bf16,
+    matmul_peaks,
+    token_lengths,
+)
 from worker_rig import ROUTES, WorkerRig, backend_available, cpu_model, encoder_spec  # noqa: E402
 
 from sieve.demo import steady_rate  # noqa: E402
+from sieve.encoders import bundled_minilm_path  # noqa: E402
+from sieve.onnx_backend import read_layout  # noqa: E402
 from sieve.routeset import ThresholdOverrides, load_route_set  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -167,6 +182,36 @@ def word_stats(texts: list[str]) -> dict[str, float]:
             "p95": float(np.percentile(words, 95))}
 
 
+def measure_bound(texts: list[str], threads: int, peaks: dict[str, float]) -> dict:
+    """The messages' matmul work (MiniLM, truncated as the encoder does) against these peaks."""
+    model_dir = Path(bundled_minilm_path())
+    layout = read_layout(model_dir, model_dir.name)
+    lengths = token_lengths(texts, model_dir, layout.max_seq_length)
+    bound = compute_bound(lengths, ModelShape.from_config(model_dir), peaks)
+    bound.update(max_seq_length=layout.max_seq_length, threads=threads, bf16=cpu_has_bf16())
+    return bound
+
+
+def print_bound(bound: dict, peer: dict | None, rows: list[dict]) -> None:
+    """The compute-bound table: per precision, its peak, the rate at it, and who runs at what share."""
+    gflop = bound["gflop_per_message"]
+    print(f"\nWhat the arithmetic allows here: {bound['tokens_mean']:.1f} tokens per message (mean, cut at "
+          f"{bound['max_seq_length']}), {gflop:.3f} GFLOP of matmuls per message (attention "
+          f"{bound['attention_share']:.0%}); peaks: torch's matmul on {bound['threads']} threads, the "
+          "best of the model's three product shapes on 1,024 tokens, measured before and after the runs\n")
+    print("| precision | matmul peak (GFLOP/s) | messages/s at that peak | ratio vs peer at that peak "
+          "| runs at (GFLOP/s of useful matmuls, share of the peak) |")
+    print("|---|---:|---:|---:|---|")
+    for precision in PRECISIONS:
+        peak, ceiling = bound["peaks_gflops"][precision], bound["ceiling_rate"][precision]
+        runners = [(f"peer {peer['rate'] * gflop:.0f} ({peer['rate'] * gflop / peak:.0%})")
+                   ] if peer is not None and precision == "fp32" else []
+        runners += [f"{row['backend']} {row['rate'] * gflop:.0f} ({row['rate'] * gflop / peak:.0%})"
+                    for row in rows if row["precision"] == precision]
+        ratio = f"{ceiling / peer['rate']:.1f}×" if peer is not None else "—"
+        print(f"| {precision} | {peak:.0f} | {ceiling:.0f} | {ratio} | {'; '.join(runners)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,6 +251,7 @@ def main() -> None:
               "Sieve's rate (counted after the first batch) will be rough", file=sys.stderr)
     texts = select_texts(args.events, args.messages)
     words = word_stats(texts)
+    peaks_before = matmul_peaks(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="sieve-bench-peer-"))
     peer = None
     if peer_env is not None:
@@ -216,12 +262,17 @@ def main() -> None:
             skipped.append(backend)
             continue
         rows.append(run_sieve(backend, texts, args, tmp))
+        rows[-1]["precision"] = backend_precision(backend, cpu_has_bf16())
     if peer is not None:
         # The machine's speed drifts over minutes (shared cores): the peer runs again after
         # Sieve, and the ratios use the mean of its two rates.
         after = run_peer(args.peer_venv, texts, args.threads, tmp, args.peer_encoder, args.peer_control)
         peer["rate_before"], peer["rate_after"] = peer["rate"], after["rate"]
         peer["rate"] = (peer["rate_before"] + peer["rate_after"]) / 2
+    # the peaks drift with the machine too: the bound takes the higher of the two measurements
+    peaks_after = matmul_peaks(args.threads)
+    bound = measure_bound(texts, args.threads, {p: max(peaks_before[p], peaks_after[p]) for p in PRECISIONS})
+    bound["peaks_before"], bound["peaks_after"] = peaks_before, peaks_after
 
     print(f"\nSieve vs semantic-router, end to end — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; {len(texts)} messages "
@@ -237,13 +288,18 @@ def main() -> None:
         row["ratio"] = ratio
         target = TARGETS.get(row["backend"])
         row["target"] = target
+        row["ratio_bound"] = (bound["ceiling_rate"][row["precision"]] / peer["rate"]
+                              if peer is not None else None)
         verdict = "" if target is None or ratio is None else (" met" if ratio >= target else " missed")
+        if verdict == " missed" and row["ratio_bound"] < target:
+            verdict += f" (above the {row['precision']} bound here, {row['ratio_bound']:.1f}×)"
         labels = {"torch": "torch fp32", "onnx": "onnx fp32", "openvino": "openvino (auto on a CPU)"}
         label = labels.get(row["backend"], row["backend"])
         print(f"| Sieve, one worker (dev broker, batches of {row['max_events']}) | {label} "
               f"| {row['threads']} | {row['decided']} | {row['rate']:.1f} | "
               f"{f'{ratio:.1f}×' if ratio is not None else '—'} | "
               f"{f'≥ {target:.0f}×' if target else ''}{verdict} |")
+    print_bound(bound, peer, rows)
     if peer is not None:
         print(f"\npeer rate: the mean of {peer['rate_before']:.1f} events/s before Sieve's runs and "
               f"{peer['rate_after']:.1f} after them")
@@ -270,6 +326,7 @@ def main() -> None:
             "cpu": cpu_model(), "messages": len(texts), "message_set": args.messages,
             "words": words, "threads": args.threads,
             "peer": peer, "peer_env": peer_env, "sieve": rows, "skipped_backends": skipped,
+            "compute_bound": bound,
         }, indent=2))
     if any(row["decided"] + row["dead_letters"] != len(texts) for row in rows):
         sys.exit("not every event was decided")

@@ -75,6 +75,13 @@ def test_bench_peer_runs_its_sieve_side_and_prints_its_table(tmp_path) -> None:
     [row] = figures["sieve"]
     assert row["backend"] == "onnx" and row["decided"] == 120 and row["rate"] > 0
     assert {"mean", "p50", "p95"} <= set(figures["words"])
+    # the compute bound: the messages' matmul work and this machine's measured peaks
+    assert "| precision | matmul peak (GFLOP/s) | messages/s at that peak |" in stdout
+    bound = figures["compute_bound"]
+    assert row["precision"] == "fp32" and f"onnx {row['rate'] * bound['gflop_per_message']:.0f} (" in stdout
+    assert set(bound["peaks_gflops"]) == {"fp32", "bf16", "int8"}
+    assert all(rate > 0 for rate in bound["ceiling_rate"].values())
+    assert 3 <= bound["tokens_mean"] <= bound["max_seq_length"]
 
 
 def test_bench_encoders_runs_and_prints_its_tables(tmp_path) -> None:
