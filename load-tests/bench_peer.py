@@ -186,9 +186,8 @@ def measure_bound(texts: list[str], threads: int, peaks: dict[str, float]) -> di
     """The messages' matmul work (MiniLM, truncated as the encoder does) against these peaks."""
     model_dir = Path(bundled_minilm_path())
     layout = read_layout(model_dir, model_dir.name)
-    lengths = token_lengths(texts, model_dir, layout.max_seq_length)
-    bound = compute_bound(lengths, ModelShape.from_config(model_dir), peaks)
-    bound.update(max_seq_length=layout.max_seq_length, threads=threads, bf16=cpu_has_bf16())
+    bound = compute_bound(token_lengths(texts, layout), ModelShape.from_config(model_dir), peaks)
+    bound.update(max_seq_length=layout.max_seq_length, threads=threads)
     return bound
 
 
@@ -252,6 +251,7 @@ def main() -> None:
     texts = select_texts(args.events, args.messages)
     words = word_stats(texts)
     peaks_before = matmul_peaks(args.threads)
+    bf16 = cpu_has_bf16()  # whether openvino computes in bf16 here: the peak that bounds it
     tmp = Path(tempfile.mkdtemp(prefix="sieve-bench-peer-"))
     peer = None
     if peer_env is not None:
@@ -262,7 +262,7 @@ def main() -> None:
             skipped.append(backend)
             continue
         rows.append(run_sieve(backend, texts, args, tmp))
-        rows[-1]["precision"] = backend_precision(backend, cpu_has_bf16())
+        rows[-1]["precision"] = backend_precision(backend, bf16)
     if peer is not None:
         # The machine's speed drifts over minutes (shared cores): the peer runs again after
         # Sieve, and the ratios use the mean of its two rates.
@@ -272,7 +272,7 @@ def main() -> None:
     # the peaks drift with the machine too: the bound takes the higher of the two measurements
     peaks_after = matmul_peaks(args.threads)
     bound = measure_bound(texts, args.threads, {p: max(peaks_before[p], peaks_after[p]) for p in PRECISIONS})
-    bound["peaks_before"], bound["peaks_after"] = peaks_before, peaks_after
+    bound.update(peaks_before=peaks_before, peaks_after=peaks_after, bf16=bf16)
 
     print(f"\nSieve vs semantic-router, end to end — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; {len(texts)} messages "

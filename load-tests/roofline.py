@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sieve.onnx_backend import ModelLayout, fast_tokenizer
+
 # tokens x in x out: MiniLM's Q/K/V, FFN1 and FFN2 products on a batch of 16 texts of 64 tokens
 PEAK_SHAPES = ((1024, 384, 1152), (1024, 384, 1536), (1024, 1536, 384))
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -65,14 +67,9 @@ class ModelShape:
         return self.linear_flops_per_token * tokens + self.attention_flops(tokens)
 
 
-def token_lengths(texts: list[str], model_dir: str | Path, max_seq_length: int) -> list[int]:
-    """Each text's token count from the model's fast tokenizer, cut at ``max_seq_length``."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_seq_length)
-    return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
+def token_lengths(texts: list[str], layout: ModelLayout) -> list[int]:
+    """Each text's token count, tokenised and cut as the ONNX and OpenVINO backends do."""
+    return [len(encoding.ids) for encoding in fast_tokenizer(layout).encode_batch(texts)]
 
 
 def matmul_peak(precision: str, threads: int, shape: tuple[int, int, int] = PEAK_SHAPES[1],
@@ -151,7 +148,7 @@ def compute_bound(lengths: list[int], shape: ModelShape, peaks: dict[str, float]
     flops = shape.flops(lengths)
     per_message = float(flops.mean())
     return {
-        "tokens_mean": float(np.mean(lengths)), "tokens_max": int(np.max(lengths)),
+        "tokens_mean": float(np.mean(lengths)),
         "gflop_per_message": per_message / 1e9,
         "attention_share": float(shape.attention_flops(lengths).sum() / flops.sum()),
         "peaks_gflops": peaks,

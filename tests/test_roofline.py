@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sieve.encoders import bundled_minilm_path
+from sieve.onnx_backend import read_layout
 
 from .conftest import REPO
 
@@ -60,9 +62,10 @@ def test_flops_add_up_text_by_text(minilm) -> None:
 
 
 def test_token_lengths_truncate_as_the_encoder_does() -> None:
-    path = bundled_minilm_path()
-    long_text = "word " * 600
-    assert token_lengths(["hi", long_text], path, 256) == [3, 256]  # [CLS] hi [SEP]
+    path = Path(bundled_minilm_path())
+    layout = read_layout(path, path.name)
+    assert layout.max_seq_length == 256
+    assert token_lengths(["hi", "word " * 600], layout) == [3, 256]  # [CLS] hi [SEP]
 
 
 def test_compute_bound_divides_each_peak_by_the_flops_per_message(minilm) -> None:

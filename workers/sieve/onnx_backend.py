@@ -202,6 +202,16 @@ def read_layout(directory: Path, name: str, max_seq_length: int | None = None) -
     return ModelLayout(directory=directory, name=name, max_seq_length=int(max_seq_length), pooling=pooling)
 
 
+def fast_tokenizer(layout: ModelLayout) -> Any:
+    """The model's fast tokenizer as these backends run it: unpadded, cut at ``max_seq_length``."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(layout.directory / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(layout.max_seq_length)
+    return tokenizer
+
+
 def _pooling_mode(config: dict[str, Any]) -> str:
     mode = config.get("pooling_mode")
     if isinstance(mode, str):
@@ -576,8 +586,6 @@ class OnnxEncoder:
             raise ValueError(f"the ONNX backends run on the CPU, not {device!r}; use backend torch or auto")
         if precision not in VARIANTS:
             raise ValueError(f"precision {precision!r}: one of {', '.join(VARIANTS)}")
-        from tokenizers import Tokenizer
-
         self.device = "cpu"
         self.precision: Precision = precision
         directory, name = resolve_model_dir(model)
@@ -586,9 +594,7 @@ class OnnxEncoder:
         self.folder, self.built = ensure_onnx_models(self.layout, cache_dir)
         self.build_s = time.perf_counter() - started
         self.meta: dict[str, Any] = _read_json(self.folder / META_FILE)
-        self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(self.layout.max_seq_length)
+        self._tokenizer = fast_tokenizer(self.layout)
         padding = _read_json(directory / "tokenizer.json").get("padding") or {}
         self._pad_id = int(padding.get("pad_id", 0))
         self.threads = usable_cpus() if threads is None else threads
