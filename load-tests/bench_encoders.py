@@ -44,10 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker_rig import cpu_model  # noqa: E402
 
-from sieve.datasets import load_openai_moderation  # noqa: E402
-from sieve.demo import SAMPLES  # noqa: E402
-from sieve.encoders import SentenceTransformerEncoder  # noqa: E402
-from sieve.onnx_backend import BACKEND_PRECISIONS, OnnxEncoder  # noqa: E402
+from sieve.cli.demo import SAMPLES  # noqa: E402
+from sieve.encoders.core import SentenceTransformerEncoder  # noqa: E402
+from sieve.encoders.onnx import BACKEND_PRECISIONS, OnnxEncoder  # noqa: E402
+from sieve.quality.datasets import load_openai_moderation  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 
 

@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encoders import StEncode, best_rate, message_sets  # noqa: E402
 from bench_images import photo_jpeg  # noqa: E402
 
-from sieve.compute import limit_blas_threads  # noqa: E402
-from sieve.dead_letter import RawRecord  # noqa: E402
-from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
-from sieve.images import decode_image  # noqa: E402
-from sieve.match import RouteIndex  # noqa: E402
-from sieve.pipeline import RouterPipeline  # noqa: E402
+from sieve.encoders.core import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
+from sieve.flow.images import decode_image  # noqa: E402
+from sieve.flow.match import RouteIndex  # noqa: E402
+from sieve.flow.pipeline import RouterPipeline  # noqa: E402
+from sieve.kafka.records import RawRecord  # noqa: E402
 from sieve.routeset import load_route_set  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 from sieve.topology import LimitsSpec, Topology  # noqa: E402
+from sieve.worker.compute import limit_blas_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 
 from PIL import Image, ImageDraw
 
-from sieve.encoders import OpenClipEncoder, save_tiny_clip
-from sieve.images import decode_image
+from sieve.encoders.core import OpenClipEncoder, save_tiny_clip
+from sieve.flow.images import decode_image
 from sieve.topology import LimitsSpec
 
 

@@ -1,7 +1,7 @@
 """Latency at half load: p50/p99 from event time to decision, one worker, on this machine.
 
 1. Max load: the dev broker, a backlog of dataset messages, then one ``sieve worker``;
-   events/s from its decisions after the first batch (``sieve.demo.steady_rate``, as
+   events/s from its decisions after the first batch (``sieve.cli.demo.steady_rate``, as
    bench_spine.py measures it).
 2. Half of it: the same worker, warm, gets events at half that rate, steadily
    (loadgen.produce_events), for ``--duration`` seconds.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import dataset_texts, make_events  # noqa: E402
 from worker_rig import WorkerRig, cpu_model, encoder_spec, metric_total  # noqa: E402
 
-from sieve.demo import steady_rate  # noqa: E402
+from sieve.cli.demo import steady_rate  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 
 MAX_TEXT_CHARS = 8000  # the topology's default limit; longer texts would be dead-lettered

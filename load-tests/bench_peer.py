@@ -8,7 +8,7 @@
   ``confidence_threshold``) over ``LocalEncoder`` (sentence-transformers), warms it up and times
   ``router(text)``, one call per message: the peer has no public batch call.
 * Sieve: one real ``sieve worker`` process on the dev broker over a backlog of the same
-  messages; events/s from its decisions after the first batch (``sieve.demo.steady_rate``),
+  messages; events/s from its decisions after the first batch (``sieve.cli.demo.steady_rate``),
   once per encoder backend (``--backends``: fp32 torch, fp32 ONNX Runtime, its int8 path,
   OpenVINO — what ``auto`` runs on a CPU, bf16 where the CPU has it — and its int8 path).
 * The peer runs before and after Sieve's runs (the machine's speed drifts); ratios use the
@@ -58,9 +58,9 @@ from roofline import (  # noqa: E402
 )
 from worker_rig import ROUTES, WorkerRig, backend_available, cpu_model, encoder_spec  # noqa: E402
 
-from sieve.demo import steady_rate  # noqa: E402
-from sieve.encoders import bundled_minilm_path  # noqa: E402
-from sieve.onnx_backend import read_layout  # noqa: E402
+from sieve.cli.demo import steady_rate  # noqa: E402
+from sieve.encoders.core import bundled_minilm_path  # noqa: E402
+from sieve.encoders.onnx import read_layout  # noqa: E402
 from sieve.routeset import ThresholdOverrides, load_route_set  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -167,7 +167,7 @@ def select_texts(count: int, kind: str = "datasets") -> list[str]:
     ``chat``: the demo's short chat messages (about 16 words), the length FACTS.md compared at.
     """
     if kind == "chat":
-        from sieve.demo import sample_events
+        from sieve.cli.demo import sample_events
 
         pool = [str(e["text"]) for e in sample_events(count) if e.get("text")]
     else:

@@ -29,13 +29,13 @@ from pathlib import Path
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from sieve.broker import start_dev_broker
-from sieve.demo import free_port, sample_events, steady_rate
-from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
-from sieve.kafka import produce
+from sieve.cli.demo import free_port, sample_events, steady_rate
+from sieve.encoders.core import SentenceTransformerEncoder, TrivialEncoder
+from sieve.kafka.broker import start_dev_broker
+from sieve.kafka.client import produce
 from sieve.routeset import load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings
-from sieve.store import RouteStore
+from sieve.store.qdrant import RouteStore
 
 REPO = Path(__file__).resolve().parents[1]
 

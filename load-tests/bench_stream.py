@@ -45,15 +45,15 @@ from pathlib import Path
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from sieve.broker import start_dev_broker
-from sieve.dead_letter import RawRecord
-from sieve.demo import free_port, sample_events
-from sieve.encoders import TrivialEncoder
-from sieve.kafka import ensure_topics, produce, read_topic
-from sieve.pipeline import RouterPipeline
+from sieve.cli.demo import free_port, sample_events
+from sieve.encoders.core import TrivialEncoder
+from sieve.flow.pipeline import RouterPipeline
+from sieve.kafka.broker import start_dev_broker
+from sieve.kafka.client import ensure_topics, produce, read_topic
+from sieve.kafka.records import RawRecord
 from sieve.routeset import load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings, Settings, usable_cpus
-from sieve.store import RouteStore
+from sieve.store.qdrant import RouteStore
 from sieve.topology import Topology
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from sieve.kafka import client_kwargs
+from sieve.kafka.client import client_kwargs
 from sieve.settings import KafkaSettings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiokafka import AIOKafkaConsumer
 
-from sieve.kafka import client_kwargs
+from sieve.kafka.client import client_kwargs
 from sieve.settings import KafkaSettings, get_settings
 
 

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from sieve.contracts import NEEDS_REVIEW
-from sieve.dead_letter import RawRecord
-from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
-from sieve.match import RouteIndex
-from sieve.pipeline import RouterPipeline
-from sieve.review import ReviewCatalogue, build_messages, estimate_tokens
+from sieve.encoders.core import SentenceTransformerEncoder, TrivialEncoder
+from sieve.flow.match import RouteIndex
+from sieve.flow.pipeline import RouterPipeline
+from sieve.kafka.records import RawRecord
+from sieve.review.steps import ReviewCatalogue, build_messages, estimate_tokens
 from sieve.topology import load_topology, load_topology_route_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import make_events, produce_events  # noqa: E402
 from measure import collect  # noqa: E402
 
-from sieve.broker import start_dev_broker  # noqa: E402
-from sieve.demo import free_port  # noqa: E402
-from sieve.kafka import ensure_topics  # noqa: E402
+from sieve.cli.demo import free_port  # noqa: E402
+from sieve.kafka.broker import start_dev_broker  # noqa: E402
+from sieve.kafka.client import ensure_topics  # noqa: E402
 from sieve.routeset import load_route_set  # noqa: E402
 from sieve.settings import KafkaSettings, QdrantSettings  # noqa: E402
-from sieve.store import RouteStore  # noqa: E402
+from sieve.store.qdrant import RouteStore  # noqa: E402
 from sieve.topology import load_topology, load_topology_route_set  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,7 +351,7 @@ def main() -> None:
         qdrant = QdrantSettings(path=tmp / "qdrant")
         qdrant_env = {"SIEVE_QDRANT__PATH": str(tmp / "qdrant")}
     try:
-        from sieve.encoders import SentenceTransformerEncoder, TrivialEncoder
+        from sieve.encoders.core import SentenceTransformerEncoder, TrivialEncoder
 
         encoder = TrivialEncoder() if args.encoder == "trivial" else SentenceTransformerEncoder(device="cpu")
         RouteStore(qdrant).sync(load_route_set(ROUTES), encoder)

@@ -38,9 +38,9 @@ from bench_spine import peak_rss_mib  # noqa: E402
 from loadgen import ProduceReport, produce_events  # noqa: E402
 from measure import parse_output  # noqa: E402
 
-from sieve.broker import start_dev_broker  # noqa: E402
-from sieve.demo import free_port  # noqa: E402
-from sieve.kafka import client_kwargs  # noqa: E402
+from sieve.cli.demo import free_port  # noqa: E402
+from sieve.kafka.broker import start_dev_broker  # noqa: E402
+from sieve.kafka.client import client_kwargs  # noqa: E402
 from sieve.settings import KafkaSettings, get_settings  # noqa: E402
 from sieve.topology import EncoderSpec  # noqa: E402
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import hypothesis  # noqa: F401  (import before Faust runs: see below)
 import pytest
 
-from sieve.broker import start_dev_broker
-from sieve.encoders import OpenClipEncoder, SentenceTransformerEncoder, TrivialEncoder, save_tiny_clip
-from sieve.match import RouteIndex
+from sieve.encoders.core import OpenClipEncoder, SentenceTransformerEncoder, TrivialEncoder, save_tiny_clip
+from sieve.flow.match import RouteIndex
+from sieve.kafka.broker import start_dev_broker
 from sieve.routeset import RouteSet, load_route_set
 
 # hypothesis is imported here, at collection, on purpose: its pytest plugin imports it
@@ -42,7 +42,7 @@ def minilm() -> SentenceTransformerEncoder:
 @pytest.fixture(scope="session")
 def cached_minilm(minilm, tmp_path_factory: pytest.TempPathFactory):
     """MiniLM behind an embedding cache for the eval/fit/build tests: each text encoded once a session."""
-    from sieve.embedding_cache import CachedEncoder
+    from sieve.encoders.cache import CachedEncoder
 
     return CachedEncoder(minilm, tmp_path_factory.mktemp("embeddings"))
 
@@ -50,7 +50,7 @@ def cached_minilm(minilm, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def moderation_bench(cached_minilm):
     """openai-moderation, seeded split, 150 examples per split (long texts: ~450 encodes)."""
-    from sieve.quality import open_workbench
+    from sieve.quality.runner import open_workbench
 
     return open_workbench("openai-moderation", cached_minilm, datasets_dir=SHARED / "datasets", seed=0,
                           sample=150)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from sieve.agent import RouterWorker
-from sieve.compute import ThreadCompute
-from sieve.match import RouteIndex
-from sieve.pipeline import RouterPipeline
-from sieve.publish import Outbound
+from sieve.flow.match import RouteIndex
+from sieve.flow.pipeline import RouterPipeline
+from sieve.kafka.records import Outbound
 from sieve.settings import Settings
 from sieve.topology import load_topology
+from sieve.worker.batch import RouterWorker
+from sieve.worker.compute import ThreadCompute
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,8 +93,8 @@ async def test_agent_retries_publish_until_acknowledged(router: RouterWorker) ->
 def test_raw_record_is_the_messages_record() -> None:
     from types import SimpleNamespace
 
-    from sieve.agent import raw_record
-    from sieve.dead_letter import RawRecord
+    from sieve.kafka.records import RawRecord
+    from sieve.worker.batch import raw_record
 
     def event(key, value):
         message = SimpleNamespace(topic="in", partition=2, offset=7, key=key, value=value, timestamp=1.5)

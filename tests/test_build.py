@@ -10,12 +10,18 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sieve.build import build_route_set, membership_matrix, route_pools, select_representatives, with_head
-from sieve.cli import app
-from sieve.datasets import LabelledData, LabelledExample
-from sieve.head import HeadError, LearnedHead, head_path_for, train_head
-from sieve.match import RouteIndex
-from sieve.quality import run_build, run_eval
+from sieve.cli.app import app
+from sieve.flow.head import HeadError, LearnedHead, head_path_for, train_head
+from sieve.flow.match import RouteIndex
+from sieve.quality.build import (
+    build_route_set,
+    membership_matrix,
+    route_pools,
+    select_representatives,
+    with_head,
+)
+from sieve.quality.datasets import LabelledData, LabelledExample
+from sieve.quality.runner import run_build, run_eval
 from sieve.routeset import dump_route_set, load_route_set, parse_route_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from sieve.agent import RouterWorker
-from sieve.compute import ChildDied, ProcessCompute, ThreadCompute, summarise
-from sieve.dead_letter import RawRecord
-from sieve.match import RouteIndex
-from sieve.pipeline import RouterPipeline
+from sieve.flow.match import RouteIndex
+from sieve.flow.pipeline import RouterPipeline
+from sieve.kafka.records import RawRecord
 from sieve.settings import Settings
 from sieve.topology import Topology
+from sieve.worker.batch import RouterWorker
+from sieve.worker.compute import ChildDied, ProcessCompute, ThreadCompute, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 # Differ between two runs of the same batch: when (and how long after the event) it was decided or failed.
@@ -161,7 +161,7 @@ def test_the_child_caps_numpys_blas_threads(child: ProcessCompute) -> None:
 
 
 def test_limit_blas_threads_sets_this_process_pool() -> None:
-    from sieve.compute import limit_blas_threads
+    from sieve.worker.compute import limit_blas_threads
 
     before = _blas_threads()
     try:
@@ -219,7 +219,7 @@ def test_compute_auto_is_a_child_process_from_two_cpus(monkeypatch: pytest.Monke
 def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch, pipeline: RouterPipeline,
                                                  cpus: int, kind: type) -> None:
     import sieve.settings
-    from sieve.compute import build_compute
+    from sieve.worker.compute import build_compute
 
     monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: cpus)
     compute = build_compute(pipeline.topology, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)
@@ -232,8 +232,8 @@ def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch
 
 def test_a_child_refuses_an_index_of_another_encoder(moderation_set) -> None:
     """The worker finds the index by the id the topology names; the child's loaded encoder checks it."""
-    from sieve.compute import encoder_ids
-    from sieve.encoders import TrivialEncoder
+    from sieve.encoders.core import TrivialEncoder
+    from sieve.worker.compute import encoder_ids
 
     other = RouteIndex.build(moderation_set, TrivialEncoder(dim=32))
     assert encoder_ids(_topology()) == {"text": TrivialEncoder().id} != {"text": other.encoder_id}

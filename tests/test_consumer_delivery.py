@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sieve.agent import build_app, run_eagerly
 from sieve.settings import Settings
 from sieve.topology import load_topology
+from sieve.worker.batch import build_app, run_eagerly
 
 REPO = Path(__file__).resolve().parents[1]
 

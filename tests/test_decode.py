@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sieve.contracts import DeadLetter
-from sieve.dead_letter import RawRecord, dead_letter_payload
-from sieve.decode import _checked, _parse_and_validate, _Rejected, decode_batch, decode_one
+from sieve.flow.dead_letter import dead_letter_payload
+from sieve.flow.decode import _checked, _parse_and_validate, _Rejected, decode_batch, decode_one
+from sieve.kafka.records import RawRecord
 from sieve.topology import LimitsSpec
 
 LIMITS = LimitsSpec(max_text_chars=100, max_event_bytes=2_000, max_dead_letter_payload_bytes=1_000)

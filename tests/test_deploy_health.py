@@ -17,11 +17,11 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from sieve.health import Probes, serve
-from sieve.kafka import produce
+from sieve.kafka.client import produce
 from sieve.routeset import load_route_set
 from sieve.settings import HealthSettings, KafkaSettings, QdrantSettings
-from sieve.store import RouteStore
+from sieve.store.qdrant import RouteStore
+from sieve.worker.health import Probes, serve
 
 from .conftest import REPO, free_port, worker_env
 

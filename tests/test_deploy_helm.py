@@ -206,7 +206,7 @@ def test_the_init_hook_creates_topics_and_syncs_routes_before_the_workers() -> N
 def test_worker_commands_exist_in_the_cli() -> None:
     from typer.main import get_command
 
-    from sieve.cli import app
+    from sieve.cli.app import app
 
     cli = get_command(app)
     for _, container in containers(render()):

@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sieve.datasets import load_openai_moderation
-from sieve.encoders import (
+from sieve.encoders.core import (
     OpenClipEncoder,
     PaddingStats,
     SentenceTransformerEncoder,
@@ -31,7 +30,7 @@ from sieve.encoders import (
     prefetched,
     resolve_device,
 )
-from sieve.onnx_backend import (
+from sieve.encoders.onnx import (
     DISABLED_OPTIMIZERS,
     META_FILE,
     MODEL_FILES,
@@ -44,7 +43,8 @@ from sieve.onnx_backend import (
     read_layout,
     write_weight_int8,
 )
-from sieve.store import space_name
+from sieve.quality.datasets import load_openai_moderation
+from sieve.store.qdrant import space_name
 from sieve.topology import EncoderSpec, Topology
 
 from .conftest import REPO, SHARED
@@ -412,7 +412,7 @@ def test_auto_backend_is_openvino_on_the_cpu_and_torch_on_cuda(int8, torch_encod
     assert isinstance(explicit, OnnxEncoder) and explicit.precision == "fp32"
     # Where CUDA is visible, auto means torch (fp16): check the choice without a GPU.
     built: list[str] = []
-    monkeypatch.setattr("sieve.encoders.SentenceTransformerEncoder",
+    monkeypatch.setattr("sieve.encoders.core.SentenceTransformerEncoder",
                         lambda *a, **k: built.append(k["device"]) or torch_encoder)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert build_text_encoder(spec, device="auto", onnx_cache_dir=int8.folder.parent) is torch_encoder
@@ -502,7 +502,7 @@ def test_weight_int8_copy_quantises_every_weight_matmul_per_channel(int8, tmp_pa
 def test_encoder_id_from_the_spec_is_the_loaded_encoders(int8, onnx_fp32, torch_encoder, openvino,
                                                         openvino_int8):
     """A worker with a compute child finds its route index by these ids before any model loads."""
-    from sieve.encoders import TrivialEncoder, text_encoder_id
+    from sieve.encoders.core import TrivialEncoder, text_encoder_id
 
     loaded = {"torch": torch_encoder, "onnx": onnx_fp32, "onnx-int8": int8, "auto": openvino,
               "openvino": openvino, "openvino-int8": openvino_int8}

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sieve.encoders import (
+from sieve.encoders.core import (
     SentenceTransformerEncoder,
     TextEncoder,
     TrivialEncoder,

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sieve.cli import app
+from sieve.cli.app import app
 from sieve.contracts import NEEDS_REVIEW
-from sieve.datasets import (
+from sieve.encoders.cache import CachedEncoder
+from sieve.flow.decide import Policy, decide_scores
+from sieve.flow.match import MatchResult, RouteIndex
+from sieve.flow.pipeline import RouterPipeline
+from sieve.quality.datasets import (
     DatasetError,
     LabelledData,
     LabelledExample,
@@ -22,9 +26,7 @@ from sieve.datasets import (
     sample_data,
     split_data,
 )
-from sieve.decide import Policy, decide_scores
-from sieve.embedding_cache import CachedEncoder
-from sieve.evaluate import (
+from sieve.quality.evaluate import (
     ScoredSplit,
     cascade_curve,
     coverage_risk_curve,
@@ -39,10 +41,8 @@ from sieve.evaluate import (
     three_way_run,
     wilson,
 )
-from sieve.match import MatchResult, RouteIndex
-from sieve.pipeline import RouterPipeline
-from sieve.quality import run_eval
-from sieve.report import SECTIONS, write_report
+from sieve.quality.report import SECTIONS, write_report
+from sieve.quality.runner import run_eval
 from sieve.routeset import parse_route_set
 from sieve.topology import load_topology
 from tests.test_pipeline import text_record

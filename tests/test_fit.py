@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from sieve.cli import app
+from sieve.cli.app import app
 from sieve.contracts import NEEDS_REVIEW
-from sieve.datasets import load_clinc150, split_data
-from sieve.decide import Policy, decide_scores
-from sieve.evaluate import wilson
-from sieve.fit import REVIEW, FastDecider, Params, Targets, fit_thresholds
-from sieve.match import RouteIndex
-from sieve.quality import Workbench, run_build, run_fit
-from sieve.report import SECTIONS, write_report
+from sieve.flow.decide import Policy, decide_scores
+from sieve.flow.match import RouteIndex
+from sieve.quality.datasets import load_clinc150, split_data
+from sieve.quality.evaluate import wilson
+from sieve.quality.fit import REVIEW, FastDecider, Params, Targets, fit_thresholds
+from sieve.quality.report import SECTIONS, write_report
+from sieve.quality.runner import Workbench, run_build, run_fit
 from sieve.routeset import Route, load_route_set, parse_route_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,14 +25,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from sieve.dead_letter import RawRecord
-from sieve.encoders import OpenClipEncoder, clip_encoder_id
-from sieve.images import ImageRejected, check_url, decode_image
-from sieve.match import RouteIndex
-from sieve.pipeline import RouterPipeline
+from sieve.encoders.core import OpenClipEncoder, clip_encoder_id
+from sieve.flow.images import ImageRejected, check_url, decode_image
+from sieve.flow.match import RouteIndex
+from sieve.flow.pipeline import RouterPipeline
+from sieve.kafka.records import RawRecord
 from sieve.routeset import RouteSetError, load_route_set
 from sieve.settings import ImageFetchSettings, QdrantSettings
-from sieve.store import RouteStore
+from sieve.store.qdrant import RouteStore
 from sieve.topology import LimitsSpec, Topology
 
 ROUTES = {"cats": "violating", "dogs": "clean", "boats": "boats", "trees": "trees"}
@@ -399,7 +399,7 @@ def test_mixed_text_and_image_stream_each_decided_once(dev_broker, image_route_f
     import subprocess
     import sys
 
-    from sieve.kafka import produce
+    from sieve.kafka.client import produce
     from sieve.settings import KafkaSettings
 
     from .conftest import worker_env

@@ -24,11 +24,11 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from sieve.encoders import TextEncoder
-from sieve.kafka import produce
+from sieve.encoders.core import TextEncoder
+from sieve.kafka.client import produce
 from sieve.routeset import dump_route_set, load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings
-from sieve.store import RouteStore
+from sieve.store.qdrant import RouteStore
 
 from .conftest import REPO, free_port, worker_env
 

@@ -8,7 +8,7 @@ from aiokafka.partitioner import DefaultPartitioner, murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sieve.kafka import murmur2_many, partitions_for_keys
+from sieve.kafka.client import murmur2_many, partitions_for_keys
 
 
 @settings(deadline=None, max_examples=300)

@@ -13,8 +13,8 @@ from hypothesis.extra.numpy import arrays
 from pydantic_core import to_json
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
-from sieve.decide import Policy, decide_scores, decision_rows, validate_decisions
-from sieve.match import RouteIndex, aggregate, example_id, match_batch, top_columns
+from sieve.flow.decide import Policy, decide_scores, decision_rows, validate_decisions
+from sieve.flow.match import RouteIndex, aggregate, example_id, match_batch, top_columns
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
 
 # --------------------------------------------------------------------------- aggregate

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from sieve.contracts import NEEDS_REVIEW, DeadLetter, Decision
-from sieve.dead_letter import RawRecord, dead_letter_payload
-from sieve.match import RouteIndex, example_id
-from sieve.pipeline import RouterPipeline
+from sieve.flow.dead_letter import dead_letter_payload
+from sieve.flow.match import RouteIndex, example_id
+from sieve.flow.pipeline import RouterPipeline
+from sieve.kafka.records import RawRecord
 from sieve.routeset import RouteSet, parse_route_set
 from sieve.topology import Topology, TopologyError, load_topology
 

@@ -10,9 +10,9 @@ import pytest
 from pydantic import SecretStr
 
 from sieve.contracts import Review
-from sieve.dead_letter import RawRecord
-from sieve.llm import CircuitBreaker, RateLimiter, TokenBudget, backoff_delay, parse_retry_after
-from sieve.review import (
+from sieve.kafka.records import RawRecord
+from sieve.review.llm import CircuitBreaker, RateLimiter, TokenBudget, backoff_delay, parse_retry_after
+from sieve.review.steps import (
     MALFORMED_REPLY,
     ReplyError,
     ReviewCatalogue,

@@ -25,11 +25,11 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from sieve.encoders import TrivialEncoder
-from sieve.kafka import produce
+from sieve.encoders.core import TrivialEncoder
+from sieve.kafka.client import produce
 from sieve.routeset import load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings
-from sieve.store import RouteStore
+from sieve.store.qdrant import RouteStore
 
 from .conftest import free_port, worker_env
 from .llm_double import ScriptedLLM

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sieve.encoders import bundled_minilm_path
-from sieve.onnx_backend import read_layout
+from sieve.encoders.core import bundled_minilm_path
+from sieve.encoders.onnx import read_layout
 
 from .conftest import REPO
 

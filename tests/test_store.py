@@ -12,11 +12,11 @@ import pytest
 from qdrant_client import QdrantClient
 from qdrant_client.common import client_warnings
 
-from sieve.encoders import TrivialEncoder
-from sieve.match import RouteIndex, example_id
+from sieve.encoders.core import TrivialEncoder
+from sieve.flow.match import RouteIndex, example_id
 from sieve.routeset import RouteSet, parse_route_set
 from sieve.settings import QdrantSettings
-from sieve.store import RouteStore, RouteStoreError, space_name
+from sieve.store.qdrant import RouteStore, RouteStoreError, space_name
 
 
 def small_set(**changes) -> RouteSet:
@@ -274,7 +274,7 @@ def test_lock_is_released_after_each_operation(store, trivial_encoder):
 
 def test_sync_in_local_mode_emits_no_warning(store, trivial_encoder):
     # Regression: a payload index in local mode made qdrant-client warn, attributed to
-    # sieve.store (not covered by pyproject's qdrant_client filter). qdrant-client shows
+    # sieve.store.qdrant (not covered by pyproject's qdrant_client filter). qdrant-client shows
     # that warning once per process, so forget it was shown before checking.
     client_warnings.SEEN_MESSAGES.discard("create-local-payload-indexes")
     with warnings.catch_warnings(record=True) as caught:

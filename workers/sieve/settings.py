@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Where a router worker computes its batches (sieve.compute): a thread, or a child process;
+# Where a router worker computes its batches (sieve.worker.compute): a thread, or a child process;
 # auto: a child process when this process may use two CPUs or more (usable_cpus), else a thread.
 ComputeMode = Literal["auto", "thread", "process"]
 
@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     # Where an encoder may run: auto picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Where a router worker computes its batches: "thread" (in its own process), "process" (a
-    # spawned child with its own encoders, on another core; see sieve.compute), or "auto":
+    # spawned child with its own encoders, on another core; see sieve.worker.compute), or "auto":
     # process when this process may use two CPUs or more (affinity and container quota), else thread.
     compute: ComputeMode = "auto"
 

@@ -2,7 +2,7 @@
 
 A topology binds input topics, a route set, an encoder, batching, threshold
 overrides and the mapping from outcomes to output topics. The Faust app and its
-topics are built from it (:mod:`sieve.agent`).
+topics are built from it (:mod:`sieve.worker.batch`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""Prometheus metrics of a worker (served on ``metrics_port``)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from sieve.kafka.records import RawRecord
+
+if TYPE_CHECKING:
+    from sieve.worker.compute import Computed
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+EVENTS_IN = Counter("sieve_events_in_total", "Records consumed from input topics.", ["topology", "topic"])
+DECISIONS = Counter(
+    "sieve_decisions_total", "Decisions published.", ["topology", "outcome", "route", "decided_by"]
+)
+DEAD_LETTERS = Counter(
+    "sieve_dead_letters_total", "Inputs sent to the dead-letter topic.", ["topology", "stage", "reason"]
+)
+BATCH_SIZE = Histogram("sieve_batch_size", "Records per batch.", ["topology"], buckets=_BATCH_BUCKETS)
+STAGE_SECONDS = Histogram(
+    "sieve_stage_seconds",
+    "Seconds per batch in each stage (decode, encode, match, decide, publish).",
+    ["topology", "stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+END_TO_END_SECONDS = Histogram(
+    "sieve_end_to_end_seconds",
+    "From the event's Kafka timestamp to its decision acknowledged by the broker.",
+    ["topology"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_RETRIES = Counter(
+    "sieve_batch_retries_total", "Batches retried after a failure.", ["topology", "stage"]
+)
+ROUTE_SET = Info("sieve_route_set", "Route set in use.")
+ROUTE_SET_RELOADS = Counter(
+    "sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"]
+)
+IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
+CONSUMER_LAG = Gauge(
+    "sieve_consumer_lag",
+    "Records not yet committed per assigned input partition: the high-water mark from the last "
+    "Fetch response minus the group's committed offset.",
+    ["topology", "topic", "partition"],
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "sieve_assigned_partitions", "Input partitions assigned to this worker.", ["topology"]
+)
+HEARTBEAT = Gauge(
+    "sieve_heartbeat_timestamp_seconds",
+    "Unix time of the event loop's last heartbeat (what /healthz checks).",
+    ["topology"],
+)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, counted per bucket in one pass.
+
+    The same bucket counts and sum as observing one by one (tested), without a call
+    and a lock per event: a batch has thousands. Uses the histogram's bucket
+    counters (``_upper_bounds``, ``_buckets``, ``_sum``, prometheus-client >= 0.20).
+    """
+    if len(values) == 0:
+        return
+    bounds = histogram._upper_bounds
+    # observe() counts a value in the first bucket whose upper bound is >= the value
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
+
+
+def record_batch(
+    topology: str, records: list[RawRecord], result: Computed, publish_seconds: float
+) -> None:
+    """Account for one batch whose messages were all acknowledged by the broker."""
+    acked_at = time.time()
+    for topic, count in Tally(record.topic or "" for record in records).items():
+        EVENTS_IN.labels(topology, topic).inc(count)
+    BATCH_SIZE.labels(topology).observe(len(records))
+    for stage, seconds in result.seconds.items():
+        STAGE_SECONDS.labels(topology, stage).observe(seconds)
+    STAGE_SECONDS.labels(topology, "publish").observe(publish_seconds)
+    latency = END_TO_END_SECONDS.labels(topology)
+    observe_many(latency, np.maximum(0.0, acked_at - np.asarray(result.event_times, dtype=np.float64)))
+    for (outcome, route, decided_by), count in result.outcomes.items():
+        DECISIONS.labels(topology, outcome, route, decided_by).inc(count)
+    letters = Tally((letter.stage, letter.reason) for letter in result.dead_letters)
+    for (stage, reason), count in letters.items():
+        DEAD_LETTERS.labels(topology, stage, reason).inc(count)
