@@ -46,7 +46,7 @@ RUN pip install . && rm -rf build workers/*.egg-info
 # int8 copies) into the image, so a worker starts without exporting. The CUDA image runs torch
 # fp16 instead.
 RUN if [ "${VARIANT}" = cpu ]; then \
-        python -c "from sieve.encoders.onnx import OnnxEncoder; OnnxEncoder(cache_dir='/opt/sieve-onnx')"; \
+        python -c "from sieve.encoders.onnx_encoder import OnnxEncoder; OnnxEncoder(cache_dir='/opt/sieve-onnx')"; \
     fi
 COPY topologies ./topologies
 COPY routes ./routes

@@ -45,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker_rig import cpu_model  # noqa: E402
 
 from sieve.cli.demo import SAMPLES  # noqa: E402
-from sieve.encoders.core import SentenceTransformerEncoder  # noqa: E402
-from sieve.encoders.onnx import BACKEND_PRECISIONS, OnnxEncoder  # noqa: E402
+from sieve.encoders.onnx_encoder import OnnxEncoder  # noqa: E402
+from sieve.encoders.onnx_variants import VARIANTS  # noqa: E402
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder  # noqa: E402
 from sieve.quality.datasets import load_openai_moderation  # noqa: E402
 from sieve.settings import get_settings  # noqa: E402
 
@@ -114,8 +115,8 @@ def main() -> None:
     onnx_by_threads: dict[tuple[str, int], OnnxEncoder] = {}
     export_note = ""
     for n in threads:
-        for backend, precision in BACKEND_PRECISIONS.items():
-            made = OnnxEncoder(precision=precision, threads=n, cache_dir=cache)
+        for backend in VARIANTS:
+            made = OnnxEncoder(variant=backend, threads=n, cache_dir=cache)
             onnx_by_threads[backend, n] = made
             if made.built:
                 meta = made.meta
@@ -133,7 +134,7 @@ def main() -> None:
                              "threads": n, "batch": batch, "bucketed": best_rate(reference, texts, repeat),
                              "caller_order": None})
             for backend, encoder in [("torch fp32", fp32),
-                                     *((name, onnx_by_threads[name, n]) for name in BACKEND_PRECISIONS)]:
+                                     *((name, onnx_by_threads[name, n]) for name in VARIANTS)]:
                 for batch in batches:
                     encoder.batch_size = batch
                     rates = {}
@@ -145,7 +146,7 @@ def main() -> None:
                                  "bucketed": rates[True], "caller_order": rates[False]})
 
     quality = []
-    exported = {name: onnx_by_threads[name, threads[-1]] for name in BACKEND_PRECISIONS}
+    exported = {name: onnx_by_threads[name, threads[-1]] for name in VARIANTS}
     for set_name, texts in sets.items():
         fp32.batch_size = 32
         reference = fp32.encode(texts)

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encoders import StEncode, best_rate, message_sets  # noqa: E402
 from bench_images import photo_jpeg  # noqa: E402
 
-from sieve.encoders.core import OpenClipEncoder, SentenceTransformerEncoder  # noqa: E402
+from sieve.encoders.clip import OpenClipEncoder  # noqa: E402
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder  # noqa: E402
 from sieve.flow.images import decode_image  # noqa: E402
 from sieve.flow.match import RouteIndex  # noqa: E402
 from sieve.flow.pipeline import RouterPipeline  # noqa: E402

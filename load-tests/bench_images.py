@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from PIL import Image, ImageDraw
 
-from sieve.encoders.core import OpenClipEncoder, save_tiny_clip
+from sieve.encoders.clip import OpenClipEncoder, save_tiny_clip
 from sieve.flow.images import decode_image
 from sieve.topology import LimitsSpec
 

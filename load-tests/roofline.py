@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sieve.encoders.onnx import ModelLayout, fast_tokenizer
+from sieve.encoders.st_model import ModelLayout, fast_tokenizer
 
 # tokens x in x out: MiniLM's Q/K/V, FFN1 and FFN2 products on a batch of 16 texts of 64 tokens
 PEAK_SHAPES = ((1024, 384, 1152), (1024, 384, 1536), (1024, 1536, 384))

@@ -18,36 +18,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sieve.encoders.core import (
-    OpenClipEncoder,
-    PaddingStats,
-    SentenceTransformerEncoder,
-    TextEncoder,
-    build_text_encoder,
-    pad_token_ids,
-    padding_stats,
-    plan_batches,
-    prefetched,
-    resolve_device,
-)
-from sieve.encoders.onnx import (
+from sieve.encoders.base import TextEncoder, resolve_device
+from sieve.encoders.batching import PaddingStats, pad_token_ids, padding_stats, plan_batches, prefetched
+from sieve.encoders.clip import OpenClipEncoder
+from sieve.encoders.factory import build_text_encoder, text_encoder_id
+from sieve.encoders.onnx_cache import META_FILE, cache_key, publish_folder
+from sieve.encoders.onnx_encoder import OnnxEncoder
+from sieve.encoders.onnx_export import write_weight_int8
+from sieve.encoders.onnx_runtime import (
     DISABLED_OPTIMIZERS,
-    META_FILE,
-    MODEL_FILES,
     OPENVINO_GROUP_SIZE,
-    OnnxEncoder,
-    _session,
-    cache_key,
+    onnxruntime_session,
     openvino_config,
-    publish_folder,
-    read_layout,
-    write_weight_int8,
 )
+from sieve.encoders.onnx_variants import VARIANTS
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
+from sieve.encoders.st_model import read_layout
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.quality.datasets import load_openai_moderation
 from sieve.store.qdrant import space_name
 from sieve.topology import EncoderSpec, Topology
 
-from .conftest import REPO, SHARED
+from .conftest import DATASETS, REPO
+from .progress_helpers import RecordingProgress
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA — the one allowed skip")
 
@@ -57,7 +50,7 @@ def sample() -> list[str]:
     """200 texts of varied length: 100 demo messages (short), 100 moderation prompts (up to 256+ tokens)."""
     lines = (REPO / "routes" / "samples" / "demo-messages.jsonl").read_text(encoding="utf-8").splitlines()
     demo = [json.loads(line)["text"] for line in lines if line.strip()][:100]
-    moderation = [ex.text for ex in load_openai_moderation(SHARED / "datasets").examples if ex.text]
+    moderation = [ex.text for ex in load_openai_moderation(DATASETS).examples if ex.text]
     return demo + moderation[::16][:100]
 
 
@@ -68,7 +61,14 @@ def torch_encoder() -> SentenceTransformerEncoder:
 
 
 @pytest.fixture(scope="module")
-def int8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxEncoder, OnnxEncoder]:
+def export_progress() -> RecordingProgress:
+    """What the two constructions of ``int8_pair`` reported (one of them exports)."""
+    return RecordingProgress()
+
+
+@pytest.fixture(scope="module")
+def int8_pair(tmp_path_factory: pytest.TempPathFactory,
+              export_progress: RecordingProgress) -> tuple[OnnxEncoder, OnnxEncoder]:
     """Two int8 encoders constructed at once by two threads over one empty cache folder."""
     cache = tmp_path_factory.mktemp("onnx-cache")
     built: list[OnnxEncoder] = []
@@ -78,7 +78,7 @@ def int8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxEncoder, On
     def construct() -> None:
         start.wait()
         try:
-            built.append(OnnxEncoder(batch_size=32, cache_dir=cache))
+            built.append(OnnxEncoder(batch_size=32, cache_dir=cache, progress=export_progress))
         except BaseException as exc:  # reported by the test below
             errors.append(exc)
 
@@ -267,22 +267,33 @@ def test_int8_cache_built_once_by_two_concurrent_constructions(int8_pair):
     assert sorted([first.built, second.built]) == [False, True]
     assert first.folder == second.folder
     files = sorted(p.name for p in first.folder.iterdir())
-    assert files == sorted({*MODEL_FILES.values(), META_FILE})
+    assert files == sorted({*(variant.file for variant in VARIANTS.values()), META_FILE})
     # No temporary folder left behind next to it.
     assert [p.name for p in first.folder.parent.iterdir() if p.is_dir()] == [first.folder.name]
     meta = json.loads((first.folder / META_FILE).read_text())
-    assert meta["probe_min_cosine"]["int8"] >= 0.98 and meta["dim"] == 384
-    assert meta["probe_min_cosine"]["fp32"] >= 0.9999
+    assert meta["probe_min_cosine"]["onnx-int8"] >= 0.98 and meta["dim"] == 384
+    assert meta["probe_min_cosine"]["onnx"] >= 0.9999
+    assert sorted(meta["probe_min_cosine"]) == sorted(VARIANTS), "every variant was probed"
     assert len(meta["fp32_matmuls"]) == 12, "both feed-forward matmuls of the 6 layers stay fp32"
     texts = ["where is my refund", "a cat is sleeping on the sofa"]
     np.testing.assert_array_equal(first.encode(texts), second.encode(texts))
 
 
+def test_the_export_reports_each_step_once(int8_pair, export_progress):
+    assert export_progress.seen() == [
+        ("exporting all-MiniLM-L6-v2 to ONNX", 1, 1),
+        ("quantising all-MiniLM-L6-v2 to int8", 2, 2),
+        ("checking all-MiniLM-L6-v2's exports against torch", len(VARIANTS), len(VARIANTS)),
+    ]
+
+
 def test_int8_cache_reused_by_the_next_construction(int8):
-    model = int8.folder / MODEL_FILES["int8"]
+    model = int8.folder / VARIANTS["onnx-int8"].file
     written = model.stat().st_mtime_ns
-    again = OnnxEncoder(cache_dir=int8.folder.parent)
+    progress = RecordingProgress()
+    again = OnnxEncoder(cache_dir=int8.folder.parent, progress=progress)
     assert again.built is False and again.folder == int8.folder
+    assert progress.seen() == [], "nothing to report: the export was cached"
     assert model.stat().st_mtime_ns == written
     assert again.build_s < 5
 
@@ -359,7 +370,7 @@ def test_max_seq_length_truncates_int8(int8):
 @pytest.fixture(scope="module")
 def onnx_fp32(int8) -> OnnxEncoder:
     """fp32 ONNX Runtime from the same cache folder as the int8 model (one export holds both)."""
-    return OnnxEncoder(precision="fp32", batch_size=32, threads=1, cache_dir=int8.folder.parent)
+    return OnnxEncoder(variant="onnx", batch_size=32, threads=1, cache_dir=int8.folder.parent)
 
 
 def test_fp32_onnx_is_torchs_vector_space(onnx_fp32, torch_encoder):
@@ -387,16 +398,16 @@ def test_fp32_onnx_batch_row_equals_single(onnx_fp32, sample):
 def test_exported_graphs_carry_no_nan_guard_and_sessions_skip_the_slow_fusion(int8, tmp_path):
     """Eager attention exports without SDPA's IsNaN + Where over every attention cell, and
     the graph ONNX Runtime runs keeps plain LayerNormalization (its fused SkipLayerNorm
-    kernel was the slow one here)."""
+    kernel is the slower one on the CPU)."""
     import onnx
 
     assert "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
-    for file_name in sorted(set(MODEL_FILES.values())):
+    for file_name in sorted({variant.file for variant in VARIANTS.values()}):
         ops = [node.op_type for node in onnx.load(str(int8.folder / file_name)).graph.node]
         assert "IsNaN" not in ops, f"{file_name}: a NaN guard is back in the export"
         assert ops.count("Softmax") == 6, "one softmax per MiniLM layer"
         ran = tmp_path / f"{file_name}.optimized.onnx"
-        _session(int8.folder / file_name, 1, optimized_to=ran)
+        onnxruntime_session(int8.folder / file_name, 1, optimized_to=ran)
         run_ops = [node.op_type for node in onnx.load(str(ran)).graph.node]
         assert "SkipLayerNormalization" not in run_ops
         assert run_ops.count("LayerNormalization") == 13, "embeddings + two per layer"
@@ -405,20 +416,20 @@ def test_exported_graphs_carry_no_nan_guard_and_sessions_skip_the_slow_fusion(in
 def test_auto_backend_is_openvino_on_the_cpu_and_torch_on_cuda(int8, torch_encoder, monkeypatch):
     spec = EncoderSpec(batch_size=8)
     on_cpu = build_text_encoder(spec, device="cpu", torch_threads=1, onnx_cache_dir=int8.folder.parent)
-    assert isinstance(on_cpu, OnnxEncoder) and on_cpu.precision == "ov" and on_cpu.id == torch_encoder.id
+    assert isinstance(on_cpu, OnnxEncoder) and on_cpu.variant == "openvino" and on_cpu.id == torch_encoder.id
     assert on_cpu.batch_size == 8 and on_cpu.threads == 1
     explicit = build_text_encoder(EncoderSpec(backend="onnx"), device="auto", torch_threads=1,
                                   onnx_cache_dir=int8.folder.parent)
-    assert isinstance(explicit, OnnxEncoder) and explicit.precision == "fp32"
+    assert isinstance(explicit, OnnxEncoder) and explicit.variant == "onnx"
     # Where CUDA is visible, auto means torch (fp16): check the choice without a GPU.
     built: list[str] = []
-    monkeypatch.setattr("sieve.encoders.core.SentenceTransformerEncoder",
+    monkeypatch.setattr("sieve.encoders.factory.SentenceTransformerEncoder",
                         lambda *a, **k: built.append(k["device"]) or torch_encoder)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert build_text_encoder(spec, device="auto", onnx_cache_dir=int8.folder.parent) is torch_encoder
     assert built == ["auto"]
-    with pytest.raises(ValueError, match="one of fp32, int8, ov, ov-int8"):
-        OnnxEncoder(precision="fp16", cache_dir=int8.folder.parent)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one of onnx, onnx-int8, openvino, openvino-int8"):
+        OnnxEncoder(variant="fp32", cache_dir=int8.folder.parent)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- OpenVINO backends
@@ -427,12 +438,12 @@ def test_auto_backend_is_openvino_on_the_cpu_and_torch_on_cuda(int8, torch_encod
 @pytest.fixture(scope="module")
 def openvino(int8) -> OnnxEncoder:
     """The fp32 export on OpenVINO (bf16 where this CPU has it), from the int8 fixture's export."""
-    return OnnxEncoder(precision="ov", batch_size=32, threads=1, cache_dir=int8.folder.parent)
+    return OnnxEncoder(variant="openvino", batch_size=32, threads=1, cache_dir=int8.folder.parent)
 
 
 @pytest.fixture(scope="module")
 def openvino_int8(int8) -> OnnxEncoder:
-    return OnnxEncoder(precision="ov-int8", batch_size=32, threads=1, cache_dir=int8.folder.parent)
+    return OnnxEncoder(variant="openvino-int8", batch_size=32, threads=1, cache_dir=int8.folder.parent)
 
 
 def test_openvino_keeps_torchs_vector_space(openvino, torch_encoder, sample, fp32_reference):
@@ -462,9 +473,10 @@ def test_openvino_int8_is_its_own_space_close_to_fp32_and_batch_independent(
 
 
 def test_openvino_settings_follow_the_cpu(openvino, openvino_int8):
-    assert openvino_config("ov", 2, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
-    assert openvino_config("ov", 2, ["BF16", "FP32"])["INFERENCE_PRECISION_HINT"] == "bf16"
-    int8_config = openvino_config("ov-int8", 3, ["BF16"])
+    assert openvino_config("fp32", 2, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
+    assert openvino_config("fp32", 2, ["BF16", "FP32"])["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in openvino_config("fp32", 2, ["BF16"])
+    int8_config = openvino_config("int8", 3, ["BF16"])
     assert int8_config["INFERENCE_PRECISION_HINT"] == "f32" and int8_config["INFERENCE_NUM_THREADS"] == 3
     assert int8_config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == OPENVINO_GROUP_SIZE
     assert int8_config["ENABLE_CPU_PINNING"] is False, "workers share cores: the OS places the threads"
@@ -476,13 +488,13 @@ def test_weight_int8_copy_quantises_every_weight_matmul_per_channel(int8, tmp_pa
     import onnx
     from onnx import numpy_helper
 
-    source = onnx.load(str(int8.folder / MODEL_FILES["fp32"]))
+    source = onnx.load(str(int8.folder / VARIANTS["onnx"].file))
     weights = {init.name: numpy_helper.to_array(init) for init in source.graph.initializer}
     matmul_weights = [node.input[1] for node in source.graph.node
                       if node.op_type == "MatMul" and node.input[1] in weights]
     assert len(matmul_weights) == 36, "q, k, v, output, up, down in each of 6 layers"
     target = tmp_path / "wq8.onnx"
-    assert write_weight_int8(int8.folder / MODEL_FILES["fp32"], target) == 36
+    assert write_weight_int8(int8.folder / VARIANTS["onnx"].file, target) == 36
     copy = onnx.load(str(target))
     stored = {init.name: numpy_helper.to_array(init) for init in copy.graph.initializer}
     assert not set(matmul_weights) & set(stored), "no fp32 copy of a quantised weight is kept"
@@ -502,8 +514,6 @@ def test_weight_int8_copy_quantises_every_weight_matmul_per_channel(int8, tmp_pa
 def test_encoder_id_from_the_spec_is_the_loaded_encoders(int8, onnx_fp32, torch_encoder, openvino,
                                                         openvino_int8):
     """A worker with a compute child finds its route index by these ids before any model loads."""
-    from sieve.encoders.core import TrivialEncoder, text_encoder_id
-
     loaded = {"torch": torch_encoder, "onnx": onnx_fp32, "onnx-int8": int8, "auto": openvino,
               "openvino": openvino, "openvino-int8": openvino_int8}
     for backend, encoder in loaded.items():
@@ -563,13 +573,13 @@ def test_publish_folder_loses_the_race_gracefully(tmp_path):
     final = tmp_path / "model-abc"
     final.mkdir()
     (final / META_FILE).write_text("{}")
-    (final / MODEL_FILES["int8"]).write_bytes(b"first")
+    (final / VARIANTS["onnx-int8"].file).write_bytes(b"first")
     late = tmp_path / ".tmp-model-abc-x"
     late.mkdir()
     (late / META_FILE).write_text("{}")
-    (late / MODEL_FILES["int8"]).write_bytes(b"second")
+    (late / VARIANTS["onnx-int8"].file).write_bytes(b"second")
     assert publish_folder(late, final) is False
-    assert not late.exists() and (final / MODEL_FILES["int8"]).read_bytes() == b"first"
+    assert not late.exists() and (final / VARIANTS["onnx-int8"].file).read_bytes() == b"first"
     fresh = tmp_path / ".tmp-other"
     fresh.mkdir()
     (fresh / META_FILE).write_text("{}")

@@ -8,14 +8,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sieve.encoders.core import (
-    SentenceTransformerEncoder,
-    TextEncoder,
-    TrivialEncoder,
-    build_text_encoder,
-    l2_normalise_rows,
-    resolve_device,
-)
+from sieve.encoders.base import TextEncoder, l2_normalise_rows, resolve_device
+from sieve.encoders.factory import build_text_encoder
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.topology import EncoderSpec
 
 _short_texts = st.lists(

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sieve.encoders.core import bundled_minilm_path
-from sieve.encoders.onnx import read_layout
+from sieve.encoders.st_model import bundled_minilm_path, read_layout
 
 from .conftest import REPO
 

@@ -1,9 +1,9 @@
 """An on-disk cache of text embeddings, keyed by encoder id and the text's SHA-256.
 
 Evaluating, fitting and building on the full public data sets encodes tens of
-thousands of texts; on a 2-core machine that is minutes. :class:`CachedEncoder`
-wraps any :class:`~sieve.encoders.core.TextEncoder` and encodes only texts it has not
-seen under that encoder id. Vectors are stored as append-only shards
+thousands of texts, the same ones run after run. :class:`CachedEncoder` wraps any
+:class:`~sieve.encoders.base.TextEncoder` and encodes only texts it has not seen
+under that encoder id. Vectors are stored as append-only shards
 (``<dir>/<encoder-slug>/shard-*.npz``, each written to a temporary name and
 renamed), so two processes filling one cache never corrupt it. The cache is for
 offline work (eval, fit, build); the worker never uses it.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sieve.encoders.core import TextEncoder
+from sieve.encoders.base import TextEncoder
 
 
 def text_key(text: str) -> bytes:
