@@ -30,7 +30,8 @@ import yaml
 from aiokafka import AIOKafkaConsumer
 
 from sieve.cli.demo import free_port, sample_events, steady_rate
-from sieve.encoders.core import SentenceTransformerEncoder, TrivialEncoder
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.kafka.broker import start_dev_broker
 from sieve.kafka.client import produce
 from sieve.routeset import load_route_set

@@ -46,7 +46,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from sieve.cli.demo import free_port, sample_events
-from sieve.encoders.core import TrivialEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.broker import start_dev_broker
 from sieve.kafka.client import ensure_topics, produce, read_topic

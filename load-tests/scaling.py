@@ -351,7 +351,8 @@ def main() -> None:
         qdrant = QdrantSettings(path=tmp / "qdrant")
         qdrant_env = {"SIEVE_QDRANT__PATH": str(tmp / "qdrant")}
     try:
-        from sieve.encoders.core import SentenceTransformerEncoder, TrivialEncoder
+        from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
+        from sieve.encoders.trivial import TrivialEncoder
 
         encoder = TrivialEncoder() if args.encoder == "trivial" else SentenceTransformerEncoder(device="cpu")
         RouteStore(qdrant).sync(load_route_set(ROUTES), encoder)

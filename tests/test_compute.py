@@ -20,8 +20,9 @@ from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.records import RawRecord
 from sieve.settings import Settings
 from sieve.topology import Topology
-from sieve.worker.batch import RouterWorker
-from sieve.worker.compute import ChildDied, ProcessCompute, ThreadCompute, summarise
+from sieve.worker.compute import ThreadCompute, summarise
+from sieve.worker.compute_child import ChildDied, ProcessCompute
+from sieve.worker.router import RouterWorker
 
 REPO = Path(__file__).resolve().parents[1]
 # Differ between two runs of the same batch: when (and how long after the event) it was decided or failed.
@@ -219,7 +220,7 @@ def test_compute_auto_is_a_child_process_from_two_cpus(monkeypatch: pytest.Monke
 def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch, pipeline: RouterPipeline,
                                                  cpus: int, kind: type) -> None:
     import sieve.settings
-    from sieve.worker.compute import build_compute
+    from sieve.worker.router import build_compute
 
     monkeypatch.setattr(sieve.settings, "usable_cpus", lambda: cpus)
     compute = build_compute(pipeline.topology, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)
@@ -232,7 +233,7 @@ def test_build_compute_follows_the_resolved_mode(monkeypatch: pytest.MonkeyPatch
 
 def test_a_child_refuses_an_index_of_another_encoder(moderation_set) -> None:
     """The worker finds the index by the id the topology names; the child's loaded encoder checks it."""
-    from sieve.encoders.core import TrivialEncoder
+    from sieve.encoders.trivial import TrivialEncoder
     from sieve.worker.compute import encoder_ids
 
     other = RouteIndex.build(moderation_set, TrivialEncoder(dim=32))

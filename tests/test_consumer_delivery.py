@@ -16,7 +16,8 @@ import pytest
 
 from sieve.settings import Settings
 from sieve.topology import load_topology
-from sieve.worker.batch import build_app, run_eagerly
+from sieve.worker.app import build_app
+from sieve.worker.consumer import run_eagerly
 
 REPO = Path(__file__).resolve().parents[1]
 

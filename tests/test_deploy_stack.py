@@ -52,7 +52,7 @@ def known_metrics() -> set[str]:
     """Every sample name the Sieve processes can expose (their prometheus_client registry)."""
     import prometheus_client
 
-    import sieve.review.worker  # noqa: F401  (the LLM reviewer's sieve_review_* metrics)
+    import sieve.review.metrics  # noqa: F401  (the LLM reviewer's sieve_review_* metrics)
     import sieve.worker.health  # noqa: F401
     import sieve.worker.metrics  # noqa: F401
 
@@ -123,7 +123,7 @@ def test_compose_init_creates_topics_then_syncs_routes_of_shipped_files() -> Non
 def test_compose_commands_exist_in_the_sieve_cli() -> None:
     from typer.main import get_command
 
-    from sieve.cli.app import app
+    from sieve.cli import app
 
     cli = get_command(app)
     services = compose_config()["services"]

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from sieve.encoders.core import OpenClipEncoder, clip_encoder_id
+from sieve.encoders.clip import OpenClipEncoder, clip_encoder_id
 from sieve.flow.images import ImageRejected, check_url, decode_image
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import RouterPipeline

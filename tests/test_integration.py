@@ -24,7 +24,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from sieve.encoders.core import TextEncoder
+from sieve.encoders.base import TextEncoder
 from sieve.kafka.client import produce
 from sieve.routeset import dump_route_set, load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings

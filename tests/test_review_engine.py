@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from sieve.review.engine import ReviewEngine
 from sieve.review.llm import ChatClient, EndpointUnavailable, RequestRejected
 from sieve.review.steps import ReviewCatalogue, build_messages, estimate_tokens
-from sieve.review.worker import ReviewEngine
 from sieve.settings import LLMSettings
 from sieve.topology import ReviewSpec
 

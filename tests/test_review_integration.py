@@ -25,7 +25,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from sieve.encoders.core import TrivialEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.kafka.client import produce
 from sieve.routeset import load_route_set
 from sieve.settings import KafkaSettings, QdrantSettings

@@ -12,11 +12,13 @@ import pytest
 from qdrant_client import QdrantClient
 from qdrant_client.common import client_warnings
 
-from sieve.encoders.core import TrivialEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.match import RouteIndex, example_id
 from sieve.routeset import RouteSet, parse_route_set
 from sieve.settings import QdrantSettings
 from sieve.store.qdrant import RouteStore, RouteStoreError, space_name
+
+from .progress_helpers import RecordingProgress
 
 
 def small_set(**changes) -> RouteSet:
@@ -273,8 +275,8 @@ def test_lock_is_released_after_each_operation(store, trivial_encoder):
 
 
 def test_sync_in_local_mode_emits_no_warning(store, trivial_encoder):
-    # Regression: a payload index in local mode made qdrant-client warn, attributed to
-    # sieve.store.qdrant (not covered by pyproject's qdrant_client filter). qdrant-client shows
+    # A payload index in local mode makes qdrant-client warn, attributed to sieve.store.qdrant
+    # (not covered by pyproject's qdrant_client filter), so the store makes none. qdrant-client shows
     # that warning once per process, so forget it was shown before checking.
     client_warnings.SEEN_MESSAGES.discard("create-local-payload-indexes")
     with warnings.catch_warnings(record=True) as caught:
@@ -288,3 +290,29 @@ def test_store_path_is_created(tmp_path, trivial_encoder):
     path: Path = tmp_path / "deep" / "er" / "q"
     RouteStore(QdrantSettings(path=path)).sync(small_set(), trivial_encoder)
     assert path.is_dir()
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_sync_reports_its_steps_and_totals(store, trivial_encoder, monkeypatch):
+    # small chunks and pages, so each step advances more than once
+    monkeypatch.setattr("sieve.store.qdrant._ENCODE_CHUNK", 2)
+    monkeypatch.setattr("sieve.store.qdrant._PAGE", 2)
+    route_set = small_set()
+
+    progress = RecordingProgress()
+    store.sync(route_set, trivial_encoder, progress=progress)
+    assert progress.seen() == [("encoding examples", 5, 5), ("upserting points", 5, 5)]
+    assert [step.advances for step in progress.steps] == [[2, 2, 1], [2, 2, 1]]
+    assert all(step.finished for step in progress.steps)
+    # the chunks were put together in order: the same index as encoding the set at once
+    assert_same_index(store.load("tiny", trivial_encoder.id), RouteIndex.build(route_set, trivial_encoder))
+
+    progress = RecordingProgress()
+    store.sync(with_route(route_set, "complain", outcome="rude"), trivial_encoder, progress=progress)
+    assert progress.seen() == [("updating changed examples", 2, 2)]
+
+    progress = RecordingProgress()
+    store.sync(with_route(route_set, "complain", outcome="rude"), trivial_encoder, progress=progress)
+    assert progress.seen() == []  # nothing to encode, upsert or update

@@ -1,8 +1,9 @@
 """Decode and validate: raw Kafka records in, ``(events, dead letters)`` out.
 
-Bad input is data, not an exception: every record comes out either as a valid
-:class:`~sieve.contracts.Event` or as a :class:`~sieve.contracts.DeadLetter`
-naming the reason.
+The records are :class:`~sieve.kafka.records.RawRecord`, the wire record the worker
+makes of each consumed message. Bad input is data, not an exception: every record
+comes out either as a valid :class:`~sieve.contracts.Event` or as a
+:class:`~sieve.contracts.DeadLetter` naming the reason.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sieve.encoders.core import ImageEncoder, TextEncoder
+from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.routeset import Aggregation, ExampleKind, Route, RouteSet, Space
 
 _EXAMPLE_NAMESPACE = uuid.UUID("0b4c7f0e-1f2a-4d8e-8a53-5a0f6c1d2e3b")
@@ -181,8 +181,8 @@ def top_columns(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the ``k`` highest columns and their scores, best first.
 
     For a few columns out of hundreds, ``k`` passes of ``argmax`` (each taken one
-    masked out of a copy) are about 8x faster than ``argpartition`` + ``argsort``;
-    for a larger ``k``, the partition.
+    masked out of a copy) are cheaper than ``argpartition`` + ``argsort``; for a
+    larger ``k``, the partition.
     """
     rows = np.arange(scores.shape[0])
     if k <= 4:

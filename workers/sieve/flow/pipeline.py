@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from sieve.contracts import DeadLetter, Decision, ImageRef, utcnow
-from sieve.encoders.core import ImageEncoder, TextEncoder
+from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.dead_letter import make_dead_letter
 from sieve.flow.decide import Policy, decision_rows, validate_decisions
 from sieve.flow.decode import DecodedEvent, decode_batch

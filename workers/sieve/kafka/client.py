@@ -111,7 +111,7 @@ def murmur2_many(keys: Sequence[bytes]) -> np.ndarray:
 
     Keys are grouped by length and hashed a 4-byte word at a time across the
     group (uint32 arithmetic wraps as the Java code's int does), instead of one
-    pure-Python call per key, which cost ~5 µs of a worker's event.
+    pure-Python call per key: a worker partitions every message it sends.
     """
     out = np.empty(len(keys), dtype=np.uint32)
     by_length: dict[int, list[int]] = {}
@@ -202,8 +202,12 @@ async def read_topic(
 ) -> AsyncIterator[Any]:
     """Yield records from ``topics`` until none arrives for ``idle_timeout_s`` (None: forever).
 
-    Without a group the consumer commits nothing. The end is found by idleness,
-    not by ListOffsets, which the dev broker answers wrongly (FACTS.md).
+    Without a group the consumer commits nothing. The end is found by idleness, not
+    by asking the broker for the latest offsets: the dev broker (tansu) answers
+    ListOffsets(latest) with the base offset of the partition's last record batch + 1,
+    not its high-water mark, so a reader that stopped there would miss the rest of that
+    batch. (The high-water mark that Fetch responses carry is right; the worker's
+    consumer-lag gauge uses it.)
     """
     consumer = AIOKafkaConsumer(
         *topics,

@@ -48,8 +48,8 @@ ROUTE_SET_MISMATCH = "route_set_mismatch"
 REVIEW_ERROR = "review_error"
 
 # Token estimates before a request (the endpoint's reported usage settles the budget after it).
-# 3.0 characters per token over-estimates on purpose: on the review prompts of the moderation
-# samples the estimate was at least 1.27x the o200k_base count (load-tests/review_cost.py).
+# 3.0 characters per token over-estimates on purpose (load-tests/review_cost.py compares the
+# estimate with the o200k_base count on the review prompts of the moderation samples).
 CHARS_PER_TOKEN = 3.0
 TOKENS_PER_MESSAGE = 4
 IMAGE_TOKENS = 1000  # a high-detail image is ~765-1105 tokens on OpenAI; a guess for other servers

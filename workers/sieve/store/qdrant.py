@@ -23,15 +23,17 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from sieve.contracts import utcnow
-from sieve.encoders.core import ImageEncoder, TextEncoder
+from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.match import RouteIndex, encode_examples, example_id, example_key
+from sieve.progress import SILENT, Progress
 from sieve.routeset import RouteSet, Space
 from sieve.settings import QdrantSettings
 
 log = logging.getLogger(__name__)
 
 _META_NAMESPACE = uuid.UUID("2a1d4b7e-9c3f-4e5a-8b6d-7f0e1c2d3a4b")
-_PAGE = 512
+_PAGE = 512  # points per scroll or upsert request
+_ENCODE_CHUNK = 1024  # examples per encoder call while syncing (so its progress advances)
 
 
 class RouteStoreError(RuntimeError):
@@ -151,11 +153,14 @@ class RouteStore:
         found = client.retrieve(self.meta_collection, [self._meta_id(set_name, encoder_id)])
         return dict(found[0].payload or {}) if found else None
 
-    def sync(self, route_set: RouteSet, encoder: TextEncoder | ImageEncoder) -> SyncReport:
+    def sync(
+        self, route_set: RouteSet, encoder: TextEncoder | ImageEncoder, *, progress: Progress = SILENT
+    ) -> SyncReport:
         """Write ``route_set``'s examples in the encoder's space: new ones encoded, stale ones deleted.
 
         A text encoder takes the utterances; an image encoder the example images and
-        the CLIP prompts.
+        the CLIP prompts. Reports its steps: encoding the new examples, upserting their
+        points, updating the payloads of changed ones.
         """
         version = route_set.version
         space: Space = "image" if isinstance(encoder, ImageEncoder) else "text"
@@ -188,18 +193,29 @@ class RouteStore:
             stale_ids = [pid for pid in existing if pid not in wanted]
             if new_ids:
                 items = [(wanted[p]["route"], wanted[p]["kind"], wanted[p]["text"]) for p in new_ids]
-                vectors = encode_examples(route_set, space, encoder, items)
-                client.upsert(
-                    collection,
-                    points=[
-                        models.PointStruct(
-                            id=pid, vector=vector.tolist(), payload={**wanted[pid], "version": version}
-                        )
-                        for pid, vector in zip(new_ids, vectors, strict=True)
-                    ],
-                )
-            for pid in changed_ids:
-                client.set_payload(collection, {**wanted[pid], "version": version}, points=[pid])
+                chunks: list[np.ndarray] = []
+                with progress.task("encoding examples", total=len(items)) as advance:
+                    for start in range(0, len(items), _ENCODE_CHUNK):
+                        chunk = items[start:start + _ENCODE_CHUNK]
+                        chunks.append(encode_examples(route_set, space, encoder, chunk))
+                        advance(len(chunk))
+                vectors = np.concatenate(chunks)
+                with progress.task("upserting points", total=len(new_ids)) as advance:
+                    for start in range(0, len(new_ids), _PAGE):
+                        page = new_ids[start:start + _PAGE]
+                        points = [
+                            models.PointStruct(
+                                id=pid, vector=vector.tolist(), payload={**wanted[pid], "version": version}
+                            )
+                            for pid, vector in zip(page, vectors[start:start + _PAGE], strict=True)
+                        ]
+                        client.upsert(collection, points=points)
+                        advance(len(page))
+            if changed_ids:
+                with progress.task("updating changed examples", total=len(changed_ids)) as advance:
+                    for pid in changed_ids:
+                        client.set_payload(collection, {**wanted[pid], "version": version}, points=[pid])
+                        advance(1)
             if stale_ids:
                 stale: list[models.ExtendedPointId] = list(stale_ids)
                 client.delete(collection, points_selector=models.PointIdsList(points=stale))

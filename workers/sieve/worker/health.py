@@ -13,7 +13,8 @@ so Kubernetes probes and Prometheus share the metrics port.
 
 The same timer updates the consumer-lag gauge of each assigned input partition:
 the high-water mark the broker sent with the last Fetch response minus the
-committed offset (never ListOffsets: the dev broker answers it wrongly).
+committed offset (never ListOffsets(latest), which the dev broker, tansu, answers with
+the base offset of the partition's last record batch + 1, not the high-water mark).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from sieve.settings import HealthSettings
 from sieve.worker import metrics
 
 if TYPE_CHECKING:
-    from sieve.worker.batch import BatchWorker, RouterWorker
+    from sieve.worker.batch_worker import BatchWorker
+    from sieve.worker.router import RouterWorker
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,142 @@
+"""The router worker: one topology's Faust agent around its compute, and its route refresh.
+
+:func:`build_compute` picks where the batches are computed (``settings.compute_mode``:
+:mod:`sieve.worker.compute`); :class:`RouterWorker` takes batches
+(:class:`~sieve.worker.batch_worker.BatchWorker`), computes, publishes, and polls the
+route store for a new route-set version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import faust
+
+from sieve.encoders.base import ImageEncoder, TextEncoder
+from sieve.flow.dead_letter import make_dead_letter
+from sieve.flow.match import RouteIndex
+from sieve.flow.publish import plan_dead_letters
+from sieve.kafka.records import RawRecord
+from sieve.routeset import Space
+from sieve.settings import Settings
+from sieve.store.qdrant import RouteStore
+from sieve.topology import Topology
+from sieve.worker import metrics
+from sieve.worker.app import build_app
+from sieve.worker.batch_worker import BatchWorker
+from sieve.worker.compute import Compute, Computed, ThreadCompute, build_pipeline
+from sieve.worker.compute_child import ProcessCompute
+
+log = logging.getLogger(__name__)
+
+_MAX_PROCESS_ATTEMPTS = 3
+
+
+def build_compute(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
+                  encoders: tuple[TextEncoder, ImageEncoder | None] | None = None) -> Compute:
+    """``settings.compute_mode``: a child that builds its own encoders, or the pipeline on a thread.
+
+    On a thread the pipeline uses ``encoders`` when given (built here otherwise); a
+    child always builds its own, so a worker in process mode need not load a model.
+    """
+    if settings.compute_mode == "process":
+        return ProcessCompute(topology, settings, indexes)
+    return ThreadCompute(build_pipeline(topology, settings, indexes, encoders))
+
+
+class RouterWorker(BatchWorker):
+    """One topology's router: the Faust agent, route refresh and graceful drain.
+
+    ``compute`` runs the batches (:mod:`sieve.worker.compute`: on a thread, or in a child process).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        settings: Settings,
+        compute: Compute,
+        store: RouteStore | None = None,
+        app: faust.App | None = None,
+    ) -> None:
+        super().__init__(topology.name, settings, app or build_app(topology, settings), topology.batching)
+        self.topology = topology
+        self.compute = compute
+        self.store = store
+        self._add_agent(topology.input.topics, topology.input.partitions, f"sieve.{topology.name}.router")
+        if store is not None:
+            self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
+
+    async def handle(self, records: list[RawRecord]) -> Computed:
+        """Process one batch to the end: it returns only once every output is acknowledged."""
+        metrics.IN_FLIGHT.labels(self.topology.name).set(1)
+        try:
+            try:
+                result = await self._process(records)
+            finally:
+                self.compute_done()  # the next batch may be gathered while this one is published
+            started = time.perf_counter()
+            await self._publish(result.outbound)
+            publish_seconds = time.perf_counter() - started
+            metrics.record_batch(self.topology.name, records, result, publish_seconds)
+            return result
+        finally:
+            metrics.IN_FLIGHT.labels(self.topology.name).set(0)
+
+    async def _process(self, records: list[RawRecord]) -> Computed:
+        """Compute the batch; retry; isolate a record that keeps failing."""
+        for attempt in range(1, _MAX_PROCESS_ATTEMPTS + 1):
+            try:
+                return await self.compute.run(records)
+            except Exception:
+                log.exception("batch of %d failed (attempt %d)", len(records), attempt)
+                metrics.BATCH_RETRIES.labels(self.topology.name, "process").inc()
+                await asyncio.sleep(0.1 * 2**attempt)
+        # The batch keeps failing: process record by record; dead-letter what fails alone.
+        merged = Computed([], [], {}, {}, [])
+        for record in records:
+            try:
+                one = await self.compute.run([record])
+            except Exception as exc:
+                letter = make_dead_letter(
+                    record,
+                    stage="decide",
+                    reason="pipeline_error",
+                    error=f"{type(exc).__name__}: {exc}",
+                    worker=self.settings.worker_name,
+                    topology=self.topology.name,
+                    max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
+                )
+                one = Computed(plan_dead_letters([letter], self.topology.output), [letter], {}, {}, [])
+            merged.outbound += one.outbound
+            merged.dead_letters += one.dead_letters
+            merged.event_times += one.event_times
+            for key, count in one.outcomes.items():
+                merged.outcomes[key] = merged.outcomes.get(key, 0) + count
+        return merged
+
+    # -- route-set refresh -------------------------------------------------------------------
+
+    async def _refresh_route_set(self) -> None:
+        """Pick up a newly synced route-set version without a restart."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        name = self.topology.route_set.name
+        for space, current in self.compute.indexes.items():
+            encoder_id = current.encoder_id
+            try:
+                version = await loop.run_in_executor(
+                    self._io, self.store.current_version, name, encoder_id
+                )
+                if version is None or version == current.version:
+                    continue
+                index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
+                await self.compute.swap_index(index)
+                metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
+                metrics.ROUTE_SET.info({"route_set": name, "version": index.version, "encoder": encoder_id})
+                log.info("route set %s (%s space): now at version %s", name, space, index.version)
+            except Exception:
+                log.exception("route-set refresh failed; keeping version %s", current.version)
