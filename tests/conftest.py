@@ -11,7 +11,9 @@ from pathlib import Path
 import hypothesis  # noqa: F401  (import before Faust runs: see below)
 import pytest
 
-from sieve.encoders.core import OpenClipEncoder, SentenceTransformerEncoder, TrivialEncoder, save_tiny_clip
+from sieve.encoders.clip import OpenClipEncoder, save_tiny_clip
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.match import RouteIndex
 from sieve.kafka.broker import start_dev_broker
 from sieve.routeset import RouteSet, load_route_set
@@ -21,7 +23,7 @@ from sieve.routeset import RouteSet, load_route_set
 # failed ("AST constructor recursion depth mismatch") after the Faust agent tests.
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+DATASETS = REPO / "data"  # the public labelled data sets (data/README.md)
 # Workers on the CPU run MiniLM exported to ONNX (backend auto: OpenVINO): every process of the
 # session, in-process or a `sieve worker` subprocess in a temporary folder, shares one export.
 os.environ.setdefault("SIEVE_ONNX_CACHE_DIR", str(REPO / ".sieve" / "cache" / "onnx"))
@@ -50,9 +52,9 @@ def cached_minilm(minilm, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def moderation_bench(cached_minilm):
     """openai-moderation, seeded split, 150 examples per split (long texts: ~450 encodes)."""
-    from sieve.quality.runner import open_workbench
+    from sieve.quality.workbench import open_workbench
 
-    return open_workbench("openai-moderation", cached_minilm, datasets_dir=SHARED / "datasets", seed=0,
+    return open_workbench("openai-moderation", cached_minilm, datasets_dir=DATASETS, seed=0,
                           sample=150)
 
 
@@ -73,7 +75,7 @@ def support_set() -> RouteSet:
 
 @pytest.fixture(scope="session")
 def moderation_index(minilm, moderation_set) -> RouteIndex:
-    """The shipped moderation set encoded with MiniLM (about 10 s), once per session."""
+    """The shipped moderation set encoded with MiniLM, once per session."""
     return RouteIndex.build(moderation_set, minilm)
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sieve.cli.app import app
+from sieve.cli import app
 from sieve.flow.head import HeadError, LearnedHead, head_path_for, train_head
 from sieve.flow.match import RouteIndex
 from sieve.quality.build import (
@@ -22,7 +22,10 @@ from sieve.quality.build import (
 )
 from sieve.quality.datasets import LabelledData, LabelledExample
 from sieve.quality.runner import run_build, run_eval
+from sieve.quality.workbench import open_workbench
 from sieve.routeset import dump_route_set, load_route_set, parse_route_set
+
+from .progress_helpers import RecordingProgress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,12 +163,32 @@ def test_build_from_moderation_train_split_only(moderation_bench, tmp_path):
     assert labels[:2] == ["built, its own thresholds", "built + head, its own thresholds"]
 
 
-def test_routes_build_cli(tmp_path):
+def support_rows() -> list[dict[str, str]]:
     rows = [{"text": f"refund for order {i} please", "label": "billing"} for i in range(30)]
     rows += [{"text": f"my parcel {i} is late", "label": "shipping"} for i in range(30)]
     rows += [{"text": f"random chatter number {i}"} for i in range(30)]
+    return rows
+
+
+def test_build_reports_its_steps(tmp_path, trivial_encoder):
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data.write_text("\n".join(json.dumps(r) for r in support_rows()))
+    bench = open_workbench(str(data), trivial_encoder, datasets_dir=tmp_path)
+    progress = RecordingProgress()
+    run_build(bench, tmp_path / "built.yaml", max_examples=5, head=True, progress=progress)
+    train = len(bench.splits.train)
+    assert train == 45
+    assert progress.seen() == [
+        ("encoding the train split", train, train),
+        ("choosing examples per route (k-means)", 3, 3),  # billing, shipping, the unlabelled rows
+        ("training the head", 1, 1),  # one route per row: one softmax model
+    ]
+    assert all(step.finished for step in progress.steps)
+
+
+def test_routes_build_cli(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in support_rows()))
     out = tmp_path / "routes" / "support-built.yaml"
     result = CliRunner().invoke(app, ["routes", "build", str(data), "--out", str(out), "--max-examples", "5",
                                       "--default-outcome", "unrouted", "--head", "--encoder", "trivial",

@@ -12,19 +12,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from sieve.cli.app import app
+from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.decide import Policy, decide_scores
 from sieve.flow.match import RouteIndex
-from sieve.quality.datasets import load_clinc150, split_data
-from sieve.quality.evaluate import wilson
-from sieve.quality.fit import REVIEW, FastDecider, Params, Targets, fit_thresholds
-from sieve.quality.report import SECTIONS, write_report
-from sieve.quality.runner import Workbench, run_build, run_fit
+from sieve.quality.datasets import load_clinc150
+from sieve.quality.decider import REVIEW, FastDecider, Params
+from sieve.quality.fit import MARGIN_GRID, WIDTH_GRID, fit_thresholds
+from sieve.quality.metrics import wilson
+from sieve.quality.report import write_report
+from sieve.quality.report_markdown import SECTIONS
+from sieve.quality.runner import run_build, run_fit
+from sieve.quality.splits import split_data
+from sieve.quality.targets import Targets
+from sieve.quality.workbench import Workbench
 from sieve.routeset import Route, load_route_set, parse_route_set
 
+from .progress_helpers import RecordingProgress
+
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+DATASETS = REPO / "data"
 
 # --------------------------------------------------------------------------- the decider
 
@@ -126,6 +133,20 @@ def test_fit_when_no_threshold_can_meet_the_target():
     assert (fit.calibration.auto, fit.calibration.correct) == (20, 15)
 
 
+def test_fit_reports_its_search_steps():
+    scores, gold = synthetic(200, 2)
+    progress = RecordingProgress()
+    fit_thresholds(scores, gold, SYNTH, tuple(SYNTH.routes), Targets(accuracy=0.9, z=0.0), min_support=20,
+                   sweeps=3, progress=progress)
+    # the two routes have different outcomes: no outcome group, and each tops enough events to move alone
+    assert (np.bincount(scores.argmax(axis=1), minlength=2) >= 20).all()
+    grid_rows = 2 * len(MARGIN_GRID) * len(WIDTH_GRID)  # no-match choice x margin x width
+    assert progress.seen() == [
+        ("fitting thresholds: shared grid", grid_rows, grid_rows),
+        ("fitting thresholds: per route", 3 * (2 + 1), 3 * (2 + 1)),  # per sweep: 2 routes, the no-match flip
+    ]
+
+
 def test_targets_are_checked():
     with pytest.raises(ValueError, match="at least one target"):
         Targets()
@@ -156,10 +177,16 @@ def clinc_bench(encoder, seed: int = 0) -> Workbench:
     return Workbench(data, split_data(data, seed=seed, source_splits=False), encoder)
 
 
-def assert_within_ci_and_share(report, target: float, min_auto: float) -> None:
+def assert_meets_target_held_out(report, target: float, min_auto: float) -> None:
+    """The accuracy measured on the test split (the point estimate) reaches the target.
+
+    The fit made the target hold at the Wilson lower bound on calibration; the test
+    split is a second sample, whose own lower bound is too wide at these sizes to judge.
+    """
     summary = report.primary.summary
-    low, high = wilson(summary.auto_correct, summary.auto)
-    assert high >= target, f"held-out accuracy {summary.auto_accuracy:.3f} [{low:.3f}, {high:.3f}] < {target}"
+    assert summary.auto_accuracy is not None and summary.auto_accuracy >= target, (
+        f"held-out accuracy {summary.auto_accuracy} < {target}"
+    )
     assert summary.auto_share >= min_auto, f"decided only {summary.auto_share:.1%} automatically"
 
 
@@ -172,7 +199,7 @@ def test_clinc_fit_holds_on_the_test_split(cached_minilm, tmp_path):
     targets = Targets(accuracy=0.97, z=1.64)
     report, fit = run_fit(bench, [("clinc", routes)], targets, fitted_out=tmp_path / "fitted.yaml")
     assert fit.calibration.feasible
-    assert_within_ci_and_share(report, 0.97, min_auto=0.6)
+    assert_meets_target_held_out(report, 0.97, min_auto=0.6)
     fitted = load_route_set(tmp_path / "fitted.yaml")
     assert fitted.defaults.accept == fit.global_params["accept"]
     written = json.loads((tmp_path / "fitted.thresholds.json").read_text())
@@ -188,7 +215,7 @@ def test_moderation_fit_holds_on_the_test_split(moderation_bench, tmp_path):
         fitted_out=tmp_path / "out" / "built.fitted.yaml",
     )
     assert fit.calibration.feasible
-    assert_within_ci_and_share(report, 0.85, min_auto=0.4)
+    assert_meets_target_held_out(report, 0.85, min_auto=0.4)
     paths = write_report(report, tmp_path / "out")
     markdown = paths["markdown"].read_text()
     assert all(section in markdown for section in SECTIONS)
@@ -200,7 +227,7 @@ def test_moderation_fit_holds_on_the_test_split(moderation_bench, tmp_path):
         assert f"| {label}" in markdown, label
     data = json.loads(paths["json"].read_text())
     assert [f["label"] for f in data["fit"]] == ["built", "hand-written"]
-    assert data["fit"][0]["head"]["calibration"]["feasible"] in (True, False)
+    assert data["fit"][0]["head"]["calibration"]["feasible"] is True
 
 
 def test_moderation_precision_targets_per_outcome(moderation_bench, tmp_path):
@@ -211,11 +238,11 @@ def test_moderation_precision_targets_per_outcome(moderation_bench, tmp_path):
     assert fit.calibration.feasible and fit.calibration.auto > 0
     for outcome, target in targets.precision.items():
         decided, correct = fit.calibration.per_outcome[outcome]
-        if decided:  # on calibration: the lower bound reaches the target
-            assert wilson(correct, decided, z=1.64)[0] >= target
+        assert decided > 0, outcome  # on calibration: the lower bound reaches the target
+        assert wilson(correct, decided, z=1.64)[0] >= target
         held_out = report.primary.summary.outcome_precision[outcome]
-        if held_out["decided"]:  # on test: the target lies within (or below) the interval
-            assert held_out["wilson95_high"] >= target, (outcome, held_out)
+        assert held_out["decided"] > 0, outcome  # on test: the measured precision reaches it
+        assert held_out["precision"] >= target, (outcome, held_out)
     assert report.primary.summary.auto_share >= 0.35
 
 

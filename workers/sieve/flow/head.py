@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from sieve.flow.match import RouteIndex
+from sieve.progress import SILENT, Progress
 
 HeadKind = Literal["softmax", "one_vs_rest"]
 HEAD_FORMAT = "sieve-head/1"
@@ -76,12 +77,6 @@ class LearnedHead:
         head = self.route_scores(vectors, index)
         return ((1.0 - self.weight) * nearest_scores + self.weight * head).astype(np.float32)
 
-    def with_weight(self, weight: float) -> LearnedHead:
-        """The same head combined with another weight."""
-        return LearnedHead(
-            self.route_names, self.encoder_id, self.kind, self.coef, self.intercept, weight, dict(self.meta)
-        )
-
     def save(self, path: str | Path) -> None:
         """Write as ``.npz`` (arrays and a JSON header; loadable without pickle)."""
         header = {
@@ -131,6 +126,7 @@ def train_head(
     c: float = 10.0,
     weight: float = 0.5,
     seed: int = 0,
+    progress: Progress = SILENT,
 ) -> LearnedHead:
     """Logistic regression on ``vectors`` (n, d) with ``membership`` (n, routes) bool.
 
@@ -144,7 +140,10 @@ def train_head(
     keep = membership.any(axis=1)
     x, m = vectors[keep].astype(np.float64), membership[keep]
     single = bool((m.sum(axis=1) == 1).all())
-    with warnings.catch_warnings():
+    coef = np.zeros((len(route_names), x.shape[1]))
+    intercept = np.full(len(route_names), -1e4)  # a route with no rows gets ~0 probability
+    models = 1 if single else len(route_names)
+    with warnings.catch_warnings(), progress.task("training the head", total=models) as advance:
         # lbfgs may stop at max_iter on separable routes; the fit is still usable and measured.
         warnings.simplefilter("ignore", ConvergenceWarning)
         if single:
@@ -152,24 +151,21 @@ def train_head(
             present = np.unique(classes)
             model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
             model.fit(x, classes)
-            coef = np.zeros((len(route_names), x.shape[1]))
-            intercept = np.full(len(route_names), -1e4)  # a route with no rows gets ~0 probability
             if len(present) == 2:  # sklearn folds two classes into one logit
                 coef[present[1]], intercept[present[1]] = model.coef_[0], model.intercept_[0]
                 coef[present[0]], intercept[present[0]] = 0.0, 0.0
             else:
                 coef[present], intercept[present] = model.coef_, model.intercept_
             kind: HeadKind = "softmax"
+            advance(1)
         else:
-            coef = np.zeros((len(route_names), x.shape[1]))
-            intercept = np.full(len(route_names), -1e4)
             for r in range(len(route_names)):
                 y = m[:, r]
-                if y.all() or not y.any():
-                    continue
-                model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-                model.fit(x, y)
-                coef[r], intercept[r] = model.coef_[0], model.intercept_[0]
+                if y.any() and not y.all():  # a route in no row or in every row: no model
+                    model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+                    model.fit(x, y)
+                    coef[r], intercept[r] = model.coef_[0], model.intercept_[0]
+                advance(1)
             kind = "one_vs_rest"
     meta: dict[str, object] = {"rows": int(keep.sum()), "c": c, "seed": seed}
     return LearnedHead(

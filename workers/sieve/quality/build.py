@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sieve.flow.head import LearnedHead, train_head
+from sieve.progress import SILENT, Progress
 from sieve.quality.datasets import LabelledData
 from sieve.routeset import Aggregation, Route, RouteDefaults, RouteSet
 
@@ -125,6 +126,7 @@ def build_route_set(
     aggregation: Aggregation | None = None,
     default_route: bool = True,
     description: str | None = None,
+    progress: Progress = SILENT,
 ) -> BuildResult:
     """Build from a training split and its vectors (row ``i`` is ``train.examples[i]``)."""
     if max_examples < 1:
@@ -134,20 +136,14 @@ def build_route_set(
         raise ValueError(f"{train.name}: no labelled examples to build routes from")
     routes: list[Route] = []
     kept: dict[str, int] = {}
-    for pool in pools:
-        # unique, non-empty texts, first occurrence wins
-        seen: set[str] = set()
-        rows: list[int] = []
-        for i in pool.rows:
-            text = train.examples[i].text
-            if text is None or not text.strip() or text in seen:
-                continue
-            seen.add(text)
-            rows.append(i)
-        picked = select_representatives(vectors[rows], max_examples, seed)
-        utterances = [str(train.examples[rows[p]].text) for p in picked]
-        kept[pool.name] = len(utterances)
-        routes.append(Route(name=pool.name, outcome=pool.outcome, utterances=utterances))
+    with progress.task("choosing examples per route (k-means)", total=len(pools)) as advance:
+        for pool in pools:
+            rows = _distinct_text_rows(train, pool.rows)
+            picked = select_representatives(vectors[rows], max_examples, seed)
+            utterances = [str(train.examples[rows[p]].text) for p in picked]
+            kept[pool.name] = len(utterances)
+            routes.append(Route(name=pool.name, outcome=pool.outcome, utterances=utterances))
+            advance(1)
     defaults = RouteDefaults(aggregation=aggregation or Aggregation(method="top_k_mean", k=3))
     route_set = RouteSet(
         name=name,
@@ -157,6 +153,19 @@ def build_route_set(
         routes=routes,
     )
     return BuildResult(route_set, tuple(pools), kept)
+
+
+def _distinct_text_rows(train: LabelledData, rows: tuple[int, ...]) -> list[int]:
+    """The rows with a non-empty text not seen before among ``rows`` (first occurrence wins)."""
+    seen: set[str] = set()
+    kept: list[int] = []
+    for i in rows:
+        text = train.examples[i].text
+        if text is None or not text.strip() or text in seen:
+            continue
+        seen.add(text)
+        kept.append(i)
+    return kept
 
 
 def membership_matrix(train: LabelledData, pools: tuple[RoutePool, ...]) -> np.ndarray:
@@ -176,10 +185,12 @@ def with_head(
     c: float = 10.0,
     weight: float = 0.5,
     seed: int = 0,
+    progress: Progress = SILENT,
 ) -> BuildResult:
     """The build result with a logistic-regression head trained on the whole training split."""
     membership = membership_matrix(train, result.pools)
+    names = [pool.name for pool in result.pools]
     head = train_head(
-        vectors, membership, [pool.name for pool in result.pools], encoder_id, c=c, weight=weight, seed=seed
+        vectors, membership, names, encoder_id, c=c, weight=weight, seed=seed, progress=progress
     )
     return BuildResult(result.route_set, result.pools, result.kept, head)

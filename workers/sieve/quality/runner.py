@@ -1,183 +1,43 @@
 """The work behind ``sieve eval``, ``sieve fit`` and ``sieve routes build``.
 
-Each command loads labelled data, splits it (seeded, recorded), encodes what it
-needs through an on-disk embedding cache, and writes its outputs: a route file,
-a fitted route file and thresholds file, and a report (Markdown, JSON, PNG plots).
-Nothing is evaluated on the split it was fitted or built on: routes are built
-from ``train``, thresholds fitted on ``calibration``, and reports are on ``test``
-unless asked otherwise (``--split all`` for a route set built from other data,
-such as the hand-written ``routes/moderation.yaml``).
+Each command opens a :class:`~sieve.quality.workbench.Workbench` (labelled data,
+seeded and recorded splits, an encoder behind the on-disk embedding cache) and
+writes its outputs: a route file, a fitted route file and thresholds file, and a
+:class:`~sieve.quality.report_data.Report`. Nothing is evaluated on the split it was
+fitted or built on: routes are built from ``train``, thresholds fitted on
+``calibration``, and reports are on ``test`` unless asked otherwise (``--split all``
+for a route set built from other data, such as the hand-written ``routes/moderation.yaml``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sieve.encoders.core import TextEncoder
-from sieve.flow.decide import Policy
+from sieve.encoders.base import TextEncoder
+from sieve.flow.decide import Policy, decide_scores
 from sieve.flow.head import HeadError, LearnedHead, head_path_for
 from sieve.flow.match import RouteIndex
+from sieve.progress import SILENT, Advance, Progress
 from sieve.quality.build import BuildResult, build_route_set, with_head
-from sieve.quality.datasets import LabelledData, Splits, load_data, split_data
-from sieve.quality.evaluate import (
-    ScoredSplit,
-    Summary,
-    SystemRun,
-    confusion,
-    no_match_table,
-    per_label_table,
-    per_outcome_table,
-    per_route_table,
-    score_split,
+from sieve.quality.datasets import LabelledData
+from sieve.quality.fit import FitResult, fit_thresholds
+from sieve.quality.report_data import Report, SystemEntry, describe_route_set
+from sieve.quality.scoring import score_split, three_way_run
+from sieve.quality.semantic_router import (
+    SEMANTIC_ROUTER_SCORING,
+    SEMANTIC_ROUTER_THRESHOLD,
     semantic_router_fit,
     semantic_router_run,
-    summarise,
-    text_of,
-    three_way_run,
 )
-from sieve.quality.fit import FitResult, Targets, fit_thresholds
+from sieve.quality.systems import ScoredSplit, SystemRun
+from sieve.quality.tables import summarise
+from sieve.quality.targets import Targets
+from sieve.quality.workbench import EvalSplit, Workbench
 from sieve.routeset import RouteSet, dump_route_set, load_route_set
-
-EvalSplit = str  # "test", "calibration", "train" or "all"
-
-
-@dataclass
-class Workbench:
-    """Labelled data, its splits and a (cached) encoder, shared by one command's steps."""
-
-    data: LabelledData
-    splits: Splits
-    encoder: TextEncoder
-    _vectors: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def part(self, name: EvalSplit) -> LabelledData:
-        """A split, or ``all`` of the data."""
-        return self.data if name == "all" else self.splits.part(name)
-
-    def vectors(self, name: EvalSplit) -> np.ndarray:
-        """The split's text vectors (encoded once per command)."""
-        if name not in self._vectors:
-            self._vectors[name] = self.encoder.encode(text_of(self.part(name)))
-        return self._vectors[name]
-
-
-def open_workbench(
-    spec: str,
-    encoder: TextEncoder,
-    *,
-    datasets_dir: Path,
-    seed: int = 0,
-    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
-    sample: int | None = None,
-    source_splits: bool = True,
-) -> Workbench:
-    """Load ``spec`` (an adapter name or a JSONL path) and split it (``source_splits``: keep its own)."""
-    data = load_data(spec, datasets_dir)
-    splits = split_data(data, seed=seed, fractions=fractions, sample=sample, source_splits=source_splits)
-    if sample is not None:
-        data = data.with_examples(
-            sorted(
-                splits.train.examples + splits.calibration.examples + splits.test.examples,
-                key=lambda ex: ex.id,
-            )
-        )
-    return Workbench(data, splits, encoder)
-
-
-# --------------------------------------------------------------------------- report model
-
-
-@dataclass
-class SystemEntry:
-    """One row of the side-by-side comparison."""
-
-    label: str
-    route_file: str
-    scoring: str
-    policy: str
-    run: SystemRun
-    summary: Summary
-
-
-@dataclass
-class Report:
-    """Everything a report says; rendered by :mod:`sieve.quality.report`."""
-
-    title: str
-    command: str
-    data: LabelledData
-    split_name: str
-    splits: Splits
-    encoder_id: str
-    systems: list[SystemEntry]
-    route_sets: list[dict[str, object]]
-    fit: list[dict[str, object]] = field(default_factory=list)
-    build: dict[str, object] | None = None
-    notes: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def primary(self) -> SystemEntry:
-        """The system the detailed sections describe."""
-        return self.systems[0]
-
-    def tables(self) -> dict[str, object]:
-        """The primary system's detailed tables."""
-        run = self.primary.run
-        evaluated = self.data if self.split_name == "all" else self.splits.part(self.split_name)
-        return {
-            "per_route": per_route_table(run, evaluated),
-            "per_outcome": per_outcome_table(run),
-            "per_label": per_label_table(run, evaluated),
-            "confusion": confusion(run),
-        }
-
-    def as_dict(self) -> dict[str, object]:
-        """The JSON report."""
-        return {
-            "title": self.title,
-            "command": self.command,
-            "data": {"name": self.data.name, "source": self.data.source, "licence": self.data.licence},
-            "evaluated_split": self.split_name,
-            "split": self.splits.record.as_dict(),
-            "encoder": self.encoder_id,
-            "route_sets": self.route_sets,
-            "side_by_side": [
-                {
-                    "system": e.label,
-                    "route_file": e.route_file,
-                    "scoring": e.scoring,
-                    "policy": e.policy,
-                    **e.summary.as_dict(),
-                    "no_match": no_match_table(e.run),
-                }
-                for e in self.systems
-            ],
-            "primary": {"system": self.primary.label, **self.tables()},
-            "fit": self.fit,
-            "build": self.build,
-            "notes": self.notes,
-            "files": self.files,
-        }
-
-
-def describe_route_set(route_set: RouteSet, path: str) -> dict[str, object]:
-    """Name, version, file and size of a route set, for the report."""
-    return {
-        "file": path,
-        "name": route_set.name,
-        "version": route_set.version,
-        "routes": len(route_set.routes),
-        "examples": sum(len(r.utterances) for r in route_set.routes),
-        "default_outcome": route_set.default_outcome,
-        "defaults": route_set.defaults.model_dump(mode="json"),
-        "routes_with_own_thresholds": sum(1 for r in route_set.routes if r.thresholds is not None),
-    }
-
 
 # --------------------------------------------------------------------------- build
 
@@ -194,6 +54,7 @@ def run_build(
     head_c: float = 1.0,
     head_weight: float = 0.5,
     command: str = "",
+    progress: Progress = SILENT,
 ) -> BuildResult:
     """Build a route set from the training split and write it (and the head) next to ``out``."""
     train = bench.splits.train
@@ -206,18 +67,27 @@ def run_build(
         f"{max_examples} examples per route, chosen as k-means medoids (seed {seed}). "
         "Thresholds are defaults: fit them with `sieve fit`."
     )
+    vectors = bench.vectors("train", progress=progress)
     result = build_route_set(
         train,
-        bench.vectors("train"),
+        vectors,
         name=name or _set_name(bench.data.name),
         default_outcome=default,
         max_examples=max_examples,
         seed=seed,
         description=description,
+        progress=progress,
     )
     if head:
         result = with_head(
-            result, train, bench.vectors("train"), bench.encoder.id, c=head_c, weight=head_weight, seed=seed
+            result,
+            train,
+            vectors,
+            bench.encoder.id,
+            c=head_c,
+            weight=head_weight,
+            seed=seed,
+            progress=progress,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dump_route_set(result.route_set), encoding="utf-8")
@@ -255,10 +125,14 @@ class Candidate:
     head: LearnedHead | None
 
 
-def load_candidate(label: str, path: Path, encoder: TextEncoder, *, use_head: bool = True) -> Candidate:
+def load_candidate(
+    label: str, path: Path, encoder: TextEncoder, *, use_head: bool = True, progress: Progress = SILENT
+) -> Candidate:
     """Read a route file, encode its examples, and pick up ``<file>.head.npz`` if present."""
     route_set = load_route_set(path)
-    index = RouteIndex.build(route_set, encoder)
+    with progress.task(f"encoding the examples of {label}") as advance:
+        index = RouteIndex.build(route_set, encoder)
+        advance(len(index.example_ids))
     head = None
     head_file = head_path_for(path)
     if use_head and head_file.exists():
@@ -268,60 +142,41 @@ def load_candidate(label: str, path: Path, encoder: TextEncoder, *, use_head: bo
     return Candidate(label, path, route_set, index, head)
 
 
+def _system(run: SystemRun, path: Path, scoring: str, policy: str) -> SystemEntry:
+    """One side-by-side row: a system's run on the split and its summary."""
+    return SystemEntry(run.name, str(path), scoring, policy, run, summarise(run))
+
+
 def _entries_for(
     candidate: Candidate,
     scored: ScoredSplit,
     *,
     policy: Policy | None,
     policy_label: str,
+    advance: Advance,
     head_policy: Policy | None = None,
     sr_threshold: float | None = None,
 ) -> list[SystemEntry]:
     """The systems one route file contributes: three-way, head, semantic-router (default and fitted)."""
-    path = str(candidate.path)
-    entries = []
-    run = three_way_run(f"{candidate.label}, {policy_label}", scored, policy)
-    entries.append(
-        SystemEntry(run.name, path, "nearest examples", f"three-way, {policy_label}", run, summarise(run))
-    )
+    label, path = candidate.label, candidate.path
+    run = three_way_run(f"{label}, {policy_label}", scored, policy)
+    entries = [_system(run, path, "nearest examples", f"three-way, {policy_label}")]
+    advance(1)
     if candidate.head is not None:
         head_label = "fitted" if head_policy is not None else policy_label
-        run = three_way_run(f"{candidate.label} + head, {head_label}", scored, head_policy, candidate.head)
-        entries.append(
-            SystemEntry(
-                run.name,
-                path,
-                f"nearest examples + logistic head (weight {candidate.head.weight:g})",
-                f"three-way, {head_label}",
-                run,
-                summarise(run),
-            )
-        )
-    run = semantic_router_run(f"{candidate.label}, semantic-router way (0.5)", scored)
-    entries.append(
-        SystemEntry(
-            run.name,
-            path,
-            "mean of the route's hits among the 5 nearest",
-            "one threshold 0.5, no review",
-            run,
-            summarise(run),
-        )
-    )
+        run = three_way_run(f"{label} + head, {head_label}", scored, head_policy, candidate.head)
+        scoring = f"nearest examples + logistic head (weight {candidate.head.weight:g})"
+        entries.append(_system(run, path, scoring, f"three-way, {head_label}"))
+        advance(1)
+    default = SEMANTIC_ROUTER_THRESHOLD
+    run = semantic_router_run(f"{label}, semantic-router way ({default:g})", scored)
+    entries.append(_system(run, path, SEMANTIC_ROUTER_SCORING, f"one threshold {default:g}, no review"))
+    advance(1)
     if sr_threshold is not None:
-        run = semantic_router_run(
-            f"{candidate.label}, semantic-router fit ({sr_threshold:g})", scored, sr_threshold
-        )
-        entries.append(
-            SystemEntry(
-                run.name,
-                path,
-                "mean of the route's hits among the 5 nearest",
-                f"one threshold {sr_threshold:g} (best accuracy on calibration), no review",
-                run,
-                summarise(run),
-            )
-        )
+        run = semantic_router_run(f"{label}, semantic-router fit ({sr_threshold:g})", scored, sr_threshold)
+        policy_text = f"one threshold {sr_threshold:g} (best accuracy on calibration), no review"
+        entries.append(_system(run, path, SEMANTIC_ROUTER_SCORING, policy_text))
+        advance(1)
     return entries
 
 
@@ -332,16 +187,19 @@ def run_eval(
     split: EvalSplit = "test",
     command: str = "",
     use_head: bool = True,
+    progress: Progress = SILENT,
 ) -> Report:
     """Evaluate route files as they are (their own thresholds) on one split, side by side."""
     part = bench.part(split)
-    vectors = bench.vectors(split)
+    vectors = bench.vectors(split, progress=progress)
     systems: list[SystemEntry] = []
     described = []
     for label, path in route_files:
-        candidate = load_candidate(label, path, bench.encoder, use_head=use_head)
-        scored = score_split(part, candidate.index, bench.encoder, vectors)
-        systems.extend(_entries_for(candidate, scored, policy=None, policy_label="its own thresholds"))
+        candidate = load_candidate(label, path, bench.encoder, use_head=use_head, progress=progress)
+        with progress.task(f"scoring {label}", total=2 + (candidate.head is not None)) as advance:
+            scored = score_split(part, candidate.index, bench.encoder, vectors)
+            own = "its own thresholds"
+            systems.extend(_entries_for(candidate, scored, policy=None, policy_label=own, advance=advance))
         described.append(describe_route_set(candidate.route_set, str(path)))
     notes = _data_notes(bench.data)
     if split == "all":
@@ -371,22 +229,24 @@ def run_fit(
     min_support: int | None = 50,
     command: str = "",
     use_head: bool = True,
+    progress: Progress = SILENT,
 ) -> tuple[Report, FitResult]:
     """Fit every route file on the calibration split, write the first one's fit, compare all on test.
 
     Side by side on the test split, per route file: the fitted three-way policy, the
     file's own thresholds, the head (fitted too) if there is one, the semantic-router
-    way at 0.5 and at the threshold semantic-router's ``fit`` would choose.
+    way at its default threshold and at the threshold semantic-router's ``fit`` would choose.
     """
     calibration, test = bench.splits.calibration, bench.splits.test
-    cal_vectors, test_vectors = bench.vectors("calibration"), bench.vectors("test")
+    cal_vectors = bench.vectors("calibration", progress=progress)
+    test_vectors = bench.vectors("test", progress=progress)
     systems: list[SystemEntry] = []
     fits: list[dict[str, object]] = []
     described: list[dict[str, object]] = []
     first_fit: FitResult | None = None
     files: dict[str, str] = {}
     for position, (label, path) in enumerate(route_files):
-        candidate = load_candidate(label, path, bench.encoder, use_head=use_head)
+        candidate = load_candidate(label, path, bench.encoder, use_head=use_head, progress=progress)
         index = candidate.index
         cal = score_split(calibration, index, bench.encoder, cal_vectors)
         scored = score_split(test, index, bench.encoder, test_vectors)
@@ -397,6 +257,7 @@ def run_fit(
             index.routes,
             targets,
             min_support=min_support,
+            progress=progress,
         )
         fitted_policy = fit.policy(Policy.for_index(index))
         head_policy = None
@@ -404,25 +265,29 @@ def run_fit(
         if candidate.head is not None:
             combined = candidate.head.combine(cal.match.route_scores, cal.vectors, index)
             head_fit = fit_thresholds(
-                combined, list(cal.gold), candidate.route_set, index.routes, targets, min_support=min_support
+                combined,
+                list(cal.gold),
+                candidate.route_set,
+                index.routes,
+                targets,
+                min_support=min_support,
+                progress=progress,
             )
             head_policy = head_fit.policy(Policy.for_index(index))
         sr_threshold, sr_accuracy = semantic_router_fit(cal)
-        entries = _entries_for(
-            candidate,
-            scored,
-            policy=fitted_policy,
-            policy_label="fitted",
-            head_policy=head_policy,
-            sr_threshold=sr_threshold,
-        )
-        own = three_way_run(f"{label}, its own thresholds", scored)
-        entries.insert(
-            1,
-            SystemEntry(
-                own.name, str(path), "nearest examples", "three-way, its own thresholds", own, summarise(own)
-            ),
-        )
+        with progress.task(f"scoring {label} on test", total=4 + (candidate.head is not None)) as advance:
+            entries = _entries_for(
+                candidate,
+                scored,
+                policy=fitted_policy,
+                policy_label="fitted",
+                advance=advance,
+                head_policy=head_policy,
+                sr_threshold=sr_threshold,
+            )
+            own = three_way_run(f"{label}, its own thresholds", scored)
+            entries.insert(1, _system(own, path, "nearest examples", "three-way, its own thresholds"))
+            advance(1)
         systems.extend(entries)
         described.append(describe_route_set(candidate.route_set, str(path)))
         fits.append(
@@ -467,14 +332,9 @@ def _check_written_fit(fit: FitResult, candidate: Candidate, cal: ScoredSplit, f
         reread,
         reread.version,
         candidate.index.encoder_id,
-        {
-            route.name: [(i, t, v) for i, t, v in _examples_of(candidate.index, route.name)]
-            for route in candidate.index.routes
-        },
+        {route.name: _examples_of(candidate.index, route.name) for route in candidate.index.routes},
     )
     worker_policy = Policy.for_index(index)
-    from sieve.flow.decide import decide_scores
-
     expected = [v.outcome for v in decide_scores(cal.match.route_scores, fit.policy(worker_policy))]
     got = [v.outcome for v in decide_scores(cal.match.route_scores, worker_policy)]
     if expected != got:
