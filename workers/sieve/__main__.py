@@ -1,5 +1,5 @@
 """``python -m sieve`` runs the command line."""
 
-from sieve.cli.app import main
+from sieve.cli import main
 
 main()

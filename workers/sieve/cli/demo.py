@@ -18,16 +18,28 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from sieve.kafka.broker import start_dev_broker
-from sieve.kafka.client import produce, read_topic
 from sieve.settings import KafkaSettings
 from sieve.topology import load_topology, load_topology_route_set
 
-SAMPLES = Path(__file__).resolve().parents[2] / "routes" / "samples" / "demo-messages.jsonl"
+SAMPLES = Path(__file__).resolve().parents[3] / "routes" / "samples" / "demo-messages.jsonl"
+
+app = typer.Typer()
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="How many events to send (the samples, repeated).")] = 1000,
+    topology_path: Annotated[Path, typer.Option("--topology")] = Path("topologies/moderation.yaml"),
+) -> None:
+    """Start the dev broker, sync the routes, run a worker, send samples, show decisions and events/s."""
+    raise typer.Exit(run_demo(topology_path, events))
 
 
 def free_port() -> int:
@@ -49,6 +61,8 @@ def sample_events(count: int, path: Path = SAMPLES) -> list[dict]:
 
 
 async def _collect(kafka: KafkaSettings, topics: list[str], want: int, timeout_s: float) -> list:
+    from sieve.kafka.client import read_topic
+
     records = []
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
@@ -88,6 +102,8 @@ def _dedupe(records: list) -> list:
 
 def run_demo(topology_path: Path, count: int) -> int:
     """Run the demo; returns the process exit code."""
+    from sieve.kafka.client import produce
+
     console = Console(width=max(120, Console().width))
     topology = load_topology(topology_path)
     route_set = load_topology_route_set(topology)

@@ -1,0 +1,156 @@
+"""``sieve eval`` and ``sieve fit``: route files measured, and their thresholds fitted, on labelled data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from sieve.cli.base import BackendOpt, EncoderKind, ModelOpt, QuietOpt, command_line, console, fail
+from sieve.cli.progress import progress_for
+from sieve.cli.workbench import (
+    CacheOpt,
+    DataArg,
+    HeadOpt,
+    PlotsOpt,
+    ResplitOpt,
+    SampleOpt,
+    SeedOpt,
+    labelled,
+    open_bench,
+)
+
+if TYPE_CHECKING:
+    from sieve.quality.targets import Targets
+
+app = typer.Typer()
+
+
+@app.command("eval")
+def eval_command(
+    data: DataArg,
+    routes: Annotated[Path, typer.Option("--routes", "-r", help="The route file to evaluate.")],
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Another route file, side by side (repeatable).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="test, calibration, train, or all.")] = "test",
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("out/eval"),
+    seed: SeedOpt = 0,
+    sample: SampleOpt = None,
+    resplit: ResplitOpt = False,
+    head: HeadOpt = True,
+    plots: PlotsOpt = True,
+    cache: CacheOpt = True,
+    encoder: EncoderKind = "sentence-transformers",
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Run labelled data through the worker's batch functions; write a report (Markdown, JSON, PNG)."""
+    from sieve.flow.head import HeadError
+    from sieve.quality.report import write_report
+    from sieve.quality.runner import run_eval
+    from sieve.routeset import RouteSetError
+
+    if split not in ("test", "calibration", "train", "all"):
+        fail(f"--split must be test, calibration, train or all, not {split!r}")
+    progress = progress_for(console, quiet=quiet)
+    bench = open_bench(data, seed, sample, encoder, model, cache, resplit, backend, progress=progress)
+    try:
+        report = run_eval(bench, labelled([routes, *(compare or [])]), split=split,
+                          command=command_line(), use_head=head, progress=progress)
+    except (RouteSetError, HeadError, ValueError) as exc:
+        fail(str(exc))
+    paths = write_report(report, out, plots=plots)
+    s = report.primary.summary
+    console.print(
+        f"{report.primary.label}: auto {s.auto_share:.1%} at accuracy {s.auto_accuracy or 0:.3f}, "
+        f"review {s.review_share:.1%} ({s.events} events); report {paths['markdown']}"
+    )
+
+
+def parse_targets(min_precision: list[str] | None, min_accuracy: float | None, z: float) -> Targets:
+    """The fit's targets from ``--min-precision OUTCOME=P`` items and ``--min-accuracy`` (default 0.95)."""
+    from sieve.quality.targets import Targets
+
+    precision: dict[str, float] = {}
+    for item in min_precision or []:
+        outcome, sep, value = item.partition("=")
+        try:
+            precision[outcome.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not outcome.strip():
+            fail(f"--min-precision takes OUTCOME=P, e.g. violating=0.9; got {item!r}")
+    if not precision and min_accuracy is None:
+        min_accuracy = 0.95
+    try:
+        return Targets(precision=precision, accuracy=min_accuracy, z=z)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@app.command("fit")
+def fit_command(
+    data: DataArg,
+    routes: Annotated[Path, typer.Option("--routes", "-r", help="The route file to fit.")],
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Another route file, fitted and compared too (repeatable).")
+    ] = None,
+    min_precision: Annotated[
+        list[str] | None,
+        typer.Option(help="OUTCOME=P: automatic decisions of that outcome at least this precise "
+                          "(repeatable)."),
+    ] = None,
+    min_accuracy: Annotated[
+        float | None,
+        typer.Option(help="All automatic decisions at least this accurate (default 0.95 when no "
+                          "--min-precision is given)."),
+    ] = None,
+    z: Annotated[float, typer.Option(help="Targets must hold at the Wilson lower bound with this z (0: the "
+                                          "calibration point estimate).")] = 1.0,
+    min_support: Annotated[
+        int, typer.Option(help="A route gets thresholds of its own when it tops this many calibration events "
+                               "(0: never).")
+    ] = 50,
+    fitted: Annotated[
+        Path | None,
+        typer.Option(help="Where the fitted route file goes (default: OUT/<routes>.fitted.yaml)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("out/fit"),
+    seed: SeedOpt = 0,
+    sample: SampleOpt = None,
+    resplit: ResplitOpt = False,
+    head: HeadOpt = True,
+    plots: PlotsOpt = True,
+    cache: CacheOpt = True,
+    encoder: EncoderKind = "sentence-transformers",
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit thresholds on calibration data to meet precision targets with the least review; report on test."""
+    from sieve.flow.head import HeadError
+    from sieve.quality.report import write_report
+    from sieve.quality.runner import run_fit
+    from sieve.routeset import RouteSetError
+
+    targets = parse_targets(min_precision, min_accuracy, z)
+    progress = progress_for(console, quiet=quiet)
+    bench = open_bench(data, seed, sample, encoder, model, cache, resplit, backend, progress=progress)
+    fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
+    try:
+        report, fit = run_fit(bench, labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
+                              min_support=min_support or None, command=command_line(), use_head=head,
+                              progress=progress)
+    except (RouteSetError, HeadError, ValueError) as exc:
+        fail(str(exc))
+    paths = write_report(report, out, plots=plots)
+    s = report.primary.summary
+    console.print(
+        f"fitted on calibration (review {fit.calibration.review_share:.1%}, targets "
+        f"{'met' if fit.calibration.feasible else 'NOT met'}); on test: auto {s.auto_share:.1%} at accuracy "
+        f"{s.auto_accuracy or 0:.3f}, review {s.review_share:.1%}. Route file {fitted_out}; report "
+        f"{paths['markdown']}"
+    )

@@ -1,0 +1,74 @@
+"""``sieve worker``: a router worker for one topology."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sieve.cli.base import QuietOpt, console, fail, setup_logging
+from sieve.cli.progress import progress_for
+from sieve.cli.topics import create_topics
+from sieve.settings import get_settings
+
+app = typer.Typer()
+
+
+@app.command()
+def worker(
+    topology_path: Annotated[Path, typer.Argument(help="Topology YAML, e.g. topologies/moderation.yaml")],
+    sync: Annotated[bool, typer.Option(help="Sync the topology's route file before starting.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a router worker for one topology (joins its consumer group)."""
+    from sieve.encoders.base import release_device_memory
+    from sieve.routeset import RouteSetError
+    from sieve.store.qdrant import RouteStore, RouteStoreError
+    from sieve.topology import TopologyError, load_topology, load_topology_route_set
+    from sieve.worker.app import DrainingWorker
+    from sieve.worker.compute import build_encoders, encoder_ids, limit_blas_threads, settle_heap
+    from sieve.worker.health import attach_router, serve
+    from sieve.worker.metrics import ROUTE_SET
+    from sieve.worker.router import RouterWorker, build_compute
+
+    setup_logging()
+    settings = get_settings()
+    limit_blas_threads(settings)
+    progress = progress_for(console, quiet=quiet)
+    try:
+        topology = load_topology(topology_path)
+        route_set = load_topology_route_set(topology)
+        store = RouteStore(settings.qdrant)
+        # Models load here only to embed routes (--sync) or to run on a thread; with
+        # compute=process the child loads its own, and the index is found by encoder id.
+        encoders = None
+        if sync or settings.compute_mode == "thread":
+            encoders = build_encoders(topology, settings)
+        if sync:
+            assert encoders is not None
+            for model in encoders:
+                if model is not None:
+                    store.sync(route_set, model, progress=progress)
+        ids = encoder_ids(topology)
+        indexes = {space: store.load(topology.route_set.name, model_id) for space, model_id in ids.items()}
+        compute = build_compute(topology, settings, indexes, encoders)
+    except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
+        fail(str(exc))
+    if encoders is not None and compute.mode == "process":
+        del encoders
+        release_device_memory()  # the compute child built its own encoders
+    index = indexes["text"]
+    asyncio.run(create_topics(topology, index.route_set))
+    ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": index.encoder_id})
+    router = RouterWorker(topology, settings, compute, store)
+    attach_router(router)  # /healthz heartbeat, /readyz checks, consumer-lag gauges
+    serve(settings.metrics_host, settings.metrics_port, settings.health)
+    console.print(
+        f"worker {settings.worker_name}: topology {topology.name}, route set "
+        f"{index.route_set.name}@{index.version}, encoder {', '.join(ids.values())}, compute {compute.mode}, "
+        f"metrics :{settings.metrics_port}"
+    )
+    settle_heap()
+    DrainingWorker(router, loglevel=settings.log_level, quiet=True).execute_from_commandline()
