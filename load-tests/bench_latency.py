@@ -14,7 +14,7 @@
 
 Target: p99 ≤ max_wait_s + 2 × the mean encode time of a batch during the paced run (from
 the worker's /metrics, ``sieve_stage_seconds{stage="encode"}``). Messages are real texts
-(../shared/datasets, as loadgen.py sends them). The broker and the load generator share the
+(data/, as loadgen.py sends them). The broker and the load generator share the
 cores with the worker.
 
     .venv/bin/python load-tests/bench_latency.py                        # MiniLM, 30 s

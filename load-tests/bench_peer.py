@@ -20,7 +20,7 @@
   at that precision could show here; each backend's share of its precision's peak is printed
   beside it, and a target above its bound is marked so.
 
-Messages are real texts (../shared/datasets: OpenAI moderation prompts interleaved with CLINC150
+Messages are real texts (data/: OpenAI moderation prompts interleaved with CLINC150
 queries, as loadgen.py sends them); the word counts are printed with the table.
 
     .venv/bin/python load-tests/bench_peer.py                       # full size
@@ -59,8 +59,7 @@ from roofline import (  # noqa: E402
 from worker_rig import ROUTES, WorkerRig, backend_available, cpu_model, encoder_spec  # noqa: E402
 
 from sieve.cli.demo import steady_rate  # noqa: E402
-from sieve.encoders.core import bundled_minilm_path  # noqa: E402
-from sieve.encoders.onnx import read_layout  # noqa: E402
+from sieve.encoders.st_model import bundled_minilm_path, read_layout  # noqa: E402
 from sieve.routeset import ThresholdOverrides, load_route_set  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -164,7 +163,7 @@ def select_texts(count: int, kind: str = "datasets") -> list[str]:
     """``count`` texts (cycled when fewer), under the topology's length limit.
 
     ``datasets``: real texts, long moderation posts interleaved with short assistant queries;
-    ``chat``: the demo's short chat messages (about 16 words), the length FACTS.md compared at.
+    ``chat``: the demo's short chat messages (about 16 words).
     """
     if kind == "chat":
         from sieve.cli.demo import sample_events

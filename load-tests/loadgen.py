@@ -1,6 +1,6 @@
 """Load generator: Sieve events at a target rate, or flat out, to a Kafka topic.
 
-Texts are real public data from ../shared/datasets: OpenAI moderation prompts (long,
+Texts are real public data from the repository's data/ folder: OpenAI moderation prompts (long,
 median ~380 characters) and CLINC150 queries (short), interleaved. With
 ``--image-share`` a share of the events are image events (a small generated PNG, inline
 ``image_b64``); a topology without an image encoder sends those to its dead-letter topic.
@@ -32,7 +32,7 @@ from sieve.kafka.client import client_kwargs
 from sieve.settings import KafkaSettings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+DATASETS = REPO / "data"
 SAMPLES = REPO / "routes" / "samples" / "demo-messages.jsonl"
 
 
@@ -64,7 +64,7 @@ def dataset_texts(datasets: Path = DATASETS, seed: int = 7) -> list[Text]:
     texts = [t for pair in zip(moderation, clinc, strict=False) for t in pair]
     longer = moderation if len(moderation) > len(clinc) else clinc
     texts += longer[min(len(moderation), len(clinc)) :]
-    if not texts:  # no ../shared/datasets: the shipped demo messages
+    if not texts:  # no data sets in the folder given: the shipped demo messages
         texts = [
             Text(json.loads(line)["text"], "demo")
             for line in SAMPLES.read_text().splitlines()

@@ -1,7 +1,7 @@
 """What an LLM review costs: tokens measured on real prompts, and a daily cost table.
 
 1. The router (the topology's encoder and route set) decides real messages: the OpenAI
-   moderation samples (../shared/datasets, MIT) and the shipped demo messages. The share
+   moderation samples (data/openai-moderation, MIT) and the shipped demo messages. The share
    that reaches needs_review on them is printed.
 2. For each needs_review decision the reviewer's request is built exactly as the worker
    builds it (``review.build_messages``, the reply JSON schema) and its tokens counted with
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sieve.contracts import NEEDS_REVIEW
-from sieve.encoders.core import SentenceTransformerEncoder, TrivialEncoder
+from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
+from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.records import RawRecord
@@ -37,7 +38,7 @@ from sieve.review.steps import ReviewCatalogue, build_messages, estimate_tokens
 from sieve.topology import load_topology, load_topology_route_set
 
 REPO = Path(__file__).resolve().parents[1]
-MODERATION_SAMPLES = REPO.parent / "shared" / "datasets" / "openai-moderation" / "samples-1680.jsonl.gz"
+MODERATION_SAMPLES = REPO / "data" / "openai-moderation" / "samples-1680.jsonl.gz"
 DEMO_SAMPLES = REPO / "routes" / "samples" / "demo-messages.jsonl"
 EXAMPLE_REPLIES = [
     {"verdict": "violating", "route": "harassment", "confidence": 0.86,

@@ -1,6 +1,6 @@
 """ScriptedLLM: a FAULT-INJECTION DOUBLE of an OpenAI-compatible Chat Completions server.
 
-No usable judge model can be installed here (FACTS.md), so the reviewer's
+The tests run with no judge model (none is installed for them), so the reviewer's
 behaviour is tested against this real HTTP server on 127.0.0.1: it answers
 ``POST /v1/chat/completions`` from a script (status, body, delay, headers, one
 step per request), from an outage window (503s for a while), or, by default,

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from sieve.contracts import NEEDS_REVIEW
 from sieve.routeset import (
     NAME_PATTERN,
+    ROUTE_SET_SCHEMA_VERSION,
     RouteSet,
     RouteSetError,
     ThresholdOverrides,
@@ -32,7 +33,7 @@ from sieve.routeset import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+DATASETS = REPO / "data"
 
 
 def base_data() -> dict:
@@ -358,6 +359,29 @@ def test_route_lookup_and_outcomes():
     assert route_set.outcomes == {"bad", "ok", NEEDS_REVIEW}
 
 
+# --------------------------------------------------------------------------- schema_version
+
+
+def test_schema_version_is_optional_and_not_content():
+    implicit = parse_route_set(base_data())
+    explicit = parse_route_set({"schema_version": 1, **base_data()})
+    later = parse_route_set({"schema_version": 2, **base_data()})
+    assert implicit.schema_version == explicit.schema_version == ROUTE_SET_SCHEMA_VERSION == 1
+    assert later.schema_version == 2
+    # The file format's version changes neither the content version (decision ids) nor equality.
+    assert implicit.version == explicit.version == later.version
+    assert implicit == later
+    changed = base_data()
+    changed["routes"][0]["utterances"].append("one more example")
+    assert parse_route_set(changed).version != implicit.version
+
+
+@pytest.mark.parametrize("value", [0, -1, "one", 1.5])
+def test_schema_version_must_be_a_positive_integer(value):
+    with pytest.raises(RouteSetError, match="field 'schema_version'"):
+        parse_route_set({"schema_version": value, **base_data()})
+
+
 # --------------------------------------------------------------------------- dump / parse
 
 
@@ -369,7 +393,7 @@ def test_dump_round_trips_shipped_sets(file):
     assert back == route_set
     assert back.version == route_set.version
     # human-editable: block style, keys in model order, no nulls written out
-    assert text.startswith("name: ")
+    assert text.startswith("schema_version: 1\nname: ")
     assert "null" not in text
 
 
@@ -425,8 +449,8 @@ def test_dumped_yaml_is_loadable_from_a_file(tmp_path):
 
 # --------------------------------------------------------------------------- dataset leakage
 
-_MODERATION_DATA = SHARED / "datasets" / "openai-moderation" / "samples-1680.jsonl.gz"
-_CLINC_DATA = SHARED / "datasets" / "clinc150" / "data_full.json"
+_MODERATION_DATA = DATASETS / "openai-moderation" / "samples-1680.jsonl.gz"
+_CLINC_DATA = DATASETS / "clinc150" / "data_full.json"
 _NGRAM = 8
 
 

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sieve.contracts import DeadLetter, Decision, Event
+from sieve.contracts import (
+    DEAD_LETTER_SCHEMA_VERSION,
+    DECISION_SCHEMA_VERSION,
+    EVENT_SCHEMA_VERSION,
+    DeadLetter,
+    Decision,
+    Event,
+)
 from sieve.schema_export import SCHEMAS, export_schemas, render_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +45,37 @@ def test_committed_schemas_are_json_schemas():
     event = json.loads((SCHEMA_DIR / "event.schema.json").read_text(encoding="utf-8"))
     assert event["additionalProperties"] is False  # extra fields are refused, as in the model
     assert event["required"] == ["id"]
+    for name in ("decision", "dead-letter"):  # readers of published messages ignore new fields
+        published = (SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8")
+        assert '"additionalProperties": false' not in published, name
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_schema_carries_an_optional_schema_version(name):
+    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
+    version = schema["properties"]["schema_version"]
+    assert version["type"] == "integer" and version["minimum"] == 1
+    assert version["default"] == SCHEMAS[name].model_fields["schema_version"].default >= 1
+    assert "schema_version" not in schema.get("required", [])
+
+
+def test_messages_carry_their_schema_version():
+    event = json.loads(Event(id="e1", text="x").model_dump_json())
+    assert event["schema_version"] == EVENT_SCHEMA_VERSION
+    assert Event.model_validate({"id": "e1", "text": "x"}).schema_version == EVENT_SCHEMA_VERSION
+    assert Event.model_validate({"id": "e1", "text": "x", "schema_version": 3}).schema_version == 3
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        Event.model_validate({"id": "e1", "text": "x", "schema_version": 0})
+    assert DECISION_SCHEMA_VERSION >= 1 and DEAD_LETTER_SCHEMA_VERSION >= 1
+
+
+def test_decisions_and_dead_letters_ignore_fields_they_do_not_know():
+    letter = DeadLetter(id="d", stage="decode", reason="not_json", error="e", worker="w", topology="t",
+                        source_topic=None, partition=None, offset=None, key_b64=None, payload_b64="",
+                        payload_size=0, payload_sha256="0" * 64, failed_at="2024-01-01T00:00:00Z")
+    data = json.loads(letter.model_dump_json())
+    assert data["schema_version"] == DEAD_LETTER_SCHEMA_VERSION
+    assert DeadLetter.model_validate({**data, "added_later": 1}) == letter
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import yaml
 from sieve.contracts import NEEDS_REVIEW
 from sieve.routeset import RouteSetError, load_route_set
 from sieve.topology import (
+    TOPOLOGY_SCHEMA_VERSION,
     OutputSpec,
     Topology,
     TopologyError,
@@ -92,6 +93,12 @@ def test_defaults_of_a_minimal_topology(tmp_path):
     assert topology.output.dead_letter_topic == "sieve.dead-letter"
     assert topology.limits.max_text_chars == 8000
     assert topology.thresholds is None
+    assert topology.schema_version == TOPOLOGY_SCHEMA_VERSION == 1, "optional in the file"
+
+
+def test_schema_version_may_be_declared(tmp_path):
+    data = {"schema_version": 1, **minimal_topology()}
+    assert load_topology(write_topology(tmp_path / "topologies" / "v.yaml", data)).schema_version == 1
 
 
 # --------------------------------------------------------------------------- topic_for
@@ -234,6 +241,9 @@ def _mutated(mutate) -> dict:
         pytest.param(lambda d: d.__setitem__("thresholds", {"accept": 2}), "thresholds.accept",
                      id="bad-threshold"),
         pytest.param(lambda d: d.__setitem__("outputs", {}), "outputs", id="unknown-field"),
+        pytest.param(lambda d: d.__setitem__("schema_version", 0), "schema_version", id="version-zero"),
+        pytest.param(lambda d: d.__setitem__("schema_version", "one"), "schema_version",
+                     id="version-not-a-number"),
         pytest.param(lambda d: d["output"].__setitem__("dead_letter", "x"), "output.dead_letter",
                      id="unknown-output-field"),
     ],

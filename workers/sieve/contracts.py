@@ -3,6 +3,13 @@
 These pydantic models are the source of truth; ``schemas/*.json`` are generated
 from them (``sieve schemas export``) for producers in other languages, and a test
 fails when the committed files drift.
+
+The contracts only grow (docs/contracts.md): a change adds an optional field and
+raises that contract's ``schema_version``; an existing field keeps its name, type
+and meaning, and an enum keeps its values. What Sieve publishes (decisions, dead
+letters) ignores fields it does not know when read back, so an older reader reads
+a newer message. Events are Sieve's own input and refuse unknown fields: a
+misspelt field name is an error, not a silently missing value.
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ DecisionReason = Literal["accept", "ambiguous", "review_band", "no_match"]
 DeadLetterStage = Literal["decode", "validate", "encode", "decide", "publish"]
 
 EventId = Annotated[str, Field(min_length=1, max_length=256)]
+
+# The version of each contract. It goes up by one with each additive change (a new optional
+# field); a reader accepts any version, and ignores what it does not know where it may.
+EVENT_SCHEMA_VERSION = 1
+DECISION_SCHEMA_VERSION = 1
+DEAD_LETTER_SCHEMA_VERSION = 1
+SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
+                      "change (docs/contracts.md). Optional in input.")
+
 
 _DECISION_NAMESPACE = uuid.UUID("6f1c8a52-7d0e-4f4a-9a49-3d2b0c2f5e11")
 _DECISION_NAMESPACE_BYTES = _DECISION_NAMESPACE.bytes
@@ -50,6 +66,7 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    schema_version: int = Field(default=EVENT_SCHEMA_VERSION, ge=1, description=SCHEMA_VERSION_DOC)
     id: EventId
     modality: Modality = "text"
     text: str | None = None
@@ -77,7 +94,7 @@ class Event(BaseModel):
 class ImageRef(BaseModel):
     """What a decision carries of an image instead of its pixels."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     sha256: str
     uri: str | None = Field(default=None, description="The event's image_uri; null for inline images.")
@@ -90,7 +107,7 @@ class ImageRef(BaseModel):
 class EventView(BaseModel):
     """The event as a decision carries it: everything but inline image bytes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: EventId
     modality: Modality = "text"
@@ -110,7 +127,7 @@ class EventView(BaseModel):
 class RouteScore(BaseModel):
     """A route's aggregated similarity to the event."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     route: str
     outcome: str
@@ -120,7 +137,7 @@ class RouteScore(BaseModel):
 class NearestExample(BaseModel):
     """One of the route examples closest to the event (the reviewer reads these)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: str
     route: str
@@ -136,7 +153,7 @@ class Review(BaseModel):
     (or the LLM's answer that was not used) and ``handoff_reason`` says why.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     model: str = Field(description="The LLM that was asked (or would have been).")
     verdict: str | None = Field(default=None, description="The outcome the LLM chose.")
@@ -159,8 +176,9 @@ class Review(BaseModel):
 class Decision(BaseModel):
     """What Sieve decided about one event; self-contained for consumers and the reviewer."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
+    schema_version: int = Field(default=DECISION_SCHEMA_VERSION, ge=1, description=SCHEMA_VERSION_DOC)
     id: str = Field(description="Deterministic: same event and route-set version, same id.")
     event_id: EventId
     outcome: str = Field(
@@ -195,8 +213,9 @@ class Decision(BaseModel):
 class DeadLetter(BaseModel):
     """An input that could not be decided, with the original bytes and why."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
+    schema_version: int = Field(default=DEAD_LETTER_SCHEMA_VERSION, ge=1, description=SCHEMA_VERSION_DOC)
     id: str
     stage: DeadLetterStage
     reason: str = Field(description="Short machine-readable code, e.g. 'not_json'.")

@@ -2,6 +2,7 @@
 
 A route set is written in YAML (see ``routes/*.yaml``)::
 
+    schema_version: 1               # optional: the file format (docs/contracts.md)
     name: moderation
     default_outcome: clean          # when no route matches
     defaults:
@@ -37,9 +38,13 @@ from pydantic import (
     model_validator,
 )
 
-from sieve.contracts import NEEDS_REVIEW
+from sieve.contracts import NEEDS_REVIEW, SCHEMA_VERSION_DOC
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+# The route-set file format's version: up by one with each additive change (a new optional field).
+ROUTE_SET_SCHEMA_VERSION = 1
+# Fields of a route set that are not its content: its version hash and equality leave them out.
+_NOT_CONTENT = {"schema_version"}
 
 Space = Literal["text", "image"]
 ExampleKind = Literal["utterance", "prompt", "image"]
@@ -156,6 +161,7 @@ class RouteSet(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    schema_version: int = Field(default=ROUTE_SET_SCHEMA_VERSION, ge=1, description=SCHEMA_VERSION_DOC)
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
     default_outcome: str = Field(pattern=NAME_PATTERN)
@@ -191,14 +197,19 @@ class RouteSet(BaseModel):
 
     @property
     def version(self) -> str:
-        """Content hash: any change to routes, examples (image bytes too) or thresholds changes it."""
-        content = {"set": self.model_dump(mode="json"), "images": self._image_digests}
+        """Content hash: any change to routes, examples (image bytes too) or thresholds changes it.
+
+        The file format's ``schema_version`` is not content: it does not count.
+        """
+        content = {"set": self.model_dump(mode="json", exclude=_NOT_CONTENT), "images": self._image_digests}
         canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
-        """Equal content (where the file was read from does not count)."""
-        return isinstance(other, RouteSet) and self.model_dump() == other.model_dump()
+        """Equal content (where the file was read from, and the file format's version, do not count)."""
+        return isinstance(other, RouteSet) and (
+            self.model_dump(exclude=_NOT_CONTENT) == other.model_dump(exclude=_NOT_CONTENT)
+        )
 
     def __hash__(self) -> int:
         return hash(self.version)

@@ -1,4 +1,8 @@
-"""Generate ``schemas/*.schema.json`` from the pydantic contracts."""
+"""Generate ``schemas/*.schema.json`` from the pydantic contracts.
+
+The contracts only grow (docs/contracts.md); tests/test_contract_compat.py checks each
+schema against a frozen copy of version 1.
+"""
 
 from __future__ import annotations
 

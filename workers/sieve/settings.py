@@ -74,7 +74,7 @@ class KafkaSettings(BaseModel):
     commit_interval_s: float = 1.0
     # The longest a fetch may wait at the broker for data (Faust hard-codes 1,500 ms). Kafka
     # answers as soon as a record arrives; the dev broker (tansu) holds every fetch this
-    # long, which added 0.4 s (p50) to 0.8 s (p99) to each event's latency at light load.
+    # long, which adds that wait to each event's latency at light load.
     fetch_max_wait_ms: int = Field(default=50, ge=1, le=60_000)
 
 
@@ -202,8 +202,7 @@ class Settings(BaseSettings):
     # threads of the ONNX backends' session (None: the CPUs this process may use, `usable_cpus`).
     torch_threads: int | None = None
     # Threads numpy's BLAS may use (route matching's matrix product). That product is small,
-    # and OpenBLAS's idle threads spin on the cores the event loop and the encoder need: with
-    # 2 threads the trivial-encoder pipeline ran 1.3-2x slower next to a second busy process.
+    # and OpenBLAS's idle threads spin on the cores the event loop and the encoder need.
     blas_threads: int = Field(default=1, ge=1)
     # Where an encoder may run: auto picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -217,9 +216,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The LLM reviewer's endpoint (`sieve review`).
     llm: LLMSettings = LLMSettings()
-    # `sieve eval / fit / routes build`: where the public labelled data sets are (the
-    # adapters openai-moderation and clinc150), and the on-disk embedding cache.
-    datasets_dir: Path = Path("../shared/datasets")
+    # `sieve eval / fit / routes build`: where the public labelled data sets are, and the
+    # on-disk embedding cache.
+    datasets_dir: Path = Field(
+        default=Path("data"),
+        description=(
+            "Folder of the public labelled data sets, one sub-folder per adapter "
+            "(openai-moderation/, clinc150/). The default is the repository's data/ folder "
+            "(data/README.md: sources and licences), relative to the working directory like "
+            "the other paths here."
+        ),
+    )
     embedding_cache_dir: Path = Path(".sieve/cache/embeddings")
     # Encoders with backend onnx, openvino or an int8 one (and auto on a CPU): the exported
     # models, one folder per model and tool versions, written atomically (workers starting

@@ -2,7 +2,7 @@
 
 A topology binds input topics, a route set, an encoder, batching, threshold
 overrides and the mapping from outcomes to output topics. The Faust app and its
-topics are built from it (:mod:`sieve.worker.batch`).
+topics are built from it (:mod:`sieve.worker.app`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sieve.contracts import SCHEMA_VERSION_DOC
 from sieve.routeset import NAME_PATTERN, RouteSet, ThresholdOverrides, load_route_set
 
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]
+# The topology file format's version: up by one with each additive change (a new optional field).
+TOPOLOGY_SCHEMA_VERSION = 1
 
 
 class TopologyError(ValueError):
@@ -52,7 +55,7 @@ class EncoderSpec(BaseModel):
 
     ``backend`` (sentence-transformers only) runs the model with ``torch`` (fp32
     on CPU, fp16 on CUDA), ``onnx`` (fp32 ONNX Runtime on the CPU: torch's vectors,
-    ~2x its sentences/s here), ``onnx-int8`` (ONNX Runtime with int8 attention
+    faster), ``onnx-int8`` (ONNX Runtime with int8 attention
     weights, every row at cosine >= 0.99 to fp32), ``openvino`` (the same export on
     OpenVINO, bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere: torch's vectors to
     cosine >= 0.9999), ``openvino-int8`` (OpenVINO, every matmul int8, activations per
@@ -186,6 +189,7 @@ class Topology(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    schema_version: int = Field(default=TOPOLOGY_SCHEMA_VERSION, ge=1, description=SCHEMA_VERSION_DOC)
     name: str = Field(pattern=NAME_PATTERN)
     group_id: str | None = None
     input: InputSpec

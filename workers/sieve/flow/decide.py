@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from sieve.contracts import (
+    DECISION_SCHEMA_VERSION,
     NEEDS_REVIEW,
     Decision,
     DecisionReason,
@@ -164,6 +165,7 @@ def decision_rows(
         route = verdict.route
         image = images[i] if images else None
         rows.append({
+            "schema_version": DECISION_SCHEMA_VERSION,
             "id": Decision.make_id(event.id, version),
             "event_id": event.id,
             "outcome": verdict.outcome,
