@@ -206,12 +206,13 @@ def test_the_init_hook_creates_topics_and_syncs_routes_before_the_workers() -> N
 def test_worker_commands_exist_in_the_cli() -> None:
     from typer.main import get_command
 
-    from sieve.cli.app import app
+    from sieve.cli import app
 
     cli = get_command(app)
-    for _, container in containers(render()):
-        if "args" in container and container.get("command") is None:
-            assert container["args"][0] in cli.commands, container["args"]  # type: ignore[attr-defined]
+    commands = [c["args"] for _, c in containers(render()) if "args" in c and c.get("command") is None]
+    assert commands, "the chart runs sieve subcommands"
+    for args in commands:
+        assert args[0] in cli.commands, args  # type: ignore[attr-defined]
 
 
 def test_keda_scales_on_the_topology_consumer_group_up_to_the_partition_count() -> None:
@@ -293,6 +294,7 @@ def test_secrets_are_referenced_never_rendered() -> None:
               "llm": {"apiKey": {"existingSecret": "llm", "key": "token"}}}
     objects = render(values)
     assert by_kind(objects, "Secret") == [], "the chart creates no Secret; it references yours"
+    assert any(name.endswith("-reviewer") for name, _ in containers(objects)), "the chart has a reviewer"
     for name, container in containers(objects):
         env = env_of(container)
         password = {"secretKeyRef": {"name": "kafka-user", "key": "password"}}

@@ -223,8 +223,8 @@ def dashboard() -> dict[str, Any]:
         "uid": "sieve-overview",
         "title": "Sieve",
         "description": "Sieve router and reviewer workers: throughput, verdicts, latency, consumer lag, "
-                       "LLM reviews. Metrics from the workers' /metrics (workers/sieve/metrics.py, "
-                       "reviewer.py).",
+                       "LLM reviews. Metrics from the workers' /metrics (sieve.worker.metrics, "
+                       "sieve.review.metrics).",
         "tags": ["sieve", "kafka"],
         "timezone": "browser",
         "editable": False,
