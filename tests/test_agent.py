@@ -62,10 +62,13 @@ async def _run(router: RouterWorker, payloads: list[bytes], expect: int) -> None
             await asyncio.sleep(0.025)
 
 
-async def test_agent_decides_and_dead_letters_in_batches(router: RouterWorker) -> None:
+async def test_agent_decides_and_dead_letters_in_batches(router: RouterWorker, moderation_set) -> None:
     capture = CapturingSend()
     router.send_batch = capture
-    payloads = [_event(i, f"what a lovely morning for a walk number {i}") for i in range(10)]
+    # half the events are a route's own examples (accepted by that route), half match nothing in particular
+    examples = [u for route in moderation_set.routes for u in route.utterances][:5]
+    texts = [*examples, *(f"what a lovely morning for a walk number {i}" for i in range(5))]
+    payloads = [_event(i, text) for i, text in enumerate(texts)]
     payloads += [b"{not json", json.dumps({"id": "x", "text": "  "}).encode()]
     await _run(router, payloads, expect=11)
     by_topic: dict[str, list[dict]] = {}
