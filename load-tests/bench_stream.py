@@ -17,11 +17,14 @@ The ratio ``sieve worker / aiokafka loop`` is the streaming-ceiling figure. The 
 loop runs first and last and the ratios use the mean of its two rates (this
 machine's speed drifts over minutes). Rates come from the output records'
 timestamps (first to last). ``--profile`` runs the workers under py-spy and prints
-where their time goes.
+where their time goes. ``--head`` runs everything with a learned head in the route-set
+version (a copy of the routes with a head trained on their own examples beside it,
+:mod:`sieve.flow.head`, ``load-tests/with_head.py``): compare runs with and without it.
 
     .venv/bin/python load-tests/bench_stream.py                   # 50,000 events
     .venv/bin/python load-tests/bench_stream.py --events 2000 --quick
     .venv/bin/python load-tests/bench_stream.py --profile         # + py-spy summary
+    .venv/bin/python load-tests/bench_stream.py --head            # with a learned head
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ from sieve.settings import KafkaSettings, QdrantSettings, Settings, usable_cpus
 from sieve.store.qdrant import RouteStore
 from sieve.topology import Topology
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from with_head import copy_with_head  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 ROUTES = REPO / "routes" / "moderation.yaml"
 INPUT = "stream.in"
@@ -68,10 +74,11 @@ def outcome_topics(tag: str) -> dict[str, str]:
             "needs_review": f"stream.{tag}.needs-review"}
 
 
-def topology_dict(max_events: int, max_wait_s: float, partitions: int, tag: str = "bench") -> dict:
+def topology_dict(max_events: int, max_wait_s: float, partitions: int, tag: str = "bench",
+                  routes: Path = ROUTES) -> dict:
     return {
         "name": f"stream-{tag}", "input": {"topics": [INPUT], "partitions": partitions},
-        "route_set": {"name": "moderation", "file": str(ROUTES)},
+        "route_set": {"name": "moderation", "file": str(routes)},
         "encoder": {"kind": "trivial"},
         "batching": {"max_events": max_events, "max_wait_s": max_wait_s},
         # one message per event, as the reference loops send (no per-route copy)
@@ -208,7 +215,7 @@ def wait_for_decisions(port: int, events: int, worker: subprocess.Popen, timeout
 
 
 def run_worker(kafka: KafkaSettings, events: int, tmp: Path, args: argparse.Namespace, compute: str) -> dict:
-    topology = topology_dict(args.max_events, args.max_wait, args.partitions, tag=compute)
+    topology = topology_dict(args.max_events, args.max_wait, args.partitions, tag=compute, routes=args.routes)
     topology_path = tmp / f"topology-{compute}.yaml"
     topology_path.write_text(yaml.safe_dump(topology))
     env = {**os.environ, "SIEVE_COMPUTE": compute, "SIEVE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
@@ -251,6 +258,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="run the worker under py-spy")
     parser.add_argument("--quick", action="store_true", help="CI size: skip the pipeline reference")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--head", action="store_true",
+                        help="a learned head (trained on the routes' own examples) in the route-set version")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sieve-stream-"))
@@ -258,10 +267,12 @@ def main() -> None:
     broker = start_dev_broker(port=port, log_path=tmp / "broker.log")
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}")
     try:
-        route_set = load_route_set(ROUTES)
         encoder = TrivialEncoder()
+        args.routes = copy_with_head(ROUTES, tmp, encoder) if args.head else ROUTES
+        route_set = load_route_set(args.routes)
         RouteStore(QdrantSettings(path=tmp / "qdrant")).sync(route_set, encoder)
-        topology = Topology.model_validate(topology_dict(args.max_events, args.max_wait, args.partitions))
+        topology = Topology.model_validate(topology_dict(args.max_events, args.max_wait, args.partitions,
+                                                         routes=args.routes))
         index = RouteStore(QdrantSettings(path=tmp / "qdrant")).load("moderation", encoder.id)
         pipeline = RouterPipeline(topology, encoder, index, "bench")
         events = sample_events(args.events)
@@ -295,7 +306,8 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores, dev broker (tansu) on the same cores; {args.events} demo "
           f"events, {args.partitions} partitions, {payload_size}-byte messages; the aiokafka loop "
           f"ran at {first['rate']:,.0f} events/s first and {last['rate']:,.0f} last; a worker's "
-          f"default here, compute=auto, is compute={default_mode} ({usable_cpus()} usable CPUs)\n")
+          f"default here, compute=auto, is compute={default_mode} ({usable_cpus()} usable CPUs); "
+          f"learned head {'on' if args.head else 'off'}\n")
     print("| loop | events out | events/s | vs. aiokafka loop |")
     print("|---|---:|---:|---:|")
     for label, row in rows:
@@ -313,7 +325,7 @@ def main() -> None:
             print(f"| {own} | {own_share:.1%} | {inc} | {inc_share:.1%} |")
     if args.json:
         args.json.write_text(json.dumps({"payload_bytes": payload_size, "events": args.events,
-                                         "default_compute": default_mode,
+                                         "default_compute": default_mode, "head": args.head,
                                          "reference_runs": [first, last],
                                          "rows": [{"loop": label, **row} for label, row in rows]},
                                         indent=2, default=str))

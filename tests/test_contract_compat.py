@@ -35,7 +35,7 @@ from sieve.flow.dead_letter import make_dead_letter
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import BatchResult, RouterPipeline
 from sieve.kafka.records import RawRecord
-from sieve.routeset import ROUTE_SET_SCHEMA_VERSION, load_route_set
+from sieve.routeset import ROUTE_SET_SCHEMA_VERSION, load_route_set, parse_route_set
 from sieve.schema_export import SCHEMAS, render_schema
 from sieve.topology import TOPOLOGY_SCHEMA_VERSION, load_topology, load_topology_route_set
 
@@ -414,3 +414,31 @@ def test_decision_ids_are_the_v1_scheme() -> None:
 def test_dead_letter_ids_are_the_v1_scheme() -> None:
     """Where the bytes came from and their hash, so a redelivered input gets the same id."""
     assert DeadLetter.make_id("sieve.events.text", 3, 42, "0" * 64) == "297b495e9e9c959a6f4c86a8c90cad68"
+
+
+# --------------------------------------------------------------------------- novelty (decision v2)
+
+
+def test_novel_decisions_are_v1_decisions() -> None:
+    """Decision v2 adds `novel` and `novelty`: optional, so a v2 decision is still a valid v1 decision."""
+    topology = load_topology(REPO / "topologies" / "moderation.yaml")
+    encoder = TrivialEncoder()
+    shipped = load_route_set(REPO / "routes" / "moderation.yaml")
+    data = shipped.model_dump(mode="json")
+    data["defaults"]["novelty"] = {"threshold": 0.0, "baseline": 0.05}  # everything unseen is novel
+    index = RouteIndex.build(parse_route_set(data), encoder)
+    pipeline = RouterPipeline(topology=topology, encoder=encoder, index=index, worker="compat")
+    events = [{"id": f"n{i}", "text": f"nothing like any example {i}"} for i in range(5)]
+    published = _messages(pipeline.process([text_record(i, e) for i, e in enumerate(events)]), dead=False)
+    assert {d["event_id"] for d in published} == {f"n{i}" for i in range(5)}  # decisions, review copies
+    for decision in published:
+        assert decision["schema_version"] == DECISION_SCHEMA_VERSION == 2
+        assert decision["novel"] is True and decision["novelty"] > 0.0
+        assert decision["outcome"] != shipped.default_outcome
+        assert_valid("decision", decision)
+        assert Decision.model_validate(decision).novel is True
+    # a v1 reader's message (no novelty keys) still reads today, as not known
+    old = {k: v for k, v in published[0].items() if k not in ("novel", "novelty")} | {"schema_version": 1}
+    assert_valid("decision", old)
+    read = Decision.model_validate(old)
+    assert read.novel is None and read.novelty is None

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
 from sieve.encoders.cache import CachedEncoder
-from sieve.flow.decide import Policy, decide_scores
+from sieve.flow.decide import Policy, decide_scores, novelty_scores
 from sieve.flow.match import MatchResult, RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.quality.datasets import (
@@ -33,7 +33,7 @@ from sieve.quality.semantic_router import semantic_router_fit, semantic_router_r
 from sieve.quality.splits import sample_data, split_data
 from sieve.quality.systems import ScoredSplit
 from sieve.quality.tables import per_label_table, per_route_table, summarise
-from sieve.routeset import parse_route_set
+from sieve.routeset import Novelty, RouteSet, dump_route_set, load_route_set, parse_route_set
 from sieve.topology import load_topology
 from tests.test_pipeline import text_record
 
@@ -102,11 +102,12 @@ HAND = parse_route_set(
 )
 
 
-def hand_scored(scores: list[list[float]], gold: list[str | None], nearest: list[list[tuple[int, float]]]):
+def hand_scored(scores: list[list[float]], gold: list[str | None], nearest: list[list[tuple[int, float]]],
+                route_set: RouteSet = HAND):
     vectors = {"a0": [1.0, 0, 0], "a1": [0.8, 0.6, 0], "b0": [0, 0, 1.0]}
     index = RouteIndex.from_examples(
-        HAND, HAND.version, "hand:3d",
-        {r.name: [(u, u, np.array(vectors[u], np.float32)) for u in r.utterances] for r in HAND.routes},
+        route_set, route_set.version, "hand:3d",
+        {r.name: [(u, u, np.array(vectors[u], np.float32)) for u in r.utterances] for r in route_set.routes},
     )
     data = LabelledData(
         "hand", tuple(LabelledExample(f"e{i}", f"t{i}", g, frozenset({"a"}) if g == "bad" else frozenset())
@@ -157,6 +158,59 @@ def test_three_way_and_semantic_router_runs_on_a_hand_index():
     assert routes["b"]["against"] == "outcome" and routes["b"]["recall"] is None
     label = per_label_table(run, scored.data)[0]
     assert (label["count"], label["caught"], label["reviewed"], label["missed"]) == (2, 1, 1, 0)
+
+
+def novel_hand(**novelty: object) -> RouteSet:
+    data = HAND.model_dump(mode="json")
+    data["defaults"]["novelty"] = novelty
+    return parse_route_set(data)
+
+
+NOVEL_SCORES = [[0.9, 0.1], [0.3, 0.2], [0.2, 0.25], [0.2, 0.95]]
+NOVEL_NEAREST = [[(0, 0.9)], [(0, 0.3)], [(2, 0.25)], [(2, 0.95)]]  # novelty .1, .7, .75, .05
+
+
+def test_three_way_run_reports_the_novel_share():
+    scored = hand_scored(NOVEL_SCORES, ["bad", None, None, None], NOVEL_NEAREST,
+                         novel_hand(threshold=0.5, baseline=0.05))
+    run = three_way_run("hand", scored)
+    assert run.outcomes == ("bad", NEEDS_REVIEW, NEEDS_REVIEW, "clean")  # far away: not clean
+    assert run.reasons == ("accept", "no_match", "no_match", "accept")
+    assert run.novel is not None and run.novel.tolist() == [False, True, True, False]
+    summary = summarise(run)
+    assert (summary.novel, summary.novel_share) == (2, 0.5)
+    assert summary.as_dict()["novel_share"] == 0.5
+    plain = summarise(three_way_run("hand", hand_scored(NOVEL_SCORES, ["bad", None, None, None],
+                                                        NOVEL_NEAREST)))
+    assert plain.novel is None and plain.novel_share is None
+    assert plain.reasons["no_match"] == 2 and plain.review == 0  # without a threshold: the default
+
+
+def test_eval_reports_the_novel_share_and_warns_on_novel_default(tmp_path, trivial_encoder):
+    rows = [{"text": f"refund my order number {i}", "label": "billing"} for i in range(12)]
+    rows += [{"text": f"tell me a joke about {w}", "id": f"x{i}"} for i, w in enumerate("abcdefghijkl")]
+    data = tmp_path / "support.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    shipped = load_route_set(REPO / "routes" / "support.yaml")
+    files = {}
+    for on_novel in ("needs_review", "default"):
+        # threshold 0: every event not equal to an example is novel
+        novel = shipped.model_copy(update={"defaults": shipped.defaults.model_copy(
+            update={"novelty": Novelty(threshold=0.0, baseline=0.05, on_novel=on_novel)})})
+        files[on_novel] = tmp_path / f"support-{on_novel}.yaml"
+        files[on_novel].write_text(dump_route_set(novel))
+    for on_novel, path in files.items():
+        out = tmp_path / on_novel
+        result = CliRunner().invoke(app, ["eval", str(data), "--routes", str(path), "--out", str(out),
+                                          "--encoder", "trivial", "--no-cache", "--no-plots"])
+        assert result.exit_code == 0, result.output
+        assert "novel 100.0%" in result.output
+        assert ("declares novel events safe" in result.output) == (on_novel == "default")
+        report = json.loads((out / "report.json").read_text())
+        assert report["side_by_side"][0]["novel_share"] == 1.0
+        assert report["side_by_side"][-1]["novel_share"] is None  # semantic-router: no such thing
+        markdown = (out / "report.md").read_text()
+        assert "| novel |" in markdown and "| 100.0% |" in markdown
 
 
 # --------------------------------------------------------------------------- labelled data
@@ -277,8 +331,10 @@ def test_eval_decides_as_the_worker_pipeline(minilm, moderation_index, moderatio
     assert [d.outcome for d in result.decisions] == list(run.outcomes)
     assert [d.reason for d in result.decisions] == list(run.reasons)
     policy = Policy.for_index(moderation_index, topology.thresholds)
-    verdicts = decide_scores(scored.match.route_scores, policy)
+    verdicts = decide_scores(scored.match.route_scores, policy, novelty_scores(scored.match.nearest_score))
     assert [v.outcome for v in verdicts] == list(run.outcomes)
+    assert [d.novel for d in result.decisions] == [v.novel for v in verdicts]
+    assert policy.novelty_threshold is not None  # the shipped set has one
 
 
 def test_eval_report_has_every_section(moderation_bench, tmp_path):

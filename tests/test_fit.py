@@ -14,15 +14,24 @@ from typer.testing import CliRunner
 
 from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
-from sieve.flow.decide import Policy, decide_scores
+from sieve.flow.decide import Policy, decide_scores, novelty_scores
 from sieve.flow.match import RouteIndex
 from sieve.quality.datasets import load_clinc150
-from sieve.quality.decider import REVIEW, FastDecider, Params
-from sieve.quality.fit import MARGIN_GRID, WIDTH_GRID, fit_thresholds
+from sieve.quality.decider import REVIEW, FastDecider, GroupDecider, Params
+from sieve.quality.fit import (
+    MARGIN_GRID,
+    NOVEL_SHARE,
+    WIDTH_GRID,
+    declare_novel_default,
+    fit_novelty,
+    fit_thresholds,
+    novel_default_holds,
+)
 from sieve.quality.metrics import wilson
 from sieve.quality.report import write_report
 from sieve.quality.report_markdown import SECTIONS
 from sieve.quality.runner import run_build, run_fit
+from sieve.quality.scoring import score_split
 from sieve.quality.splits import split_data
 from sieve.quality.targets import Targets
 from sieve.quality.workbench import Workbench
@@ -228,13 +237,24 @@ def test_moderation_fit_holds_on_the_test_split(moderation_bench, tmp_path):
     data = json.loads(paths["json"].read_text())
     assert [f["label"] for f in data["fit"]] == ["built", "hand-written"]
     assert data["fit"][0]["head"]["calibration"]["feasible"] is True
+    # the novelty threshold: from the calibration split's novelty alone, written into the fitted set
+    index = RouteIndex.build(load_route_set(routes), moderation_bench.encoder)
+    calibration = score_split(moderation_bench.splits.calibration, index, moderation_bench.encoder)
+    expected = fit_novelty(novelty_scores(calibration.match.nearest_score), NOVEL_SHARE)
+    assert fit.novelty == expected
+    assert load_route_set(tmp_path / "out" / "built.fitted.yaml").defaults.novelty == expected
+    assert data["fit"][0]["nearest"]["novelty"] == expected.model_dump()
+    assert data["side_by_side"][0]["novel_share"] is not None and "novelty → threshold" in markdown
 
 
 def test_moderation_precision_targets_per_outcome(moderation_bench, tmp_path):
     routes = tmp_path / "built.yaml"
     run_build(moderation_bench, routes, max_examples=30)
     targets = Targets(precision={"violating": 0.75, "clean": 0.85}, z=1.64)
-    report, fit = run_fit(moderation_bench, [("built", routes)], targets, fitted_out=tmp_path / "f.yaml")
+    # the per-outcome targets on their own: on 150 calibration prompts, reviewing the novel 5%
+    # leaves too few clean ones for the lower bound (novelty: test_moderation_fit_holds_on_the_test_split)
+    report, fit = run_fit(moderation_bench, [("built", routes)], targets, fitted_out=tmp_path / "f.yaml",
+                          novel_share=None)
     assert fit.calibration.feasible and fit.calibration.auto > 0
     for outcome, target in targets.precision.items():
         decided, correct = fit.calibration.per_outcome[outcome]
@@ -268,3 +288,89 @@ def test_fit_cli(tmp_path):
     bad = CliRunner().invoke(app, ["fit", str(data), "--routes", "x.yaml", "--min-precision", "billing",
                                    "--encoder", "trivial", "--no-cache"])
     assert bad.exit_code == 2 and "OUTCOME=P" in bad.output
+
+
+# --------------------------------------------------------------------------- novelty
+
+
+@settings(deadline=None, max_examples=100)
+@given(data=st.data(), events=st.integers(1, 30), no_match_review=st.booleans())
+def test_fast_decider_sends_novel_default_outcomes_to_review_as_decide_scores(data, events, no_match_review):
+    scores = np.array(data.draw(st.lists(st.lists(st.sampled_from([0.1, 0.45, 0.55, 0.7, 0.9]), min_size=3,
+                                                  max_size=3), min_size=events, max_size=events)), np.float32)
+    novelty = np.array(data.draw(st.lists(st.sampled_from([0.1, 0.3, 0.5, 0.7]), min_size=events,
+                                          max_size=events)), np.float32)
+    threshold = data.draw(st.sampled_from([0.2, 0.3, 0.6]))
+    outcomes = ("clean", "bad", "other")
+    params = Params(np.array([0.5, 0.55, 0.7]), np.array([0.0, 0.2, 0.05]), np.array([0.0, 0.05, 0.2]),
+                    no_match_review)
+    decider = FastDecider(scores, outcomes, "clean", novelty > np.float32(threshold))
+    policy = params.policy(outcomes, "clean", threshold)
+    expected = [REVIEW if v.outcome == NEEDS_REVIEW else decider.code[v.outcome]
+                for v in decide_scores(scores, policy, novelty)]
+    assert decider.decide(params).tolist() == expected
+    groups = GroupDecider(decider).decide(np.array([0.55]), 0.5, 0.1, 0.05, no_match_review)[:, 0]
+    shared = Params(np.array([0.5, 0.55, 0.55]), np.full(3, 0.1), np.full(3, 0.05), no_match_review)
+    assert groups.tolist() == decider.decide(shared).tolist()
+
+
+def test_fit_novelty_flags_at_most_the_share_asked():
+    novelty = np.linspace(0.0, 1.0, 401)
+    fitted = fit_novelty(novelty, 0.05)
+    assert fitted.on_novel == "needs_review"
+    assert 0.94 <= fitted.threshold <= 0.951
+    # compared as the worker does: in float32
+    flagged = novelty.astype(np.float32) > np.float32(fitted.threshold)
+    assert fitted.baseline == pytest.approx(float(flagged.mean()), abs=1e-4)
+    assert 0.04 <= fitted.baseline <= 0.05
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fit_novelty(novelty, 1.0)
+
+
+def far_clean(n: int, seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Synthetic scores plus a tenth of far-away events (low scores, high novelty), all clean."""
+    scores, gold = synthetic(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    far = n // 10
+    scores = np.concatenate([scores, rng.uniform(0.0, 0.15, (far, 2)).astype(np.float32)])
+    novelty = np.concatenate([rng.uniform(0.2, 0.5, n), rng.uniform(0.8, 0.9, far)]).astype(np.float32)
+    return scores, gold + ["clean"] * far, novelty
+
+
+def test_fit_never_learns_that_far_away_is_clean():
+    scores, gold, novelty = far_clean(600, 0)
+    routes = tuple(SYNTH.routes)
+    fit = fit_thresholds(scores, gold, SYNTH, routes, Targets(accuracy=0.9, z=0.0), novelty=novelty)
+    assert fit.novelty is not None and fit.novelty == fit_novelty(novelty, NOVEL_SHARE)
+    assert fit.route_set.defaults.novelty == fit.novelty  # written into the fitted set
+    index = RouteIndex.from_examples(fit.route_set, fit.route_set.version, "e",
+                                     {r.name: [("i" + r.name, "x", np.ones(2))] for r in routes})
+    verdicts = decide_scores(scores, Policy.for_index(index), novelty)
+    novel = novelty > np.float32(fit.novelty.threshold)
+    assert novel.sum() >= 20  # the novel events were all clean on calibration ...
+    given = [v for v, n in zip(verdicts, novel, strict=True) if n]
+    assert all(v.novel and v.outcome != "clean" for v in given)  # ... yet none is decided clean
+    assert any(v.outcome == NEEDS_REVIEW and v.reason == "no_match" for v in given)
+    # without novelty, the same data lets far-away events through as clean
+    plain = fit_thresholds(scores, gold, SYNTH, routes, Targets(accuracy=0.9, z=0.0))
+    assert plain.novelty is None and plain.route_set.defaults.novelty is None
+    assert plain.calibration.review < fit.calibration.review
+
+
+def test_novel_default_only_when_held_out_novel_events_meet_the_target():
+    scores, gold, novelty = far_clean(600, 0)
+    routes = tuple(SYNTH.routes)
+    targets = Targets(accuracy=0.9, z=1.0)
+    fit = fit_thresholds(scores, gold, SYNTH, routes, targets, novelty=novelty)
+    base = Policy.for_index(RouteIndex.from_examples(
+        SYNTH, SYNTH.version, "e", {r.name: [("i" + r.name, "x", np.ones(2))] for r in routes}))
+    held_scores, held_gold, held_novelty = far_clean(2000, 1)
+    declared = declare_novel_default(fit, base, held_scores, held_novelty, held_gold)
+    assert declared.novelty is not None and declared.novelty.on_novel == "default"
+    assert declared.route_set.defaults.novelty == declared.novelty
+    # held-out novel events that are violating: novel events stay in review
+    mixed_gold = ["bad" if nov > 0.55 and i % 3 == 0 else g
+                  for i, (nov, g) in enumerate(zip(held_novelty.tolist(), held_gold, strict=True))]
+    kept = declare_novel_default(fit, base, held_scores, held_novelty, mixed_gold)
+    assert kept is fit and kept.route_set.defaults.novelty.on_novel == "needs_review"
+    assert not novel_default_holds(["clean"], np.array([False]), ["clean"], "clean", targets)  # none novel

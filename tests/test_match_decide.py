@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -13,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 from pydantic_core import to_json
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
-from sieve.flow.decide import Policy, decide_scores, decision_rows, validate_decisions
+from sieve.flow.decide import Policy, decide_scores, decision_rows, novelty_scores, validate_decisions
 from sieve.flow.match import RouteIndex, aggregate, example_id, match_batch, top_columns
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
 
@@ -512,3 +513,102 @@ def test_support_intents(support_index, minilm):
         assert decision.outcome == intent, (text, decision.reason)
         assert decision.score >= support_index.route_set.defaults.accept
         assert not math.isnan(decision.margin)
+
+
+# --------------------------------------------------------------------------- novelty
+
+
+def with_novelty(route_set: RouteSet, **novelty: object) -> RouteSet:
+    data = route_set.model_dump(mode="json")
+    data["defaults"]["novelty"] = novelty
+    return parse_route_set(data)
+
+
+def test_novelty_is_one_minus_the_best_similarity_to_any_example():
+    index = hand_index()
+    match = match_batch(np.stack([Q_A, Q_C, Q_B, Q_NONE]), index, index.route_set.defaults.aggregation)
+    novelty = novelty_scores(match.nearest_score)
+    assert novelty.dtype == np.float32
+    # a1 (0.96), c1 (0.8), b0 itself (1.0), b0 (0.8 / |(0.3, -0.3, 0.8)|)
+    np.testing.assert_allclose(novelty, [0.04, 0.2, 0.0, 1 - 0.8 / math.sqrt(0.82)], atol=1e-6)
+    assert novelty_scores(np.zeros((0, 0), np.float32)).shape == (0,)
+
+
+def test_novel_event_goes_to_review_keeping_reason_no_match():
+    index = hand_index(with_novelty(HAND, threshold=0.1))
+    decisions = hand_decisions(index)
+    summary = [(d.outcome, d.reason, d.route, d.novel) for d in decisions]
+    assert summary == [
+        ("bad", "accept", "a", False),  # novelty 0.04
+        (NEEDS_REVIEW, "review_band", "c", True),  # in a review band anyway
+        ("clean", "accept", "b", False),  # an example itself
+        (NEEDS_REVIEW, "no_match", None, True),  # far from all: not the default outcome
+    ]
+    assert [d.novelty for d in decisions] == pytest.approx([0.04, 0.2, 0.0, 0.1166], abs=1e-4)
+    assert all(d.schema_version == 2 for d in decisions)
+
+
+def test_on_novel_default_gives_novel_events_the_default_outcome():
+    index = hand_index(with_novelty(HAND, threshold=0.1, on_novel="default"))
+    decisions = hand_decisions(index)
+    assert [(d.outcome, d.reason, d.novel) for d in decisions][3] == ("clean", "no_match", True)
+
+
+def test_novelty_threshold_sits_above_the_event():
+    """Novel means above the threshold: an event whose novelty is under it is decided as before."""
+    index = hand_index(with_novelty(HAND, threshold=0.15))
+    decisions = hand_decisions(index)
+    assert [(d.outcome, d.novel) for d in decisions] == [
+        ("bad", False), (NEEDS_REVIEW, True), ("clean", False), ("clean", False)]
+
+
+def test_no_novelty_threshold_decides_as_before():
+    index = hand_index()
+    assert index.route_set.defaults.novelty is None
+    assert "novelty" not in index.route_set.defaults.model_dump()  # so the version hash is unchanged
+    decisions = hand_decisions(index)
+    assert [(d.outcome, d.reason, d.route, d.novel, d.novelty) for d in decisions] == [
+        ("bad", "accept", "a", None, None),
+        (NEEDS_REVIEW, "review_band", "c", None, None),
+        ("clean", "accept", "b", None, None),
+        ("clean", "no_match", None, None, None),
+    ]
+    # a novelty array changes nothing without a threshold
+    scores = np.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.95, 0.0]], dtype=np.float32)
+    assert decide_scores(scores, POLICY) == decide_scores(scores, POLICY, np.array([0.9, 0.9]))
+
+
+def test_novel_decision_rows_serialise_to_exactly_the_models_json():
+    index = hand_index(with_novelty(HAND, threshold=0.1, baseline=0.05))
+    events = [Event(id=f"e{i}", text=f"text {i}") for i in range(4)]
+    match = match_batch(np.stack([Q_A, Q_C, Q_B, Q_NONE]), index, index.route_set.defaults.aggregation)
+    rows = decision_rows(events, match, index, Policy.for_index(index), decided_at=DECIDED_AT)
+    for row, model in zip(rows, validate_decisions(rows), strict=True):
+        assert to_json(row) == model.model_dump_json().encode()
+        assert isinstance(row["novel"], bool) and isinstance(row["novelty"], float)
+
+
+def test_novel_event_never_gets_the_default_outcome_automatically():
+    novel = replace(POLICY, novelty_threshold=0.5)
+    scores = np.array([[0.0, 0.0, 0.9, 0.0],  # chat (clean, the default) accepts it
+                       [0.9, 0.0, 0.0, 0.0],  # spam (bad) accepts it
+                       [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)  # nothing: no_match
+    far = np.array([0.7, 0.7, 0.7], dtype=np.float32)
+    got = [(v.outcome, v.reason, v.route, v.novel) for v in decide_scores(scores, novel, far)]
+    assert got == [(NEEDS_REVIEW, "accept", CHAT, True), ("bad", "accept", SPAM, True),
+                   (NEEDS_REVIEW, "no_match", None, True)]
+    near = np.array([0.5, 0.5, 0.5], dtype=np.float32)  # at the threshold: not novel
+    assert [v.outcome for v in decide_scores(scores, novel, near)] == ["clean", "bad", "clean"]
+    allowed = replace(novel, novel_review=False)
+    assert [v.outcome for v in decide_scores(scores, allowed, far)] == ["clean", "bad", "clean"]
+    with pytest.raises(ValueError, match="needs the events' novelty"):
+        decide_scores(scores, novel)
+
+
+def test_policy_reads_the_novelty_threshold():
+    policy = Policy.for_index(hand_index(with_novelty(HAND, threshold=0.3, on_novel="default")))
+    assert policy.novelty_threshold == pytest.approx(0.3)
+    assert policy.novel_review is False
+    plain = Policy.for_index(hand_index())
+    assert plain.novelty_threshold is None and plain.novel_review is True
+    assert plain.novel(np.array([0.9])) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from sieve.quality.datasets import load_clinc150, load_openai_moderation
+from sieve.quality.datasets import load_clinc150, load_davidson, load_openai_moderation
 from sieve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,16 +60,25 @@ def test_default_datasets_dir_is_the_repositorys_data_folder() -> None:
     assert "data" in (Settings.model_fields["datasets_dir"].description or "")
 
 
-def test_the_data_folder_holds_both_data_sets_with_their_licences() -> None:
+def test_the_data_folder_holds_the_data_sets_with_their_licences() -> None:
     folder = REPO / Settings.model_fields["datasets_dir"].default
     moderation = load_openai_moderation(folder)
     clinc = load_clinc150(folder)
+    davidson = load_davidson(folder)
     assert len(moderation.examples) == 1680
     assert sum(example.outcome == "violating" for example in moderation.examples) == 522
     assert len(clinc.examples) == 15_000 + 3_000 + 4_500 + 100 + 100 + 1_000
     assert (folder / "openai-moderation" / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
     assert "Attribution 3.0" in (folder / "clinc150" / "LICENSE").read_text(encoding="utf-8")
+    assert len(davidson.examples) == 24_783
+    davidson_licence = (folder / "davidson" / "LICENSE").read_text(encoding="utf-8")
+    assert davidson_licence.startswith("MIT License") and "Tom Davidson" in davidson_licence
+    tracked = repository_files()
+    for name in ("openai-moderation/samples-1680.jsonl.gz", "clinc150/data_full.json",
+                 "davidson/labeled_data.csv", "openai-moderation/LICENSE", "clinc150/LICENSE",
+                 "davidson/LICENSE"):
+        assert f"data/{name}" in tracked, f"data/{name} must be in the repository (not ignored)"
     readme = (folder / "README.md").read_text(encoding="utf-8")
-    for data in (moderation, clinc):
+    for data in (moderation, clinc, davidson):
         assert data.source in readme, f"data/README.md must cite {data.name}'s source"
         assert data.licence in readme

@@ -33,7 +33,7 @@ EventId = Annotated[str, Field(min_length=1, max_length=256)]
 # The version of each contract. It goes up by one with each additive change (a new optional
 # field); a reader accepts any version, and ignores what it does not know where it may.
 EVENT_SCHEMA_VERSION = 1
-DECISION_SCHEMA_VERSION = 1
+DECISION_SCHEMA_VERSION = 2  # 2: novel, novelty
 DEAD_LETTER_SCHEMA_VERSION = 1
 SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
                       "change (docs/contracts.md). Optional in input.")
@@ -203,6 +203,16 @@ class Decision(BaseModel):
     image: ImageRef | None = Field(default=None, description="For image events: the image, by reference.")
     source_topic: str | None = None
     review: Review | None = Field(default=None, description="Set by the LLM reviewer.")
+    novel: bool | None = Field(
+        default=None,
+        description="Farther from every example of the route set than its novelty threshold: such an "
+        "event never gets the set's default outcome automatically. Null when the set has no threshold.",
+    )
+    novelty: float | None = Field(
+        default=None,
+        description="1 - the best cosine similarity to any example of the route set (higher: less "
+        "like anything the set knows). Null when the set has no novelty threshold.",
+    )
 
     @staticmethod
     def make_id(event_id: str, route_set_version: str) -> str:

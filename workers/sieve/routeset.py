@@ -11,6 +11,7 @@ A route set is written in YAML (see ``routes/*.yaml``)::
       review: 0.40                  # review <= score < accept: needs_review
       margin: 0.04                  # top two differ in outcome by less: needs_review
       no_match: default             # far from every example: default outcome (or needs_review)
+      novelty: {threshold: 0.62, baseline: 0.05}  # novel (novelty above it): never the default outcome
     routes:
       - name: hate
         outcome: violating
@@ -32,9 +33,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -42,7 +45,7 @@ from sieve.contracts import NEEDS_REVIEW, SCHEMA_VERSION_DOC
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 # The route-set file format's version: up by one with each additive change (a new optional field).
-ROUTE_SET_SCHEMA_VERSION = 1
+ROUTE_SET_SCHEMA_VERSION = 2  # 2: defaults.novelty
 # Fields of a route set that are not its content: its version hash and equality leave them out.
 _NOT_CONTENT = {"schema_version"}
 
@@ -52,6 +55,11 @@ ExampleKind = Literal["utterance", "prompt", "image"]
 
 class RouteSetError(ValueError):
     """A route file that cannot be used; the message names file, route and field."""
+
+
+def head_path_for(route_file: str | Path) -> Path:
+    """Where a route file's learned head lives: ``x.yaml`` -> ``x.head.npz`` (:mod:`sieve.flow.head`)."""
+    return Path(route_file).with_name(Path(route_file).stem + ".head.npz")
 
 
 class Aggregation(BaseModel):
@@ -93,13 +101,41 @@ class ThresholdOverrides(BaseModel):
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
+class Novelty(BaseModel):
+    """When an event is *novel*: farther from every example of the set than calibration traffic.
+
+    An event's novelty is ``1 -`` its best cosine similarity to any example of the set
+    (every route's, default-outcome routes included): :func:`sieve.flow.decide.novelty_scores`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # An event whose novelty is above this is novel. `sieve fit` sets it from calibration data.
+    threshold: float = Field(ge=0.0, le=2.0)
+    # The share of calibration events that were novel when fitted: the drift alert's reference.
+    baseline: float | None = Field(default=None, ge=0.0, le=1.0)
+    # needs_review: a novel event never gets the set's default outcome automatically.
+    # default: the set declares novel events safe (only when `sieve fit` showed it on held-out data).
+    on_novel: Literal["needs_review", "default"] = "needs_review"
+
+
 class RouteDefaults(Thresholds):
     """The set's default thresholds plus the score aggregation."""
 
     aggregation: Aggregation = Aggregation()
-    # What an event far from every example gets (no route accepts it, none has it in its
-    # review band): the set's default outcome, or needs_review. `sieve fit` chooses it.
+    # What an event that is not novel but far from every route gets (no route accepts it, none
+    # has it in its review band): the set's default outcome, or needs_review. `sieve fit` chooses it.
     no_match: Literal["default", "needs_review"] = "default"
+    # None: no novelty threshold (no event is flagged novel).
+    novelty: Novelty | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_novelty(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Without a novelty threshold the defaults dump (so the version hashes) as before novelty existed."""
+        data: dict[str, object] = handler(self)
+        if data.get("novelty", False) is None:
+            del data["novelty"]
+        return data
 
     @property
     def thresholds(self) -> Thresholds:
@@ -172,6 +208,8 @@ class RouteSet(BaseModel):
     # Set by load_route_set: the route file's folder and the SHA-256 of each example image.
     _base_dir: Path | None = PrivateAttr(default=None)
     _image_digests: dict[str, str] = PrivateAttr(default_factory=dict)
+    # Set by load_route_set (or the route store): the bytes of the learned head beside the route file.
+    _head_bytes: bytes | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _unique_route_names(self) -> RouteSet:
@@ -197,13 +235,21 @@ class RouteSet(BaseModel):
 
     @property
     def version(self) -> str:
-        """Content hash: any change to routes, examples (image bytes too) or thresholds changes it.
+        """Content hash: any change to routes, examples (image bytes too), thresholds or the head changes it.
 
-        The file format's ``schema_version`` is not content: it does not count.
+        The file format's ``schema_version`` is not content: it does not count. A set
+        without a learned head hashes exactly as before heads counted.
         """
         content = {"set": self.model_dump(mode="json", exclude=_NOT_CONTENT), "images": self._image_digests}
+        if self._head_bytes is not None:
+            content["head"] = hashlib.sha256(self._head_bytes).hexdigest()  # type: ignore[assignment]
         canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def head_bytes(self) -> bytes | None:
+        """The learned head's file (``<routes>.head.npz``) as bytes, when the set has one."""
+        return self._head_bytes
 
     def __eq__(self, other: object) -> bool:
         """Equal content (where the file was read from, and the file format's version, do not count)."""
@@ -318,6 +364,8 @@ def load_route_set(path: str | Path) -> RouteSet:
                     f"{path}: route {route.name!r} (routes[{index}]), field 'images': cannot read "
                     f"{image!r} ({exc.strerror or exc}); paths are relative to the route file"
                 ) from None
+    head = head_path_for(path)
+    route_set._head_bytes = head.read_bytes() if head.exists() else None
     return route_set
 
 

@@ -63,10 +63,14 @@ def eval_command(
     except (RouteSetError, HeadError, ValueError) as exc:
         fail(str(exc))
     paths = write_report(report, out, plots=plots)
+    for note in report.notes:
+        if note.startswith("WARNING"):
+            console.print(f"[yellow]{note}[/yellow]")
     s = report.primary.summary
+    novel = f", novel {s.novel_share:.1%}" if s.novel_share is not None else ""
     console.print(
         f"{report.primary.label}: auto {s.auto_share:.1%} at accuracy {s.auto_accuracy or 0:.3f}, "
-        f"review {s.review_share:.1%} ({s.events} events); report {paths['markdown']}"
+        f"review {s.review_share:.1%}{novel} ({s.events} events); report {paths['markdown']}"
     )
 
 
@@ -114,6 +118,14 @@ def fit_command(
         int, typer.Option(help="A route gets thresholds of its own when it tops this many calibration events "
                                "(0: never).")
     ] = 50,
+    novel_share: Annotated[
+        float, typer.Option(help="The novelty threshold flags this share of the calibration events as novel "
+                                 "(they never get the default outcome automatically); 0: no threshold.")
+    ] = 0.05,
+    novel_default: Annotated[
+        bool, typer.Option("--novel-default", help="Declare novel events safe (default outcome) if the test "
+                                                   "split shows them at the target; `sieve eval` warns.")
+    ] = False,
     fitted: Annotated[
         Path | None,
         typer.Option(help="Where the fitted route file goes (default: OUT/<routes>.fitted.yaml)."),
@@ -139,15 +151,22 @@ def fit_command(
     targets = parse_targets(min_precision, min_accuracy, z)
     progress = progress_for(console, quiet=quiet)
     bench = open_bench(data, seed, sample, encoder, model, cache, resplit, backend, progress=progress)
+    if not bench.splits.calibration.examples or not bench.splits.test.examples:
+        fail(f"{data}: no calibration or no test examples to fit on (a test-only set takes --resplit)")
     fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
     try:
         report, fit = run_fit(bench, labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
-                              min_support=min_support or None, command=command_line(), use_head=head,
+                              min_support=min_support or None, novel_share=novel_share or None,
+                              novel_default=novel_default, command=command_line(), use_head=head,
                               progress=progress)
     except (RouteSetError, HeadError, ValueError) as exc:
         fail(str(exc))
     paths = write_report(report, out, plots=plots)
     s = report.primary.summary
+    if fit.novelty is not None:
+        nov = fit.novelty
+        console.print(f"novelty threshold {nov.threshold:g}: {nov.baseline or 0:.1%} of calibration novel; "
+                      f"novel events -> {nov.on_novel}; on test: novel {s.novel_share or 0:.1%}")
     console.print(
         f"fitted on calibration (review {fit.calibration.review_share:.1%}, targets "
         f"{'met' if fit.calibration.feasible else 'NOT met'}); on test: auto {s.auto_share:.1%} at accuracy "

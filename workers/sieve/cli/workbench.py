@@ -14,7 +14,9 @@ from sieve.settings import get_settings
 if TYPE_CHECKING:
     from sieve.quality.workbench import Workbench
 
-DataArg = Annotated[str, typer.Argument(help="openai-moderation, clinc150, or a labelled JSONL file.")]
+DataArg = Annotated[
+    str, typer.Argument(help="openai-moderation, clinc150, davidson, or a labelled JSONL file.")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the train/calibration/test split (and of k-means).")]
 SampleOpt = Annotated[
     int | None, typer.Option(help="Keep at most this many examples per split (seeded, stratified).")
@@ -25,7 +27,9 @@ CacheOpt = Annotated[
 HeadOpt = Annotated[bool, typer.Option(help="Use a route file's head (<file>.head.npz) when it has one.")]
 ResplitOpt = Annotated[
     bool,
-    typer.Option(help="Ignore the data set's own splits (clinc150's): seeded, stratified, 50/25/25."),
+    typer.Option(
+        help="Ignore the data set's own splits (clinc150's, davidson's): seeded, stratified, 50/25/25."
+    ),
 ]
 PlotsOpt = Annotated[bool, typer.Option(help="Write the PNG plots.")]
 

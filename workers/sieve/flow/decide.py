@@ -11,6 +11,16 @@ The policy, per event, with the top route ``r1`` (score ``s1``) and runner-up ``
    no review band: below its accept threshold it is the default anyway.
 3. Otherwise the set's default outcome (reason ``no_match``, no route), or
    ``needs_review`` when the set says ``defaults.no_match: needs_review``.
+
+Novelty, when the set has a threshold (``defaults.novelty``): an event is *novel* when
+its novelty (``1 -`` its best similarity to any example of the set, :func:`novelty_scores`)
+is above the threshold. A novel event never gets the set's default outcome
+automatically: whatever step 1-3 gave it the default outcome (``no_match``, or accepted
+by a default-outcome route, which raw nearest-example scores cannot do for a novel event
+but a learned head's combined scores can), it gets ``needs_review``, its reason and
+route kept — unless the set says ``novelty.on_novel: default``. A novel event accepted
+by a route of another outcome keeps it (a route claimed it), and one in a review band
+is reviewed anyway; its decision says ``novel: true`` all the same.
 """
 
 from __future__ import annotations
@@ -45,22 +55,53 @@ class Policy:
     default_outcome: str
     # True: an event no route accepts or holds in its review band goes to review, not the default.
     no_match_review: bool = False
+    # Events with a novelty above this are novel (None: no threshold, nothing is novel).
+    novelty_threshold: float | None = None
+    # True: a novel event never gets the default outcome automatically (False: on_novel default).
+    novel_review: bool = True
 
     @classmethod
     def for_index(cls, index: RouteIndex, overrides: ThresholdOverrides | None = None) -> Policy:
         """Thresholds of the index's routes in its space: set defaults < topology overrides < route's own."""
         route_set = index.route_set
         merged = [route_set.thresholds_for(route, overrides, index.space) for route in index.routes]
+        defaults = route_set.defaults if index.space == "text" else route_set.image_defaults
+        novelty = defaults.novelty
         return cls(
             accept=np.array([t.accept for t in merged], dtype=np.float32),
             review=np.array([t.review for t in merged], dtype=np.float32),
             margin=np.array([t.margin for t in merged], dtype=np.float32),
             outcomes=tuple(route.outcome for route in index.routes),
             default_outcome=route_set.default_outcome,
-            no_match_review=(
-                route_set.defaults if index.space == "text" else route_set.image_defaults
-            ).no_match == "needs_review",
+            no_match_review=defaults.no_match == "needs_review",
+            novelty_threshold=novelty.threshold if novelty is not None else None,
+            novel_review=novelty is None or novelty.on_novel == "needs_review",
         )
+
+    def novel(self, novelty: np.ndarray) -> np.ndarray | None:
+        """Per event, whether it is novel (None when the policy has no novelty threshold)."""
+        if self.novelty_threshold is None:
+            return None
+        return is_novel(novelty, self.novelty_threshold)
+
+
+def is_novel(novelty: np.ndarray, threshold: float) -> np.ndarray:
+    """Per event, novelty above the threshold (compared in float32, as the worker holds both)."""
+    return np.asarray(novelty, dtype=np.float32) > np.float32(threshold)
+
+
+def novelty_scores(nearest_score: np.ndarray) -> np.ndarray:
+    """Novelty per event from a match's ``(n, k)`` nearest-example scores (best first).
+
+    ``1 -`` the best cosine similarity to any example of the set, every route's
+    (default-outcome routes included): 0 for an event equal to an example, 1 for one
+    orthogonal to all. docs/quality.md (Novelty) compares it with a k-nearest score
+    relative to the examples' own spread, on labelled in- and out-of-domain data.
+    """
+    best = np.asarray(nearest_score, dtype=np.float32)
+    if best.shape[0] == 0 or best.ndim < 2 or best.shape[1] == 0:
+        return np.zeros(best.shape[0], dtype=np.float32)
+    return (np.float32(1.0) - best[:, 0]).astype(np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +111,17 @@ class Verdict:
     outcome: str
     reason: DecisionReason
     route: int | None  # index position of the route behind the outcome
+    novel: bool | None = None  # None: the policy has no novelty threshold
 
 
-def decide_scores(route_scores: np.ndarray, policy: Policy) -> list[Verdict]:
-    """Apply the three-way policy to a ``(n, routes)`` score matrix (vectorised over the batch)."""
+def decide_scores(
+    route_scores: np.ndarray, policy: Policy, novelty: np.ndarray | None = None
+) -> list[Verdict]:
+    """Apply the three-way policy to a ``(n, routes)`` score matrix (vectorised over the batch).
+
+    ``novelty``: :func:`novelty_scores` of the events, required when the policy has a
+    novelty threshold (ignored otherwise).
+    """
     verdicts: list[Verdict] = []
     scores = np.asarray(route_scores, dtype=np.float32)
     n, routes = scores.shape
@@ -111,7 +159,18 @@ def decide_scores(route_scores: np.ndarray, policy: Policy) -> list[Verdict]:
             verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
         else:
             verdicts.append(Verdict(no_match, "no_match", None))
-    return verdicts
+    if policy.novelty_threshold is None:
+        return verdicts
+    if novelty is None:
+        raise ValueError("the policy has a novelty threshold: decide_scores needs the events' novelty")
+    novel = policy.novel(novelty)
+    assert novel is not None
+    default, review = policy.default_outcome, policy.novel_review
+    return [
+        Verdict(NEEDS_REVIEW if flag and review and v.outcome == default else v.outcome,
+                v.reason, v.route, flag)
+        for v, flag in zip(verdicts, novel.tolist(), strict=True)
+    ]
 
 
 _DECISIONS = TypeAdapter(list[Decision])
@@ -142,9 +201,13 @@ def decision_rows(
     validates them into :class:`Decision` models, and the tests check that every
     row is a valid Decision.
     """
-    verdicts = decide_scores(match.route_scores, policy)
+    novelty = novelty_scores(match.nearest_score)
+    verdicts = decide_scores(match.route_scores, policy, novelty)
     if not verdicts:
         return []
+    novelties: list[float | None] = (
+        novelty.tolist() if policy.novelty_threshold is not None else [None] * len(verdicts)
+    )
     routes = index.routes
     names = [route.name for route in routes]
     route_outcomes = [route.outcome for route in routes]
@@ -155,9 +218,9 @@ def decision_rows(
     order = np.argsort(-match.route_scores, axis=1)[:, :k]
     version, set_name, encoder_id = index.version, index.route_set.name, index.encoder_id
     rows: list[dict[str, Any]] = []
-    for i, (event, verdict, top_order, scores, near_rows, near_scores) in enumerate(zip(
+    for i, (event, verdict, top_order, scores, near_rows, near_scores, event_novelty) in enumerate(zip(
         events, verdicts, order.tolist(), match.route_scores.tolist(), match.nearest_index.tolist(),
-        match.nearest_score.tolist(), strict=True,
+        match.nearest_score.tolist(), novelties, strict=True,
     )):
         top = scores[top_order[0]]
         runner_up = scores[top_order[1]] if k > 1 else -1.0
@@ -188,6 +251,8 @@ def decision_rows(
             "image": image.model_dump() if image is not None else None,
             "source_topic": source_topics[i] if source_topics else None,
             "review": None,
+            "novel": verdict.novel,
+            "novelty": event_novelty,
         })
     return rows
 

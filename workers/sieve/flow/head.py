@@ -7,32 +7,32 @@ combined with the route's nearest-example score::
 
     score(route) = (1 - weight) * nearest_score(route) + weight * p(route | text)
 
-and the usual three-way policy decides on the combined scores. The head is an
-evaluation-time option (``sieve eval`` / ``sieve fit`` measure it against nearest
-examples alone); the worker does not load it.
+and the usual three-way policy decides on the combined scores. The head is part of
+its route set: :func:`~sieve.routeset.load_route_set` reads its bytes, the set's
+version hashes them, and the route store keeps them with the version. The worker
+(:class:`~sieve.flow.pipeline.RouterPipeline`) and ``sieve eval`` / ``sieve fit`` get
+the scores they decide on from the same function, :func:`decision_scores`. A head is
+trained on text vectors: it applies in the text space, to an index encoded with its
+encoder.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 
 from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Progress
+from sieve.routeset import head_path_for as head_path_for
 
 HeadKind = Literal["softmax", "one_vs_rest"]
 HEAD_FORMAT = "sieve-head/1"
-
-
-def head_path_for(route_file: str | Path) -> Path:
-    """Where a route file's head lives: ``x.yaml`` -> ``x.head.npz``."""
-    route_file = Path(route_file)
-    return route_file.with_name(route_file.stem + ".head.npz")
 
 
 class HeadError(ValueError):
@@ -77,7 +77,18 @@ class LearnedHead:
         head = self.route_scores(vectors, index)
         return ((1.0 - self.weight) * nearest_scores + self.weight * head).astype(np.float32)
 
-    def save(self, path: str | Path) -> None:
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file :meth:`save` writes, as bytes."""
+        buffer = io.BytesIO()
+        self.save(buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> LearnedHead:
+        """Read a head from the bytes of its ``.npz`` file."""
+        return cls.load(io.BytesIO(data), source)
+
+    def save(self, path: str | Path | IO[bytes]) -> None:
         """Write as ``.npz`` (arrays and a JSON header; loadable without pickle)."""
         header = {
             "format": HEAD_FORMAT,
@@ -87,25 +98,24 @@ class LearnedHead:
             "route_names": list(self.route_names),
             "meta": self.meta,
         }
-        with open(path, "wb") as handle:
-            np.savez(
-                handle,
-                coef=self.coef.astype(np.float32),
-                intercept=self.intercept.astype(np.float32),
-                header=np.array(json.dumps(header)),
-            )
+        if isinstance(path, str | Path):
+            with open(path, "wb") as handle:
+                return self.save(handle)
+        np.savez(path, coef=self.coef.astype(np.float32), intercept=self.intercept.astype(np.float32),
+                 header=np.array(json.dumps(header)))
 
     @classmethod
-    def load(cls, path: str | Path) -> LearnedHead:
-        """Read a head written by :meth:`save`."""
+    def load(cls, path: str | Path | IO[bytes], source: str | None = None) -> LearnedHead:
+        """Read a head written by :meth:`save` (``source`` names it in errors)."""
+        source = source or str(path)
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
                 coef, intercept = data["coef"], data["intercept"]
         except (OSError, ValueError, KeyError) as exc:
-            raise HeadError(f"{path}: not a head file: {exc}") from None
+            raise HeadError(f"{source}: not a head file: {exc}") from None
         if header.get("format") != HEAD_FORMAT:
-            raise HeadError(f"{path}: unknown head format {header.get('format')!r}")
+            raise HeadError(f"{source}: unknown head format {header.get('format')!r}")
         return cls(
             tuple(header["route_names"]),
             header["encoder_id"],
@@ -115,6 +125,46 @@ class LearnedHead:
             float(header["weight"]),
             header.get("meta", {}),
         )
+
+
+def head_of(index: RouteIndex) -> LearnedHead | None:
+    """The learned head the index's route-set version carries, checked against the index; None without one.
+
+    Only the text space has heads. A head whose encoder is not the index's, or
+    that scores none of the index's routes, is refused: deciding without it would
+    not be what ``sieve eval`` measured for this version.
+    """
+    data = index.route_set.head_bytes
+    if data is None or index.space != "text":
+        return None
+    where = f"route set {index.route_set.name!r} version {index.version}"
+    if index.route_set.version != index.version:
+        raise HeadError(
+            f"the head of {where} belongs to version {index.route_set.version}: a head never runs "
+            "with another version's routes"
+        )
+    head = LearnedHead.from_bytes(data, f"the head of {where}")
+    if head.encoder_id != index.encoder_id:
+        raise HeadError(
+            f"the head of {where} was trained on {head.encoder_id!r} vectors, but the index is encoded "
+            f"with {index.encoder_id!r}: train the head with this encoder (`sieve routes build --head`) "
+            "or remove the head file beside the route file, then sync again"
+        )
+    if not set(head.route_names) & set(index.route_names):
+        raise HeadError(f"the head of {where} scores none of its routes ({', '.join(head.route_names)})")
+    return head
+
+
+def decision_scores(
+    route_scores: np.ndarray, vectors: np.ndarray, index: RouteIndex, head: LearnedHead | None
+) -> np.ndarray:
+    """The ``(n, routes)`` scores the policy decides on: the match's route scores, combined with the head.
+
+    The one place the head is applied: the worker's pipeline and ``sieve eval``/``fit`` both call it.
+    """
+    if head is None:
+        return route_scores
+    return head.combine(route_scores, vectors, index)
 
 
 def train_head(

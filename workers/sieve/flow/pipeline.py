@@ -4,7 +4,9 @@ Pure over a batch of raw records (no broker): the Faust agent, ``sieve eval``,
 the tests and the benchmarks all call :meth:`RouterPipeline.process`. Text and
 image events of one batch are split by modality; each modality is encoded as
 one batch by its own encoder and matched against the route set's index in that
-encoder's space; their decisions go to the same output topics.
+encoder's space; their decisions go to the same output topics. When the route-set
+version carries a learned head (:mod:`sieve.flow.head`), the policy decides on the
+scores combined with it, through the same function ``sieve eval`` measures with.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -24,6 +26,7 @@ from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.dead_letter import make_dead_letter
 from sieve.flow.decide import Policy, decision_rows, validate_decisions
 from sieve.flow.decode import DecodedEvent, decode_batch
+from sieve.flow.head import LearnedHead, decision_scores, head_of
 from sieve.flow.images import ImageRejected, load_image
 from sieve.flow.match import RouteIndex, match_batch
 from sieve.flow.publish import plan_dead_letters, plan_decisions
@@ -59,6 +62,7 @@ class BatchResult:
 class _Active:
     index: RouteIndex
     policy: Policy
+    head: LearnedHead | None  # the version's own head (checked by head_of), or None
 
 
 class RouterPipeline:
@@ -101,7 +105,7 @@ class RouterPipeline:
             )
         self.topology.check_outcomes(index.route_set)
         overrides = self.topology.thresholds if space == "text" else self.topology.image_thresholds
-        return _Active(index, Policy.for_index(index, overrides))
+        return _Active(index, Policy.for_index(index, overrides), head_of(index))
 
     @property
     def index(self) -> RouteIndex:
@@ -113,8 +117,13 @@ class RouterPipeline:
         """Every space's current index."""
         return {space: active.index for space, active in self._active.items()}
 
+    @property
+    def head(self) -> LearnedHead | None:
+        """The learned head the text decisions are made with now (the text index's version's), or None."""
+        return self._active["text"].head
+
     def swap_index(self, index: RouteIndex) -> None:
-        """Use a new route-set version (in the index's space) from the next batch on."""
+        """Use a new route-set version (in the index's space), and its head, from the next batch on."""
         self._active = {**self._active, index.space: self._activate(index, index.space)}
 
     def _dead_letter(self, item: DecodedEvent, stage: str, reason: str, error: str) -> DeadLetter:
@@ -178,6 +187,8 @@ class RouterPipeline:
         active = self._active[space]
         started = time.perf_counter()
         match = match_batch(vectors, active.index, active.index.aggregation)
+        match = replace(match, route_scores=decision_scores(match.route_scores, vectors, active.index,
+                                                            active.head))
         matched = time.perf_counter()
         decisions = decision_rows(
             [d.event for d in items],

@@ -25,6 +25,7 @@ given ``split`` is the data set's own, which :mod:`sieve.quality.splits` keeps.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import re
@@ -47,7 +48,7 @@ _SPLIT_ALIASES = {
     "test": "test",
 }
 
-ADAPTERS = ("openai-moderation", "clinc150")
+ADAPTERS = ("openai-moderation", "clinc150", "davidson")
 
 # openai-moderation category keys -> the route names of routes/moderation.yaml.
 MODERATION_CATEGORIES: dict[str, str] = {
@@ -300,12 +301,63 @@ def load_clinc150(datasets_dir: Path) -> LabelledData:
     )
 
 
+# Davidson et al.'s ``class`` column -> the row's label (``neither`` has none: clean).
+DAVIDSON_CLASSES: dict[str, str | None] = {"0": "hate", "1": "offensive", "2": None}
+
+
+def load_davidson(datasets_dir: Path) -> LabelledData:
+    """t-davidson/hate-speech-and-offensive-language labeled_data (MIT): tweets, violating / clean.
+
+    ``class`` 0 (hate speech) and 1 (offensive language) are ``violating``, with the
+    label ``hate`` or ``offensive``; 2 (neither) is ``clean``. The tweets are kept raw
+    (HTML entities, ``RT @user:`` prefixes, URLs). The set serves to measure routes
+    on data they were not built or fitted on, so every row is in its ``test`` split:
+    building or fitting on it takes ``--resplit`` (a seeded split, as openai-moderation).
+    """
+    path = datasets_dir / "davidson" / "labeled_data.csv"
+    examples: list[LabelledExample] = []
+    try:
+        handle = path.open(encoding="utf-8", newline="")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        rows = csv.reader(handle)
+        header = next(rows, None)
+        if header is None or header[5:7] != ["class", "tweet"]:
+            raise DatasetError(f"{path}: expected the columns ,count,...,class,tweet; got {header}")
+        for number, row in enumerate(rows, 2):
+            if row[5] not in DAVIDSON_CLASSES:
+                raise DatasetError(f"{path}:{number}: class must be 0, 1 or 2, got {row[5]!r}")
+            label = DAVIDSON_CLASSES[row[5]]
+            examples.append(
+                LabelledExample(
+                    id=f"davidson-{int(row[0]):05d}",
+                    text=row[6],
+                    outcome="violating" if label else "clean",
+                    labels=frozenset({label}) if label else frozenset(),
+                    source_split="test",
+                )
+            )
+    return LabelledData(
+        "davidson",
+        tuple(examples),
+        ("hate", "offensive"),
+        source="t-davidson/hate-speech-and-offensive-language @ cb50f7e9, data/labeled_data.csv "
+        "(Davidson et al., ICWSM 2017)",
+        licence="MIT",
+        default_outcome="clean",
+        positive_outcome="violating",
+    )
+
+
 def load_data(spec: str, datasets_dir: Path) -> LabelledData:
-    """``openai-moderation``, ``clinc150`` or a path to a labelled JSONL file."""
+    """``openai-moderation``, ``clinc150``, ``davidson`` or a path to a labelled JSONL file."""
     if spec == "openai-moderation":
         return load_openai_moderation(datasets_dir)
     if spec == "clinc150":
         return load_clinc150(datasets_dir)
+    if spec == "davidson":
+        return load_davidson(datasets_dir)
     path = Path(spec)
     if not path.exists():
         raise DatasetError(f"{spec}: no such file, and not one of the adapters ({', '.join(ADAPTERS)})")

@@ -4,8 +4,9 @@
 calibration split's ``(events, routes)`` scores, giving outcome codes for one
 parameter choice (:class:`Params`) in a few array operations; :class:`GroupDecider`
 decides a whole row of accept thresholds at once where thresholds are shared by
-group. The fit checks on its result that the fast decider and the worker's
-:func:`~sieve.flow.decide.decide_scores` agree on every event.
+group. Novel events (a fixed mask: the novelty threshold is fitted first) never get
+the default outcome. The fit checks on its result that the fast decider and the
+worker's :func:`~sieve.flow.decide.decide_scores` agree on every event.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class Params:
         } | changes
         return Params(**values)  # type: ignore[arg-type]
 
-    def policy(self, outcomes: tuple[str, ...], default_outcome: str) -> Policy:
-        """These thresholds as the worker's decide Policy."""
+    def policy(
+        self, outcomes: tuple[str, ...], default_outcome: str, novelty_threshold: float | None = None
+    ) -> Policy:
+        """These thresholds as the worker's decide Policy (novel events to review)."""
         return Policy(
             accept=as_float32(self.accept),
             review=as_float32(self.review),
@@ -53,6 +56,7 @@ class Params:
             outcomes=outcomes,
             default_outcome=default_outcome,
             no_match_review=self.no_match_review,
+            novelty_threshold=novelty_threshold,
         )
 
 
@@ -64,9 +68,17 @@ def as_float32(values: np.ndarray) -> np.ndarray:
 class FastDecider:
     """:func:`~sieve.flow.decide.decide_scores` over one fixed score matrix, vectorised; outcome codes out."""
 
-    def __init__(self, route_scores: np.ndarray, outcomes: tuple[str, ...], default_outcome: str) -> None:
+    def __init__(
+        self,
+        route_scores: np.ndarray,
+        outcomes: tuple[str, ...],
+        default_outcome: str,
+        novel: np.ndarray | None = None,
+    ) -> None:
         self.scores = np.asarray(route_scores, dtype=np.float32)
         n, routes = self.scores.shape
+        # per event: novel (never the default outcome automatically); None: no novelty threshold
+        self.novel = None if novel is None else np.asarray(novel, dtype=bool)
         self.outcome_names: list[str] = sorted(set(outcomes) | {default_outcome})
         code = {name: i for i, name in enumerate(self.outcome_names)}
         self.code = code
@@ -107,7 +119,14 @@ class FastDecider:
         codes = np.where(accepted & ~ambiguous, self.route_code[self.first], REVIEW)
         no_match = ~accepted & ~in_band
         codes[no_match] = REVIEW if params.no_match_review else self.default_code
-        return codes
+        return self.novel_to_review(codes)
+
+    def novel_to_review(self, codes: np.ndarray) -> np.ndarray:
+        """Outcome codes (events on the first axis) with novel events' default outcomes sent to review."""
+        if self.novel is None:
+            return codes
+        novel = self.novel.reshape((-1,) + (1,) * (codes.ndim - 1))
+        return np.where(novel & (codes == self.default_code), REVIEW, codes)
 
 
 class GroupDecider:
@@ -157,14 +176,16 @@ class GroupDecider:
         in_band = ~accepted & (self.max_nd[:, None] >= r_nd)
         codes = np.where(accepted & ~ambiguous, self.first_code[:, None], REVIEW)
         codes[~accepted & ~in_band] = REVIEW if no_match_review else d.default_code
-        return codes
+        return d.novel_to_review(codes)
 
 
-def check_agrees_with_worker(decider: FastDecider, params: Params, policy: Policy) -> None:
+def check_agrees_with_worker(
+    decider: FastDecider, params: Params, policy: Policy, novelty: np.ndarray | None = None
+) -> None:
     """The vectorised decider must agree with decide_scores on every calibration event."""
     fast = decider.decide(params)
     names = decider.outcome_names
-    worker = [v.outcome for v in decide_scores(decider.scores, policy)]
+    worker = [v.outcome for v in decide_scores(decider.scores, policy, novelty)]
     expected = [REVIEW if o == NEEDS_REVIEW else decider.code[o] for o in worker]
     mismatched = int((fast != np.array(expected)).sum())
     if mismatched:

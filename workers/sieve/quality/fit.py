@@ -13,19 +13,29 @@ least ``min_support`` calibration events, each move kept only if the targets sti
 hold and the review share falls (or stays and accuracy rises). Every candidate is
 scored with the vectorised :mod:`~sieve.quality.decider`, checked equal to the
 worker's :func:`~sieve.flow.decide.decide_scores` on the result.
+
+Before that, the novelty threshold (:func:`fit_novelty`), label-free: the ``1 - novel_share``
+quantile of the calibration events' novelty, so that ``novel_share`` of in-domain
+traffic is novel (and reviewed when it would get the default outcome). The threshold
+search then sees novel events go to review: it never learns "far away is the default"
+from novel calibration events. Declaring novel events safe (``on_novel: default``) is
+a separate, opt-in step checked on held-out data (:func:`novel_default_holds`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sieve.flow.decide import Policy
+from sieve.flow.decide import Policy, decide_scores, is_novel
 from sieve.progress import SILENT, Progress
 from sieve.quality.decider import FastDecider, GroupDecider, Params, check_agrees_with_worker
+from sieve.quality.metrics import wilson
 from sieve.quality.targets import Assessment, Objective, Targets
-from sieve.routeset import Route, RouteDefaults, RouteSet, ThresholdOverrides
+from sieve.routeset import Novelty, Route, RouteDefaults, RouteSet, ThresholdOverrides
+
+NOVEL_SHARE = 0.05  # the share of calibration events a fitted novelty threshold flags novel
 
 ACCEPT_GRID = tuple(round(0.10 + 0.01 * i, 3) for i in range(86)) + (1.0,)  # 0.10 .. 0.95, and 1.0
 WIDTH_GRID = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.15, 0.20, 0.30, 0.50, 2.0)
@@ -48,10 +58,16 @@ class FitResult:
     route_set: RouteSet
     evaluations: int
     refined_routes: tuple[str, ...]
+    novelty: Novelty | None = None
 
     def policy(self, base: Policy) -> Policy:
         """The fitted thresholds as a decide Policy (outcomes from ``base``)."""
-        return self.params.policy(base.outcomes, base.default_outcome)
+        policy = self.params.policy(
+            base.outcomes, base.default_outcome, self.novelty.threshold if self.novelty else None
+        )
+        if self.novelty is not None and self.novelty.on_novel == "default":
+            return replace(policy, novel_review=False)
+        return policy
 
     def thresholds(self) -> dict[str, object]:
         """JSON-ready thresholds file content."""
@@ -69,6 +85,7 @@ class FitResult:
             "global": self.global_params,
             "refined_routes": list(self.refined_routes),
             "evaluations": self.evaluations,
+            "novelty": self.novelty.model_dump() if self.novelty is not None else None,
         }
 
 
@@ -188,15 +205,23 @@ def fit_thresholds(
     *,
     min_support: int | None = 20,
     sweeps: int = 4,
+    novelty: np.ndarray | None = None,
+    novel_share: float | None = NOVEL_SHARE,
     progress: Progress = SILENT,
 ) -> FitResult:
     """Fit on a calibration split's ``(n, routes)`` scores (``routes``: the index's routes, in order).
 
     ``min_support``: a route gets thresholds of its own only when it is the top route
     of at least this many calibration events (``None``: only the outcome groups move).
+    ``novelty``: the calibration events' novelty; with ``novel_share`` (None: no
+    threshold) the set gets a novelty threshold, fitted first.
     """
     outcomes = tuple(route.outcome for route in routes)
-    decider = FastDecider(route_scores, outcomes, route_set.default_outcome)
+    fitted_novelty = novel = None
+    if novelty is not None and novel_share is not None:
+        fitted_novelty = fit_novelty(novelty, novel_share)
+        novel = is_novel(novelty, fitted_novelty.threshold)
+    decider = FastDecider(route_scores, outcomes, route_set.default_outcome, novel)
     objective = Objective(decider, gold, targets)
     params, current, global_params = _global_search(objective, len(routes), progress)
     start = params
@@ -210,8 +235,11 @@ def fit_thresholds(
         else [np.array([r]) for r in range(len(routes)) if support[r] >= min_support]
     )
     params, current = _coordinate_descent(objective, params, current, groups + singles, sweeps, progress)
-    fitted = apply_thresholds(route_set, routes, params, global_params)
-    check_agrees_with_worker(decider, params, params.policy(outcomes, route_set.default_outcome))
+    fitted = apply_thresholds(route_set, routes, params, global_params, fitted_novelty)
+    threshold = fitted_novelty.threshold if fitted_novelty is not None else None
+    check_agrees_with_worker(
+        decider, params, params.policy(outcomes, route_set.default_outcome, threshold), novelty
+    )
     refined = tuple(
         route.name
         for r, route in enumerate(routes)
@@ -227,13 +255,71 @@ def fit_thresholds(
         fitted,
         objective.evaluations,
         refined,
+        fitted_novelty,
     )
 
 
+def fit_novelty(novelty: np.ndarray, novel_share: float) -> Novelty:
+    """The threshold above which ``novel_share`` of the calibration events' novelty lies (at most).
+
+    The ``1 - novel_share`` quantile, rounded up to 0.0001; ``baseline`` is the share
+    of calibration events above it (the drift alert's reference).
+    """
+    values = np.asarray(novelty, dtype=np.float64)
+    if not 0.0 < novel_share < 1.0:
+        raise ValueError(f"the novel share must lie strictly between 0 and 1, got {novel_share}")
+    if values.size == 0:
+        raise ValueError("no calibration events to fit a novelty threshold on")
+    threshold = float(np.ceil(np.quantile(values, 1.0 - novel_share, method="higher") * 10_000) / 10_000)
+    baseline = float(is_novel(values, threshold).mean())
+    return Novelty(threshold=threshold, baseline=round(baseline, 4))
+
+
+def declare_novel_default(
+    fit: FitResult, base: Policy, route_scores: np.ndarray, novelty: np.ndarray, gold: list[str]
+) -> FitResult:
+    """``fit`` with ``on_novel: default`` if a held-out split (its scores, novelty, gold) shows it safe.
+
+    Otherwise ``fit`` as it is (novel events to review).
+    """
+    if fit.novelty is None:
+        return fit
+    declared = fit.novelty.model_copy(update={"on_novel": "default"})
+    candidate = replace(fit, novelty=declared)
+    outcomes = [v.outcome for v in decide_scores(route_scores, candidate.policy(base), novelty)]
+    novel = is_novel(novelty, declared.threshold)
+    if not novel_default_holds(outcomes, novel, gold, base.default_outcome, fit.targets):
+        return fit
+    defaults = fit.route_set.defaults.model_copy(update={"novelty": declared})
+    return replace(candidate, route_set=fit.route_set.model_copy(update={"defaults": defaults}))
+
+
+def novel_default_holds(
+    outcomes: list[str], novel: np.ndarray, gold: list[str], default_outcome: str, targets: Targets
+) -> bool:
+    """Whether held-out novel events given the default outcome meet its target at the Wilson lower bound.
+
+    ``outcomes``: the held-out split decided with ``on_novel: default``. The target: the
+    default outcome's precision target, else the accuracy target; no novel event so
+    decided shows nothing, so it does not hold.
+    """
+    target = targets.precision.get(default_outcome, targets.accuracy)
+    given = np.asarray(novel, dtype=bool) & (np.array(outcomes, dtype=object) == default_outcome)
+    if target is None or not given.any():
+        return False
+    right = int((given & (np.array(gold, dtype=object) == default_outcome)).sum())
+    low, _ = wilson(right, int(given.sum()), targets.z)
+    return low >= target
+
+
 def apply_thresholds(
-    route_set: RouteSet, routes: tuple[Route, ...], params: Params, global_params: dict[str, float | bool]
+    route_set: RouteSet,
+    routes: tuple[Route, ...],
+    params: Params,
+    global_params: dict[str, float | bool],
+    novelty: Novelty | None = None,
 ) -> RouteSet:
-    """The route set with fitted defaults and per-route overrides where a route differs."""
+    """The route set with fitted defaults (novelty too) and per-route overrides where a route differs."""
     accept = float(global_params["accept"])
     review = max(-1.0, round(accept - float(global_params["width"]), 3))
     margin = float(global_params["margin"])
@@ -243,6 +329,7 @@ def apply_thresholds(
         review=review,
         margin=margin,
         no_match="needs_review" if params.no_match_review else "default",
+        novelty=novelty,
     )
     position = {route.name: i for i, route in enumerate(routes)}
     new_routes = []

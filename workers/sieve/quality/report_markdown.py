@@ -30,6 +30,13 @@ def _global(params: dict[str, object]) -> str:
     )
 
 
+def _novelty(novelty: object) -> str:
+    if not isinstance(novelty, dict):
+        return "no threshold"
+    return (f"threshold {novelty['threshold']:g} ({pct(novelty['baseline'])} of calibration novel), "
+            f"novel events → {novelty['on_novel']}")
+
+
 def _setup(page: Page) -> list[str]:
     report = page.report
     record = report.splits.record
@@ -85,7 +92,9 @@ def _side_by_side(page: Page) -> list[str]:
         "Same split, same encoder. *Auto*: decided without review; *accuracy with review*: gold labels "
         "standing in for the reviewer; *router alone*: every event decided by the router (no review); "
         "CPT(x): share deferred to review to recover x of the gap between the router alone and a "
-        "perfect reviewer (RouteLLM); APGR: area under that recovery curve (0.5 = random deferral).",
+        "perfect reviewer (RouteLLM); APGR: area under that recovery curve (0.5 = random deferral). "
+        "*Novel*: events above the route set's novelty threshold (— when it has none); they never get "
+        "the default outcome automatically.",
         "",
     ]
     rows = []
@@ -99,6 +108,7 @@ def _side_by_side(page: Page) -> list[str]:
                 pct(s.auto_share),
                 ci(s.auto_correct, s.auto),
                 pct(s.review_share),
+                pct(s.novel_share),
                 num(s.accuracy_with_review),
                 num(s.forced_accuracy),
                 num(1 - s.coverage_risk["0.75"]),
@@ -106,7 +116,7 @@ def _side_by_side(page: Page) -> list[str]:
                 num(s.cascade.apgr),
             ]
         )
-    header = ["system", "scoring", "policy", "auto", "auto accuracy [95% CI]", "review"]
+    header = ["system", "scoring", "policy", "auto", "auto accuracy [95% CI]", "review", "novel"]
     header += ["accuracy with review", "router alone", "accuracy, 75% most confident"]
     header += ["CPT " + "/".join(k.rstrip("%") for k in CPT_KEYS), "APGR"]
     return out + table(header, rows)
@@ -197,7 +207,8 @@ def _fit(page: Page) -> list[str]:
             f"{_targets(nearest['targets'])}. On calibration: review {pct(cal['review_share'])}, "
             f"auto accuracy {num(cal['auto_accuracy'])}, feasible {cal['feasible']}; shared "
             f"thresholds {_global(nearest['global'])}; routes with their own: "
-            f"{len(nearest['refined_routes'])}; no match → {nearest['no_match']}."
+            f"{len(nearest['refined_routes'])}; no match → {nearest['no_match']}; "
+            f"novelty → {_novelty(nearest.get('novelty'))}."
         ]
         head = fit["head"]
         if isinstance(head, dict):

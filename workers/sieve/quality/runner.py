@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from sieve.encoders.base import TextEncoder
-from sieve.flow.decide import Policy, decide_scores
+from sieve.flow.decide import Policy, decide_scores, novelty_scores
 from sieve.flow.head import HeadError, LearnedHead, head_path_for
 from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Advance, Progress
 from sieve.quality.build import BuildResult, build_route_set, with_head
 from sieve.quality.datasets import LabelledData
-from sieve.quality.fit import FitResult, fit_thresholds
+from sieve.quality.fit import NOVEL_SHARE, FitResult, declare_novel_default, fit_thresholds
 from sieve.quality.report_data import Report, SystemEntry, describe_route_set
 from sieve.quality.scoring import score_split, three_way_run
 from sieve.quality.semantic_router import (
@@ -37,7 +37,7 @@ from sieve.quality.systems import ScoredSplit, SystemRun
 from sieve.quality.tables import summarise
 from sieve.quality.targets import Targets
 from sieve.quality.workbench import EvalSplit, Workbench
-from sieve.routeset import RouteSet, dump_route_set, load_route_set
+from sieve.routeset import Novelty, RouteSet, dump_route_set, load_route_set
 
 # --------------------------------------------------------------------------- build
 
@@ -194,6 +194,7 @@ def run_eval(
     vectors = bench.vectors(split, progress=progress)
     systems: list[SystemEntry] = []
     described = []
+    novelties: list[tuple[Path, Novelty | None]] = []
     for label, path in route_files:
         candidate = load_candidate(label, path, bench.encoder, use_head=use_head, progress=progress)
         with progress.task(f"scoring {label}", total=2 + (candidate.head is not None)) as advance:
@@ -201,7 +202,12 @@ def run_eval(
             own = "its own thresholds"
             systems.extend(_entries_for(candidate, scored, policy=None, policy_label=own, advance=advance))
         described.append(describe_route_set(candidate.route_set, str(path)))
-    notes = _data_notes(bench.data)
+        novelties.append((path, candidate.route_set.defaults.novelty))
+    notes = _data_notes(bench.data) + [
+        f"WARNING: {path} declares novel events safe (`defaults.novelty.on_novel: default`): events "
+        "unlike anything its routes know get its default outcome without review."
+        for path, novelty in novelties if novelty is not None and novelty.on_novel == "default"
+    ]
     if split == "all":
         notes.append(
             "Evaluated on every example (`--split all`): only valid for route sets that were not "
@@ -227,11 +233,16 @@ def run_fit(
     *,
     fitted_out: Path,
     min_support: int | None = 50,
+    novel_share: float | None = NOVEL_SHARE,
+    novel_default: bool = False,
     command: str = "",
     use_head: bool = True,
     progress: Progress = SILENT,
 ) -> tuple[Report, FitResult]:
     """Fit every route file on the calibration split, write the first one's fit, compare all on test.
+
+    ``novel_share``: the share of calibration events the novelty threshold flags (None: no
+    threshold); ``novel_default``: declare novel events safe where the test split shows it.
 
     Side by side on the test split, per route file: the fitted three-way policy, the
     file's own thresholds, the head (fitted too) if there is one, the semantic-router
@@ -250,6 +261,7 @@ def run_fit(
         index = candidate.index
         cal = score_split(calibration, index, bench.encoder, cal_vectors)
         scored = score_split(test, index, bench.encoder, test_vectors)
+        cal_novelty = novelty_scores(cal.match.nearest_score)
         fit = fit_thresholds(
             cal.match.route_scores,
             list(cal.gold),
@@ -257,8 +269,13 @@ def run_fit(
             index.routes,
             targets,
             min_support=min_support,
+            novelty=cal_novelty,
+            novel_share=novel_share,
             progress=progress,
         )
+        if novel_default:
+            fit = declare_novel_default(fit, Policy.for_index(index), scored.match.route_scores,
+                                        novelty_scores(scored.match.nearest_score), list(scored.gold))
         fitted_policy = fit.policy(Policy.for_index(index))
         head_policy = None
         head_fit = None
@@ -271,6 +288,8 @@ def run_fit(
                 index.routes,
                 targets,
                 min_support=min_support,
+                novelty=cal_novelty,
+                novel_share=novel_share,
                 progress=progress,
             )
             head_policy = head_fit.policy(Policy.for_index(index))
@@ -335,8 +354,9 @@ def _check_written_fit(fit: FitResult, candidate: Candidate, cal: ScoredSplit, f
         {route.name: _examples_of(candidate.index, route.name) for route in candidate.index.routes},
     )
     worker_policy = Policy.for_index(index)
-    expected = [v.outcome for v in decide_scores(cal.match.route_scores, fit.policy(worker_policy))]
-    got = [v.outcome for v in decide_scores(cal.match.route_scores, worker_policy)]
+    novelty = novelty_scores(cal.match.nearest_score)
+    expected = [v.outcome for v in decide_scores(cal.match.route_scores, fit.policy(worker_policy), novelty)]
+    got = [v.outcome for v in decide_scores(cal.match.route_scores, worker_policy, novelty)]
     if expected != got:
         raise AssertionError(f"{fitted_out}: the written thresholds decide differently from the fit")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from sieve.encoders.base import TextEncoder
-from sieve.flow.decide import Policy, decide_scores
-from sieve.flow.head import LearnedHead
+from sieve.flow.decide import Policy, decide_scores, novelty_scores
+from sieve.flow.head import LearnedHead, decision_scores
 from sieve.flow.match import RouteIndex, match_batch
 from sieve.quality.datasets import LabelledData
 from sieve.quality.semantic_router import SEMANTIC_ROUTER_TOP_K
@@ -100,10 +100,9 @@ def three_way_run(
     """Sieve's policy (the route set's thresholds unless ``policy`` is given) on a scored split."""
     index = scored.index
     policy = policy or Policy.for_index(index)
-    route_scores = scored.match.route_scores
-    if head is not None:
-        route_scores = head.combine(route_scores, scored.vectors, index)
-    verdicts = decide_scores(route_scores, policy)
+    route_scores = decision_scores(scored.match.route_scores, scored.vectors, index, head)  # as the worker
+    novelty = novelty_scores(scored.match.nearest_score)
+    verdicts = decide_scores(route_scores, policy, novelty)
     forced, confidence = forced_answers(route_scores, policy)
     return SystemRun(
         name=name,
@@ -116,4 +115,5 @@ def three_way_run(
         confidence=confidence,
         gold=scored.gold,
         details={"head_weight": head.weight if head is not None else None},
+        novel=policy.novel(novelty),
     )

@@ -50,6 +50,7 @@ class SystemRun:
     confidence: np.ndarray  # distance to the decision boundary; higher = surer
     gold: tuple[str, ...]
     details: dict[str, object] = field(default_factory=dict)
+    novel: np.ndarray | None = None  # per event, novel; None: the policy has no novelty threshold
 
     @property
     def route_set(self) -> RouteSet:

@@ -41,6 +41,12 @@ class Summary:
     coverage_risk: dict[str, float]  # risk at these coverages
     aurc: float
     cascade: CascadeSummary
+    novel: int | None = None  # events above the novelty threshold; None: the set has none
+
+    @property
+    def novel_share(self) -> float | None:
+        """Share of events that were novel (None without a novelty threshold)."""
+        return None if self.novel is None else ratio(self.novel, self.events)
 
     @property
     def auto_share(self) -> float:
@@ -78,6 +84,8 @@ class Summary:
             "coverage_risk": self.coverage_risk,
             "aurc": self.aurc,
             "cascade": self.cascade.as_dict(),
+            "novel": self.novel,
+            "novel_share": self.novel_share,
         }
 
 
@@ -122,6 +130,7 @@ def summarise(run: SystemRun) -> Summary:
         coverage_risk=risk_at,
         aurc=float(risk.mean()) if n else 0.0,
         cascade=summarise_cascade(forced_correct, run.confidence),
+        novel=int(run.novel.sum()) if run.novel is not None else None,
     )
 
 

@@ -3,6 +3,8 @@
 ``sync`` writes a route set (only what changed); ``load`` reads a set back into
 a :class:`~sieve.flow.match.RouteIndex` for in-memory matching; ``current_version``
 is the cheap check a worker polls to pick up a new version without a restart.
+A set's learned head (:mod:`sieve.flow.head`) is part of its version: its bytes
+are kept in the version's record and come back with the set on ``load``.
 
 The embedded default is qdrant-client's local mode, which one process at a time
 may open: so every operation opens the store, does its work and closes it,
@@ -11,6 +13,7 @@ retrying while another process holds the lock. A Qdrant server has no such limit
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import time
@@ -24,6 +27,7 @@ from qdrant_client import QdrantClient, models
 
 from sieve.contracts import utcnow
 from sieve.encoders.base import ImageEncoder, TextEncoder
+from sieve.flow.head import LearnedHead
 from sieve.flow.match import RouteIndex, encode_examples, example_id, example_key
 from sieve.progress import SILENT, Progress
 from sieve.routeset import RouteSet, Space
@@ -164,6 +168,14 @@ class RouteStore:
         """
         version = route_set.version
         space: Space = "image" if isinstance(encoder, ImageEncoder) else "text"
+        head = route_set.head_bytes
+        if head is not None and space == "text":
+            trained_on = LearnedHead.from_bytes(head, f"the head of route set {route_set.name!r}").encoder_id
+            if trained_on != encoder.id:
+                raise RouteStoreError(
+                    f"route set {route_set.name!r}: its head was trained on {trained_on!r} vectors, not "
+                    f"{encoder.id!r}: train it with this encoder or remove the head file"
+                )
         with self.client() as client:
             collection = self._ensure_collections(client, encoder)
             previous = self._read_meta(client, route_set.name, encoder.id)
@@ -235,6 +247,7 @@ class RouteStore:
                             },
                             "version": version,
                             "definition": route_set.model_dump_json(),
+                            "head": base64.b64encode(head).decode("ascii") if head is not None else None,
                             "synced_at": utcnow().isoformat(),
                         },
                     )
@@ -271,6 +284,13 @@ class RouteStore:
             )
         route_set = RouteSet.model_validate_json(meta["definition"])
         route_set._image_digests = dict(meta.get("image_digests") or {})
+        if meta.get("head"):
+            route_set._head_bytes = base64.b64decode(meta["head"])
+            if route_set.version != meta["version"]:  # the head stored is not the one the version hashed
+                raise RouteStoreError(
+                    f"route set {set_name!r} version {meta['version']}: its stored head hashes to version "
+                    f"{route_set.version}; sync the route file again"
+                )
         space: Space = meta.get("space", "text")
         examples: dict[str, list[tuple[str, str, np.ndarray]]] = {}
         for record in records:

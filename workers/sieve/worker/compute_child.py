@@ -4,10 +4,11 @@ The child runs the pipeline on its own core and interpreter; the worker's proces
 keeps only the Kafka side. The records go to the child and the planned messages
 come back pickled, as files in a memory-backed folder (not through the executor's
 pipe). The child is spawned (not forked: torch and threads do not survive a fork),
-builds its own encoders from the topology, and gets route indexes from the worker,
-which alone talks to the route store. A child that dies (out of memory, a crash in
-native code) is replaced and the batch is raised as failed, so the worker retries it
-and, if one record keeps killing it, dead-letters that record alone.
+builds its own encoders from the topology, and gets route indexes (each with its
+route-set version's learned head, if any) from the worker, which alone talks to the
+route store. A child that dies (out of memory, a crash in native code) is replaced
+and the batch is raised as failed, so the worker retries it and, if one record keeps
+killing it, dead-letters that record alone.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from typing_extensions import override
 
+from sieve.flow.head import head_of
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.records import Outbound, RawRecord, new_tuple
@@ -144,6 +146,8 @@ class ProcessCompute(Compute):
     mode = "process"
 
     def __init__(self, topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex]) -> None:
+        for index in indexes.values():
+            head_of(index)  # a head that does not fit its index fails the start here, not in the child
         self.topology = topology
         self.settings = settings
         self._indexes = dict(indexes)
@@ -200,11 +204,17 @@ class ProcessCompute(Compute):
 
     @override
     async def swap_index(self, index: RouteIndex) -> None:
+        head_of(index)  # a head that does not fit the index is refused here, before any child has it
+        previous = self._indexes.get(index.space)
         self._indexes[index.space] = index  # a restarted child starts with it
         try:
             await self._call(_child_swap, index)
         except ChildDied:
             pass  # the new child was started with the new index
+        except Exception:
+            if previous is not None:  # the child refused it and kept the version it had
+                self._indexes[index.space] = previous
+            raise
 
     @override
     def close(self) -> None:

@@ -111,17 +111,13 @@ class RouterWorker(BatchWorker):
                     max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
                 )
                 one = Computed(plan_dead_letters([letter], self.topology.output), [letter], {}, {}, [])
-            merged.outbound += one.outbound
-            merged.dead_letters += one.dead_letters
-            merged.event_times += one.event_times
-            for key, count in one.outcomes.items():
-                merged.outcomes[key] = merged.outcomes.get(key, 0) + count
+            merged.add(one)
         return merged
 
     # -- route-set refresh -------------------------------------------------------------------
 
     async def _refresh_route_set(self) -> None:
-        """Pick up a newly synced route-set version without a restart."""
+        """Pick up a newly synced route-set version, and the head it carries, without a restart."""
         assert self.store is not None
         loop = asyncio.get_running_loop()
         name = self.topology.route_set.name
@@ -136,7 +132,8 @@ class RouterWorker(BatchWorker):
                 index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
                 await self.compute.swap_index(index)
                 metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
-                metrics.ROUTE_SET.info({"route_set": name, "version": index.version, "encoder": encoder_id})
-                log.info("route set %s (%s space): now at version %s", name, space, index.version)
+                metrics.record_route_set(self.topology.name, index)
+                head = " with its learned head" if space == "text" and index.route_set.head_bytes else ""
+                log.info("route set %s (%s space): now at version %s%s", name, space, index.version, head)
             except Exception:
                 log.exception("route-set refresh failed; keeping version %s", current.version)
