@@ -198,7 +198,7 @@ def test_promtool_checks_the_scrape_config_and_the_rules() -> None:
     out = run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")).stdout
     assert "SUCCESS" in out
     out = run(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml")).stdout
-    assert "SUCCESS: 8 rules found" in out
+    assert "SUCCESS: 9 rules found" in out
 
 
 def test_promtool_unit_tests_fire_every_alert() -> None:
@@ -210,7 +210,23 @@ def test_promtool_unit_tests_fire_every_alert() -> None:
     fired = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]
              if case.get("exp_alerts")}
     assert alerts == fired, f"alerts without a firing test: {alerts - fired}"
-    assert {"SieveConsumerLagGrowing", "SieveDeadLetterRate", "SieveReviewerFailures"} <= alerts
+    assert {"SieveConsumerLagGrowing", "SieveDeadLetterRate", "SieveReviewerFailures",
+            "SieveNovelShareAboveBaseline"} <= alerts
+    # the drift alert is also tested quiet: at its baseline, on little traffic, with no baseline
+    quiet = [test for test in tests["tests"] for case in test["alert_rule_test"]
+             if case["alertname"] == "SieveNovelShareAboveBaseline" and case["exp_alerts"] == []]
+    series = " ".join(s["series"] for test in quiet for s in test["input_series"])
+    for route_set in ("steady", "rare", "noisy", "sparse", "unfitted"):
+        assert f'route_set="{route_set}"' in series
+
+
+def test_the_drift_alert_compares_the_novel_share_with_its_fitted_baseline() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    (rule,) = [r for group in rules["groups"] for r in group["rules"]
+               if r.get("alert") == "SieveNovelShareAboveBaseline"]
+    assert metric_names(rule["expr"]) == {"sieve_novel_events_total", "sieve_novelty_measured_events_total",
+                                          "sieve_novel_baseline"}
+    assert "[30m]" in rule["expr"] and rule["for"] == "30m"
 
 
 def test_alert_rules_select_only_metrics_the_workers_expose() -> None:
@@ -243,7 +259,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
               "Review-tail share", "Dead letters /s by stage and reason", "Batch size",
               "Stage latency p50 per batch", "Stage latency p99 per batch",
               "End-to-end latency p50 / p95 / p99", "Consumer lag per partition",
-              "LLM calls /s by result", "Tokens /s", "Cost per hour"]
+              "LLM calls /s by result", "Tokens /s", "Cost per hour", "Novel share (drift)"]
     assert [t for t in wanted if t not in titles] == []
     ids = [panel["id"] for panel in dashboard()["panels"]]
     assert len(ids) == len(set(ids))
@@ -257,6 +273,8 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         cells |= mine
     lag = next(expr for title, expr in panel_exprs() if title == "Consumer lag per partition")
     assert "sieve_consumer_lag" in lag and "partition" in lag
+    drift = {expr for title, expr in panel_exprs() if title == "Novel share (drift)"}
+    assert {"sieve_novel_events_total", "sieve_novel_baseline"} <= set().union(*map(metric_names, drift))
 
 
 def test_dashboard_queries_name_known_metrics_and_parse_as_promql(tmp_path: Path) -> None:

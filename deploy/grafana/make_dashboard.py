@@ -6,7 +6,7 @@
 The dashboard, deploy/grafana/dashboards/sieve.json, is provisioned by docker-compose and,
 through the symbolic link deploy/helm/sieve/files/dashboard.json, shipped by the Helm chart
 as a ConfigMap for Grafana's dashboard sidecar.
-tests/test_deploy_dashboard.py checks every query: metric names against the workers'
+tests/test_deploy_stack.py checks every query: metric names against the workers'
 registry, PromQL syntax with promtool.
 """
 
@@ -51,15 +51,20 @@ def quantiles(metric: str, by: str, qs: tuple[float, ...], extra: str = "") -> l
 
 
 def timeseries(title: str, description: str, targets: list[dict[str, Any]], unit: str = "short",
-               width: int = 8, stack: bool = False) -> dict[str, Any]:
-    """A time-series panel."""
+               width: int = 8, stack: bool = False, dashed: str | None = None) -> dict[str, Any]:
+    """A time-series panel (``dashed``: a regular expression of the series drawn dashed)."""
     custom: dict[str, Any] = {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}
     if stack:
         custom["stacking"] = {"mode": "normal", "group": "A"}
+    overrides = [] if dashed is None else [{
+        "matcher": {"id": "byRegexp", "options": dashed},
+        "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                       {"id": "custom.fillOpacity", "value": 0}],
+    }]
     return {
         "type": "timeseries", "title": title, "description": description, "datasource": DS,
         "targets": targets, "_w": width, "_h": 8,
-        "fieldConfig": {"defaults": {"unit": unit, "custom": custom}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, "custom": custom}, "overrides": overrides},
         "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
                     "tooltip": {"mode": "multi", "sort": "desc"}},
     }
@@ -85,6 +90,11 @@ def row(title: str) -> dict[str, Any]:
 
 
 ROUTER_DECISIONS = f'sieve_decisions_total{{{T}, decided_by="router"}}'
+# The novel share per route set, as the SieveNovelShareAboveBaseline alert computes it (it over 30m).
+BY_SET = "by (topology, route_set)"
+NOVEL_SHARE = (f"sum {BY_SET} (rate(sieve_novel_events_total{{{T}}}{RATE}))"
+               f" / sum {BY_SET} (rate(sieve_novelty_measured_events_total{{{T}}}{RATE}))")
+BASELINE = f"max {BY_SET} (sieve_novel_baseline{{{T}}})"
 
 PANELS: list[dict[str, Any]] = [
     row("Overview"),
@@ -136,6 +146,23 @@ PANELS: list[dict[str, Any]] = [
                [q(f"sum by (stage) (rate(sieve_batch_retries_total{{{T}}}{RATE}))", "retry {{stage}}"),
                 q(f"sum(increase(sieve_route_set_reloads_total{{{T}}}{RATE}))", "route-set reloads")],
                "short"),
+
+    row("Drift: events far from everything the route set knows"),
+    timeseries("Novel share (drift)", "Share of the decisions whose novelty was measured that were "
+               "novel (far from every example of the route set: sent to review, never given the "
+               "default outcome), per route set; dashed, the share on the calibration data the "
+               "threshold was fitted on (baseline), and the level SieveNovelShareAboveBaseline "
+               "fires above when the 30-minute share stays there for 30 minutes.",
+               [q(NOVEL_SHARE, "{{route_set}} novel"),
+                q(BASELINE, "{{route_set}} baseline"),
+                q(f"{BASELINE} + clamp_min({BASELINE}, 0.05)", "{{route_set}} alert level")],
+               "percentunit", width=16, dashed=".* (baseline|alert level)$"),
+    timeseries("Novel events /s", "Decisions whose novelty was measured, and the novel ones among "
+               "them, per route set.",
+               [q(f"sum {BY_SET} (rate(sieve_novelty_measured_events_total{{{T}}}{RATE}))",
+                  "{{route_set}} measured"),
+                q(f"sum {BY_SET} (rate(sieve_novel_events_total{{{T}}}{RATE}))", "{{route_set}} novel")],
+               "ops"),
 
     row("Latency and batches"),
     timeseries("End-to-end latency p50 / p95 / p99", "From the event's Kafka timestamp to its "
@@ -222,8 +249,8 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": "sieve-overview",
         "title": "Sieve",
-        "description": "Sieve router and reviewer workers: throughput, verdicts, latency, consumer lag, "
-                       "LLM reviews. Metrics from the workers' /metrics (sieve.worker.metrics, "
+        "description": "Sieve router and reviewer workers: throughput, verdicts, drift, latency, "
+                       "consumer lag, LLM reviews. Metrics from the workers' /metrics (sieve.worker.metrics, "
                        "sieve.review.metrics).",
         "tags": ["sieve", "kafka"],
         "timezone": "browser",

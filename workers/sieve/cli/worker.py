@@ -30,7 +30,7 @@ def worker(
     from sieve.worker.app import DrainingWorker
     from sieve.worker.compute import build_encoders, encoder_ids, limit_blas_threads, settle_heap
     from sieve.worker.health import attach_router, serve
-    from sieve.worker.metrics import ROUTE_SET
+    from sieve.worker.metrics import record_route_set
     from sieve.worker.router import RouterWorker, build_compute
 
     setup_logging()
@@ -61,7 +61,7 @@ def worker(
         release_device_memory()  # the compute child built its own encoders
     index = indexes["text"]
     asyncio.run(create_topics(topology, index.route_set))
-    ROUTE_SET.info({"route_set": index.route_set.name, "version": index.version, "encoder": index.encoder_id})
+    record_route_set(topology.name, index)
     router = RouterWorker(topology, settings, compute, store)
     attach_router(router)  # /healthz heartbeat, /readyz checks, consumer-lag gauges
     serve(settings.metrics_host, settings.metrics_port, settings.health)

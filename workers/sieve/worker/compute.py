@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import gc
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from threadpoolctl import threadpool_limits
 from typing_extensions import override
@@ -66,6 +67,9 @@ class Computed:
     ``outcomes`` counts decisions by ``(outcome, route or "", decided_by)``;
     ``event_times`` are the Kafka timestamps (s) of the decided events that had one
     (end-to-end latency is measured from them once the batch is acknowledged).
+    ``novelty_measured`` counts, per route set, the decisions whose novelty was measured
+    (``novel`` not None: the set has a novelty threshold in the event's space), and
+    ``novel`` those of them that were novel: the novel share the drift alert watches.
     """
 
     outbound: list[Outbound]
@@ -73,18 +77,44 @@ class Computed:
     seconds: dict[str, float]
     outcomes: dict[tuple[str, str, str], int]
     event_times: list[float]
+    novelty_measured: dict[str, int] = field(default_factory=dict)
+    novel: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Computed) -> None:
+        """Take ``other``'s messages and counts into this one (a batch computed record by record)."""
+        self.outbound += other.outbound
+        self.dead_letters += other.dead_letters
+        self.event_times += other.event_times
+        _tally(self.outcomes, other.outcomes)
+        _tally(self.novelty_measured, other.novelty_measured)
+        _tally(self.novel, other.novel)
+
+
+def _tally(into: dict[Any, int], counts: dict[Any, int]) -> None:
+    for key, count in counts.items():
+        into[key] = into.get(key, 0) + count
 
 
 def summarise(result: BatchResult) -> Computed:
     """A pipeline result reduced to what leaves the compute stage."""
     outcomes: dict[tuple[str, str, str], int] = {}
     event_times: list[float] = []
+    measured: dict[str, int] = {}
+    novel: dict[str, int] = {}
     for row in result.rows:
         key = (row["outcome"], row["route"] or "", row["decided_by"])
         outcomes[key] = outcomes.get(key, 0) + 1
         if row["latency_ms"] is not None:
             event_times.append(row["decided_at"].timestamp() - row["latency_ms"] / 1000.0)
-    return Computed(result.outbound, result.dead_letters, result.seconds, outcomes, event_times)
+        flag = row.get("novel")
+        if flag is not None:
+            route_set = row["route_set"]
+            measured[route_set] = measured.get(route_set, 0) + 1
+            if flag:
+                novel[route_set] = novel.get(route_set, 0) + 1
+    return Computed(
+        result.outbound, result.dead_letters, result.seconds, outcomes, event_times, measured, novel
+    )
 
 
 def limit_blas_threads(settings: Settings) -> None:

@@ -12,6 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 from sieve.kafka.records import RawRecord
 
 if TYPE_CHECKING:
+    from sieve.flow.match import RouteIndex
     from sieve.worker.compute import Computed
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -43,6 +44,24 @@ BATCH_RETRIES = Counter(
 ROUTE_SET = Info("sieve_route_set", "Route set in use.")
 ROUTE_SET_RELOADS = Counter(
     "sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"]
+)
+# The novel share (drift): novel / measured per route set, against the share fitted on
+# calibration data. Labelled by topology and route set; a tenant label joins them once
+# tenants exist (docs/production.md).
+NOVELTY_MEASURED = Counter(
+    "sieve_novelty_measured_events_total",
+    "Decisions whose novelty was measured (the route set has a novelty threshold in the event's space).",
+    ["topology", "route_set"],
+)
+NOVEL_EVENTS = Counter(
+    "sieve_novel_events_total",
+    "Decisions of events above the route set's novelty threshold (novel: true).",
+    ["topology", "route_set"],
+)
+NOVEL_BASELINE = Gauge(
+    "sieve_novel_baseline",
+    "Share of novel events on the calibration data the route set's novelty threshold was fitted on.",
+    ["topology", "route_set"],
 )
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
 CONSUMER_LAG = Gauge(
@@ -97,3 +116,25 @@ def record_batch(
     letters = Tally((letter.stage, letter.reason) for letter in result.dead_letters)
     for (stage, reason), count in letters.items():
         DEAD_LETTERS.labels(topology, stage, reason).inc(count)
+    for route_set, count in result.novelty_measured.items():
+        NOVELTY_MEASURED.labels(topology, route_set).inc(count)
+    for route_set, count in result.novel.items():
+        NOVEL_EVENTS.labels(topology, route_set).inc(count)
+
+
+def record_route_set(topology: str, index: RouteIndex) -> None:
+    """The route-set version in use (on start and on every reload): its info and novelty baseline.
+
+    A version without a fitted baseline (no novelty, or a threshold set by hand) has no
+    baseline series, so the drift alert has nothing stale to compare against.
+    """
+    route_set = index.route_set
+    ROUTE_SET.info({"route_set": route_set.name, "version": index.version, "encoder": index.encoder_id})
+    novelty = route_set.defaults.novelty
+    if novelty is not None and novelty.baseline is not None:
+        NOVEL_BASELINE.labels(topology, route_set.name).set(novelty.baseline)
+    else:
+        try:
+            NOVEL_BASELINE.remove(topology, route_set.name)
+        except KeyError:
+            pass  # it had none
