@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sieve.contracts import NEEDS_REVIEW
+from sieve.flow.match import match_batch
 from sieve.routeset import (
     NAME_PATTERN,
     ROUTE_SET_SCHEMA_VERSION,
@@ -98,6 +99,54 @@ def test_shipped_route_sets_load(file, name, default_outcome, some_outcomes):
 def test_shipped_fixtures_are_the_files(moderation_set, support_set):
     assert moderation_set == load_route_set(REPO / "routes" / "moderation.yaml")
     assert support_set.name == "support"
+
+
+# Everyday content is clean by being close to benign examples, not far from violating ones.
+BENIGN_KINDS = {
+    "everyday_chat", "jokes_and_banter", "news_and_discussion", "health_and_support",
+    "education_and_fiction", "product_and_tech", "reviews", "support_requests",
+    "creative_and_hobbies", "sports", "gaming", "reporting_abuse",
+}
+
+
+def test_moderation_benign_routes_cover_everyday_traffic(moderation_set):
+    clean = {r.name: r.utterances for r in moderation_set.routes if r.outcome == "clean"}
+    violating = [u for r in moderation_set.routes if r.outcome == "violating" for u in r.utterances]
+    assert set(clean) == BENIGN_KINDS
+    assert all(len(texts) >= 15 for texts in clean.values()), {n: len(t) for n, t in clean.items()}
+    benign = [u for texts in clean.values() for u in texts]
+    assert len(benign) >= len(violating)
+    # real traffic is not tidy: short posts and long ones, emoji and other non-ASCII
+    assert sum(len(u) <= 40 for u in benign) >= 20
+    assert sum(len(u) >= 150 for u in benign) >= 20
+    assert sum(any(ord(ch) > 0x2000 for ch in u) for u in benign) >= 10
+
+
+# Written after the routes, never added to them: gaming and sports trash talk, banter,
+# reports and moderators quoting abuse, news of a hate crime, reviews, support requests.
+HELD_OUT_BENIGN = [
+    "ez game, their tank never showed up",
+    "my buddy called me a muppet for missing the penalty lol",
+    "a player keeps sending me racist messages after every match, is there a way to report them?",
+    "Court sentences man for homophobic assault outside a bar",
+    "what a comeback in the second half, I'm losing my voice",
+    "delivery guy left the package in the rain, box soaked, 2 stars",
+    "can't find where to change my notification sound, help?",
+    "what do you call a bear with no teeth? a gummy bear",
+    "morning all \u2615 who's got plans for the weekend",
+    "Admin here: posts with slurs get removed, repeat offenders get banned. "
+    "Please report instead of arguing.",
+]
+
+
+def test_moderation_everyday_posts_are_nearest_to_benign_routes(moderation_index, minilm):
+    shipped = {u for r in moderation_index.route_set.routes for u in r.utterances}
+    assert not shipped & set(HELD_OUT_BENIGN)
+    match = match_batch(minilm.encode(HELD_OUT_BENIGN), moderation_index,
+                        moderation_index.route_set.defaults.aggregation)
+    for text, scores in zip(HELD_OUT_BENIGN, match.route_scores, strict=True):
+        top = moderation_index.routes[int(scores.argmax())]
+        assert top.outcome == "clean", (text, top.name, float(scores.max()))
 
 
 # --------------------------------------------------------------------------- version
@@ -366,8 +415,8 @@ def test_schema_version_is_optional_and_not_content():
     implicit = parse_route_set(base_data())
     explicit = parse_route_set({"schema_version": 1, **base_data()})
     later = parse_route_set({"schema_version": 2, **base_data()})
-    assert implicit.schema_version == explicit.schema_version == ROUTE_SET_SCHEMA_VERSION == 1
-    assert later.schema_version == 2
+    assert implicit.schema_version == later.schema_version == ROUTE_SET_SCHEMA_VERSION == 2
+    assert explicit.schema_version == 1
     # The file format's version changes neither the content version (decision ids) nor equality.
     assert implicit.version == explicit.version == later.version
     assert implicit == later
@@ -393,7 +442,7 @@ def test_dump_round_trips_shipped_sets(file):
     assert back == route_set
     assert back.version == route_set.version
     # human-editable: block style, keys in model order, no nulls written out
-    assert text.startswith("schema_version: 1\nname: ")
+    assert text.startswith(f"schema_version: {ROUTE_SET_SCHEMA_VERSION}\nname: ")
     assert "null" not in text
 
 
