@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.decide import Policy, decide_scores, novelty_scores
+from sieve.flow.head import head_path_for
 from sieve.flow.match import RouteIndex
 from sieve.quality.datasets import load_clinc150
 from sieve.quality.decider import REVIEW, FastDecider, GroupDecider, Params
@@ -237,6 +238,16 @@ def test_moderation_fit_holds_on_the_test_split(moderation_bench, tmp_path):
     data = json.loads(paths["json"].read_text())
     assert [f["label"] for f in data["fit"]] == ["built", "hand-written"]
     assert data["fit"][0]["head"]["calibration"]["feasible"] is True
+    # with a head, the written file is the head's fit with the head beside it: what a worker decides
+    fitted_file = tmp_path / "out" / "built.fitted.yaml"
+    assert head_path_for(fitted_file).read_bytes() == head_path_for(routes).read_bytes()
+    assert report.primary.label == "built + head, fitted"
+    head_routes = data["fit"][0]["head"]["routes"]
+    assert fit.thresholds()["routes"] == head_routes != data["fit"][0]["nearest"]["routes"]
+    written = load_route_set(fitted_file)
+    assert written.version != load_route_set(routes).version
+    assert {r.name: written.thresholds_for(r).accept for r in written.routes} == pytest.approx(
+        {name: t["accept"] for name, t in head_routes.items()})
     # the novelty threshold: from the calibration split's novelty alone, written into the fitted set
     index = RouteIndex.build(load_route_set(routes), moderation_bench.encoder)
     calibration = score_split(moderation_bench.splits.calibration, index, moderation_bench.encoder)

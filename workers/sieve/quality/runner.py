@@ -19,7 +19,7 @@ import numpy as np
 
 from sieve.encoders.base import TextEncoder
 from sieve.flow.decide import Policy, decide_scores, novelty_scores
-from sieve.flow.head import HeadError, LearnedHead, head_path_for
+from sieve.flow.head import HeadError, LearnedHead, decision_scores, head_path_for
 from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Advance, Progress
 from sieve.quality.build import BuildResult, build_route_set, with_head
@@ -239,14 +239,12 @@ def run_fit(
     use_head: bool = True,
     progress: Progress = SILENT,
 ) -> tuple[Report, FitResult]:
-    """Fit every route file on the calibration split, write the first one's fit, compare all on test.
+    """Fit each route file on calibration, write the first one's fit (its head's, with one), compare on test.
 
     ``novel_share``: the share of calibration events the novelty threshold flags (None: no
     threshold); ``novel_default``: declare novel events safe where the test split shows it.
-
-    Side by side on the test split, per route file: the fitted three-way policy, the
-    file's own thresholds, the head (fitted too) if there is one, the semantic-router
-    way at its default threshold and at the threshold semantic-router's ``fit`` would choose.
+    Side by side on test, per route file: the fitted policy, the file's own thresholds, the
+    head (fitted too), semantic-router at its default threshold and at its ``fit``'s.
     """
     calibration, test = bench.splits.calibration, bench.splits.test
     cal_vectors = bench.vectors("calibration", progress=progress)
@@ -279,8 +277,9 @@ def run_fit(
         fitted_policy = fit.policy(Policy.for_index(index))
         head_policy = None
         head_fit = None
+        cal_scores = cal.match.route_scores
         if candidate.head is not None:
-            combined = candidate.head.combine(cal.match.route_scores, cal.vectors, index)
+            combined = decision_scores(cal.match.route_scores, cal.vectors, index, candidate.head)
             head_fit = fit_thresholds(
                 combined,
                 list(cal.gold),
@@ -293,6 +292,7 @@ def run_fit(
                 progress=progress,
             )
             head_policy = head_fit.policy(Policy.for_index(index))
+            cal_scores = combined
         sr_threshold, sr_accuracy = semantic_router_fit(cal)
         with progress.task(f"scoring {label} on test", total=4 + (candidate.head is not None)) as advance:
             entries = _entries_for(
@@ -307,6 +307,9 @@ def run_fit(
             own = three_way_run(f"{label}, its own thresholds", scored)
             entries.insert(1, _system(own, path, "nearest examples", "three-way, its own thresholds"))
             advance(1)
+        if candidate.head is not None and position == 0:
+            # the head's system first: it is what the written route file (head beside it) decides
+            entries.insert(0, entries.pop(next(i for i, e in enumerate(entries) if "+ head" in e.label)))
         systems.extend(entries)
         described.append(describe_route_set(candidate.route_set, str(path)))
         fits.append(
@@ -319,8 +322,8 @@ def run_fit(
             }
         )
         if position == 0:
-            first_fit = fit
-            _check_written_fit(fit, candidate, cal, fitted_out)
+            first_fit = head_fit if head_fit is not None else fit
+            _check_written_fit(first_fit, candidate, cal, cal_scores, fitted_out)
             files["fitted_route_set"] = str(fitted_out)
             thresholds_file = fitted_out.with_name(fitted_out.stem + ".thresholds.json")
             thresholds_file.write_text(json.dumps(fits[0], indent=2) + "\n", encoding="utf-8")
@@ -342,10 +345,20 @@ def run_fit(
     return report, first_fit
 
 
-def _check_written_fit(fit: FitResult, candidate: Candidate, cal: ScoredSplit, fitted_out: Path) -> None:
-    """Write the fitted route file, read it back, and check the worker's policy from it decides as fitted."""
+def _check_written_fit(
+    fit: FitResult, candidate: Candidate, cal: ScoredSplit, scores: np.ndarray, fitted_out: Path
+) -> None:
+    """Write the fitted route file (and its head beside it), read it back, and check it decides as fitted.
+
+    With a head the fit is the head's: the worker decides on the head's combined ``scores``.
+    """
     fitted_out.parent.mkdir(parents=True, exist_ok=True)
     fitted_out.write_text(dump_route_set(fit.route_set), encoding="utf-8")
+    head_out = head_path_for(fitted_out)
+    if candidate.head is not None:
+        head_out.write_bytes(head_path_for(candidate.path).read_bytes())
+    else:
+        head_out.unlink(missing_ok=True)
     reread = load_route_set(fitted_out)
     index = RouteIndex.from_examples(
         reread,
@@ -355,8 +368,8 @@ def _check_written_fit(fit: FitResult, candidate: Candidate, cal: ScoredSplit, f
     )
     worker_policy = Policy.for_index(index)
     novelty = novelty_scores(cal.match.nearest_score)
-    expected = [v.outcome for v in decide_scores(cal.match.route_scores, fit.policy(worker_policy), novelty)]
-    got = [v.outcome for v in decide_scores(cal.match.route_scores, worker_policy, novelty)]
+    expected = [v.outcome for v in decide_scores(scores, fit.policy(worker_policy), novelty)]
+    got = [v.outcome for v in decide_scores(scores, worker_policy, novelty)]
     if expected != got:
         raise AssertionError(f"{fitted_out}: the written thresholds decide differently from the fit")
 
