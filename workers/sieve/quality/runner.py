@@ -11,6 +11,7 @@ for a route set built from other data, such as the hand-written ``routes/moderat
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,40 +260,19 @@ def run_fit(
         index = candidate.index
         cal = score_split(calibration, index, bench.encoder, cal_vectors)
         scored = score_split(test, index, bench.encoder, test_vectors)
-        cal_novelty = novelty_scores(cal.match.nearest_score)
-        fit = fit_thresholds(
-            cal.match.route_scores,
-            list(cal.gold),
-            candidate.route_set,
-            index.routes,
-            targets,
-            min_support=min_support,
-            novelty=cal_novelty,
-            novel_share=novel_share,
-            progress=progress,
-        )
-        if novel_default:
-            fit = declare_novel_default(fit, Policy.for_index(index), scored.match.route_scores,
-                                        novelty_scores(scored.match.nearest_score), list(scored.gold))
+        fit_on = functools.partial(_fit_on, cal=cal, scored=scored, candidate=candidate, targets=targets,
+                                   min_support=min_support, novel_share=novel_share,
+                                   novel_default=novel_default, progress=progress)
+        fit = fit_on(cal.match.route_scores, scored.match.route_scores)
         fitted_policy = fit.policy(Policy.for_index(index))
         head_policy = None
         head_fit = None
         cal_scores = cal.match.route_scores
         if candidate.head is not None:
-            combined = decision_scores(cal.match.route_scores, cal.vectors, index, candidate.head)
-            head_fit = fit_thresholds(
-                combined,
-                list(cal.gold),
-                candidate.route_set,
-                index.routes,
-                targets,
-                min_support=min_support,
-                novelty=cal_novelty,
-                novel_share=novel_share,
-                progress=progress,
-            )
+            cal_scores = decision_scores(cal.match.route_scores, cal.vectors, index, candidate.head)
+            head_fit = fit_on(cal_scores, decision_scores(scored.match.route_scores, scored.vectors, index,
+                                                          candidate.head))
             head_policy = head_fit.policy(Policy.for_index(index))
-            cal_scores = combined
         sr_threshold, sr_accuracy = semantic_router_fit(cal)
         with progress.task(f"scoring {label} on test", total=4 + (candidate.head is not None)) as advance:
             entries = _entries_for(
@@ -343,6 +323,22 @@ def run_fit(
         files=files,
     )
     return report, first_fit
+
+
+def _fit_on(
+    cal_scores: np.ndarray, test_scores: np.ndarray, *, cal: ScoredSplit, scored: ScoredSplit,
+    candidate: Candidate, targets: Targets, min_support: int | None, novel_share: float | None,
+    novel_default: bool, progress: Progress,
+) -> FitResult:
+    """Thresholds fitted on calibration scores (nearest or the head's); novel declared safe if asked."""
+    index = candidate.index
+    fitted = fit_thresholds(cal_scores, list(cal.gold), candidate.route_set, index.routes, targets,
+                            min_support=min_support, novelty=novelty_scores(cal.match.nearest_score),
+                            novel_share=novel_share, progress=progress)
+    if novel_default:
+        fitted = declare_novel_default(fitted, Policy.for_index(index), test_scores,
+                                       novelty_scores(scored.match.nearest_score), list(scored.gold))
+    return fitted
 
 
 def _check_written_fit(
