@@ -24,8 +24,8 @@ import numpy as np
 import yaml
 
 from sieve.encoders.base import TextEncoder
-from sieve.flow.head import head_path_for, train_head
-from sieve.routeset import load_route_set
+from sieve.flow.head import train_head
+from sieve.routeset import head_path_for, load_route_set
 from sieve.settings import Settings
 from sieve.topology import load_topology
 

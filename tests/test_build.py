@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sieve.cli import app
-from sieve.flow.head import HeadError, LearnedHead, head_path_for, train_head
+from sieve.flow.head import HeadError, LearnedHead, train_head
 from sieve.flow.match import RouteIndex
 from sieve.quality.build import (
     build_route_set,
@@ -23,7 +23,7 @@ from sieve.quality.build import (
 from sieve.quality.datasets import LabelledData, LabelledExample
 from sieve.quality.runner import run_build, run_eval
 from sieve.quality.workbench import open_workbench
-from sieve.routeset import dump_route_set, load_route_set, parse_route_set
+from sieve.routeset import dump_route_set, head_path_for, load_route_set, parse_route_set
 
 from .progress_helpers import RecordingProgress
 

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.decide import Policy, decide_scores, novelty_scores
-from sieve.flow.head import head_path_for
 from sieve.flow.match import RouteIndex
 from sieve.quality.datasets import load_clinc150
 from sieve.quality.decider import REVIEW, FastDecider, GroupDecider, Params
@@ -36,7 +35,7 @@ from sieve.quality.scoring import score_split
 from sieve.quality.splits import split_data
 from sieve.quality.targets import Targets
 from sieve.quality.workbench import Workbench
-from sieve.routeset import Route, load_route_set, parse_route_set
+from sieve.routeset import Route, head_path_for, load_route_set, parse_route_set
 
 from .progress_helpers import RecordingProgress
 

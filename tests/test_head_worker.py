@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from sieve.encoders.base import TextEncoder
-from sieve.flow.head import HeadError, LearnedHead, head_of, head_path_for, train_head
+from sieve.flow.head import HeadError, LearnedHead, head_of, train_head
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.records import RawRecord
 from sieve.quality.runner import run_build, run_eval
-from sieve.routeset import RouteSet, load_route_set
+from sieve.routeset import RouteSet, head_path_for, load_route_set
 from sieve.settings import QdrantSettings, Settings
 from sieve.store.qdrant import RouteStore, RouteStoreError
 from sieve.topology import Topology

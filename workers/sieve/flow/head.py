@@ -29,7 +29,6 @@ import numpy as np
 
 from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Progress
-from sieve.routeset import head_path_for as head_path_for
 
 HeadKind = Literal["softmax", "one_vs_rest"]
 HEAD_FORMAT = "sieve-head/1"

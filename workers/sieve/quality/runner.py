@@ -20,7 +20,7 @@ import numpy as np
 
 from sieve.encoders.base import TextEncoder
 from sieve.flow.decide import Policy, decide_scores, novelty_scores
-from sieve.flow.head import HeadError, LearnedHead, decision_scores, head_path_for
+from sieve.flow.head import HeadError, LearnedHead, decision_scores
 from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Advance, Progress
 from sieve.quality.build import BuildResult, build_route_set, with_head
@@ -38,7 +38,7 @@ from sieve.quality.systems import ScoredSplit, SystemRun
 from sieve.quality.tables import summarise
 from sieve.quality.targets import Targets
 from sieve.quality.workbench import EvalSplit, Workbench
-from sieve.routeset import Novelty, RouteSet, dump_route_set, load_route_set
+from sieve.routeset import Novelty, RouteSet, dump_route_set, head_path_for, load_route_set
 
 # --------------------------------------------------------------------------- build
 
