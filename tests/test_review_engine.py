@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from sieve.review.engine import ReviewEngine
-from sieve.review.llm import ChatClient, EndpointUnavailable, RequestRejected
+from sieve.review.llm import ChatClient, EndpointUnavailable, RateLimiter, RequestRejected
 from sieve.review.steps import ReviewCatalogue, build_messages, estimate_tokens
 from sieve.settings import LLMSettings
 from sieve.topology import ReviewSpec
@@ -222,14 +222,22 @@ async def test_a_decision_of_another_route_set_is_handed_off(llm: ScriptedLLM) -
     assert final.review is not None and final.review.handoff_reason == "route_set_mismatch"
 
 
-async def test_the_rate_limit_spaces_requests(llm: ScriptedLLM) -> None:
-    reviewer = engine(llm, ReviewSpec(max_reviews_per_s=10, max_concurrency=5))
+async def test_every_request_waits_for_its_slot_in_the_rate_limit(llm: ScriptedLLM) -> None:
+    # A frozen clock and a recording sleep: the waits the engine asks for are exact, not timed.
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    spec = ReviewSpec(max_reviews_per_s=10, max_concurrency=5)
+    limiter = RateLimiter(spec.max_reviews_per_s, clock=lambda: 100.0, sleep=record)
+    reviewer = ReviewEngine("test", spec, CATALOGUE, llm_settings(llm), limiter=limiter)
     try:
-        await reviewer.review_many([make_decision(f"e{i}") for i in range(5)])
+        finals = await reviewer.review_many([make_decision(f"e{i}") for i in range(5)])
     finally:
         await reviewer.aclose()
-    gaps = [b - a for a, b in zip(llm.request_times, llm.request_times[1:], strict=False)]
-    assert len(gaps) == 4 and min(gaps) >= 0.08  # 10/s: one every 0.1 s (timer slack allowed)
+    assert len(finals) == 5 and len(llm.requests) == 5
+    assert sorted(waits) == pytest.approx([0.1, 0.2, 0.3, 0.4])  # the first slot is free, one every 0.1 s
 
 
 async def test_concurrency_is_bounded(llm: ScriptedLLM) -> None:
