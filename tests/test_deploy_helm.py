@@ -359,3 +359,61 @@ def test_reviewers_scale_on_the_needs_review_lag_of_their_group() -> None:
     fixed = render({"autoscaling": {"mode": "hpa"}, "reviewer": {"replicas": 2}})
     assert one(fixed, "Deployment", "-reviewer")["spec"]["replicas"] == 2
     assert by_kind(fixed, "ScaledObject") == [], "no KEDA objects when KEDA is off"
+
+
+def test_every_pod_and_container_runs_locked_down() -> None:
+    """The whole security context, not one field: non-root user, read-only root, no escalation,
+    no capabilities, the runtime's seccomp profile; for every workload the chart renders."""
+    objects = render()
+    workloads = by_kind(objects, "Deployment") + by_kind(objects, "Job")
+    assert {w["metadata"]["name"].rsplit("-", 1)[-1] for w in workloads} >= {"router", "reviewer"}
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"}}, workload["metadata"]["name"]
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]}}, workload["metadata"]["name"]
+
+
+def test_no_network_policy_unless_asked() -> None:
+    assert by_kind(render(), "NetworkPolicy") == []
+
+
+def test_network_policies_admit_the_scrape_and_reach_only_the_dependencies() -> None:
+    kafka = [{"podSelector": {"matchLabels": {"app": "kafka"}}}]
+    objects = render({"networkPolicy": {"enabled": True, "kafka": {"peers": kafka, "ports": [9092]},
+                                        "probeCidrs": ["10.0.0.0/24"]}})
+    validate_core(objects)
+    router, reviewer = one(objects, "NetworkPolicy", "-router"), one(objects, "NetworkPolicy", "-reviewer")
+    for policy, kind in ((router, "router"), (reviewer, "reviewer")):
+        spec = policy["spec"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == kind
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        [ingress] = spec["ingress"]
+        assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+        assert ingress["from"] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+            {"ipBlock": {"cidr": "10.0.0.0/24"}}]
+        egress = spec["egress"]
+        assert all(rule["ports"] for rule in egress), "every egress rule names its ports"
+        by_port = {p["port"]: rule for rule in egress for p in rule["ports"]}
+        assert by_port[9092]["to"] == kafka
+        assert {p["protocol"] for p in by_port[53]["ports"]} == {"TCP", "UDP"}
+        assert 6333 in by_port
+    router_ports = {p["port"] for rule in router["spec"]["egress"] for p in rule["ports"]}
+    reviewer_ports = {p["port"] for rule in reviewer["spec"]["egress"] for p in rule["ports"]}
+    assert 8000 not in router_ports and 8000 in reviewer_ports, "only reviewers call the LLM"
+    images = [r for r in router["spec"]["egress"] if any("ipBlock" in peer for peer in r.get("to", []))]
+    assert len(images) == 1 and {p["port"] for p in images[0]["ports"]} == {80, 443}
+    [v4] = [peer["ipBlock"] for peer in images[0]["to"] if peer["ipBlock"]["cidr"] == "0.0.0.0/0"]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(v4["except"])
+    assert not any("ipBlock" in peer for rule in reviewer["spec"]["egress"] for peer in rule.get("to", []))
+
+
+def test_a_release_without_reviewers_gets_no_reviewer_policy() -> None:
+    objects = render({"networkPolicy": {"enabled": True}, "reviewer": {"enabled": False}})
+    assert [p["metadata"]["name"] for p in by_kind(objects, "NetworkPolicy")] == ["demo-sieve-router"]
