@@ -69,8 +69,8 @@ def test_event_text_is_delimited_json_data_in_the_user_message() -> None:
     body = user[user.rindex(open_tag) + len(open_tag): user.rindex(close_tag)].strip()
     assert json.loads(body) == INJECTION  # a JSON string: quotes and newlines cannot break out
     assert user.index("untrusted data") < user.rindex(open_tag)
-    # The fake closing marker inside the text does not close the real one.
-    assert "</item-deadbeef>" in body
+    # The fake closing marker inside the text is written escaped: no "<" appears in the data.
+    assert "<" not in body and "\\u003c/item-deadbeef\\u003e" in body
     # The router's hints come before the item.
     assert user.index("threat (violating) 0.470") < user.rindex(open_tag)
     assert user.index('"I will hurt you"') < user.rindex(open_tag)
