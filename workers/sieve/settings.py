@@ -76,6 +76,9 @@ class KafkaSettings(BaseModel):
     # answers as soon as a record arrives; the dev broker (tansu) holds every fetch this
     # long, which adds that wait to each event's latency at light load.
     fetch_max_wait_ms: int = Field(default=50, ge=1, le=60_000)
+    # How long a starting worker or reviewer keeps trying to reach a broker (back-off doubling
+    # from 0.5 s to 5 s) before it stops with a one-line error (sieve.kafka.startup).
+    startup_timeout_s: float = Field(default=60.0, ge=0)
 
 
 class QdrantSettings(BaseModel):

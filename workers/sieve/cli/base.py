@@ -35,7 +35,7 @@ QuietOpt = Annotated[
 
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` and exit with status 2."""
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)  # a long message stays one line
     raise typer.Exit(2)
 
 

@@ -25,10 +25,16 @@ def dead_letters_replay(
         str, typer.Option(help="Consumer group that remembers what was replayed.")
     ] = "sieve-dead-letter-replay",
     idle: Annotated[float, typer.Option(help="Stop after this many idle seconds.")] = 3.0,
-    dry_run: Annotated[bool, typer.Option(help="Only count what would be replayed.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Only count what would be replayed; remember nothing.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Re-send dead letters' original bytes (e.g. after a fix); truncated ones are reported, not sent."""
+    """Re-send dead letters' original bytes (e.g. after a fix); truncated ones are reported, not sent.
+
+    Only what was re-sent and acknowledged is remembered (by --group): letters another
+    --reason left out stay replayable, and a failed send is retried by the next replay.
+    """
     from sieve.worker.replay import replay_dead_letters
 
     progress = progress_for(console, quiet=quiet)
@@ -37,6 +43,7 @@ def dead_letters_replay(
                             group=group, idle_s=idle, dry_run=dry_run, progress=progress)
     )
     console.print(
-        f"replayed {summary.replayed}, skipped {summary.skipped} (filtered), "
-        f"truncated {summary.truncated} (not replayable), unreadable {summary.unreadable}"
+        f"replayed {summary.replayed}, skipped {summary.skipped} (filtered, still replayable), "
+        f"already replayed {summary.already}, truncated {summary.truncated} (not replayable), "
+        f"unreadable {summary.unreadable}"
     )

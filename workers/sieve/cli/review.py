@@ -18,6 +18,7 @@ def review(
     topology_path: Annotated[Path, typer.Argument(help="Topology YAML, e.g. topologies/moderation.yaml")],
 ) -> None:
     """Run an LLM reviewer for a topology's needs-review topic (settings: SIEVE_LLM__*)."""
+    from sieve.kafka.startup import BrokerUnavailable
     from sieve.review.worker import run_reviewer
     from sieve.routeset import RouteSetError
     from sieve.topology import TopologyError, load_topology, load_topology_route_set
@@ -28,4 +29,7 @@ def review(
         route_set = load_topology_route_set(topology)
     except (TopologyError, RouteSetError, ValueError) as exc:
         fail(str(exc))
-    run_reviewer(topology, route_set, get_settings(), console.print)
+    try:
+        run_reviewer(topology, route_set, get_settings(), console.print)
+    except BrokerUnavailable as exc:
+        fail(str(exc))

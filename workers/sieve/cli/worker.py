@@ -24,6 +24,7 @@ def worker(
 ) -> None:
     """Run a router worker for one topology (joins its consumer group)."""
     from sieve.encoders.base import release_device_memory
+    from sieve.kafka.startup import BrokerUnavailable, wait_for_broker
     from sieve.routeset import RouteSetError
     from sieve.store.qdrant import RouteStore, RouteStoreError
     from sieve.topology import TopologyError, load_topology, load_topology_route_set
@@ -40,6 +41,8 @@ def worker(
     try:
         topology = load_topology(topology_path)
         route_set = load_topology_route_set(topology)
+        # the brokers first: a worker started before them waits (kafka.startup_timeout_s)
+        asyncio.run(wait_for_broker(settings.kafka))
         store = RouteStore(settings.qdrant)
         # Models load here only to embed routes (--sync) or to run on a thread; with
         # compute=process the child loads its own, and the index is found by encoder id.
@@ -54,7 +57,7 @@ def worker(
         ids = encoder_ids(topology)
         indexes = {space: store.load(topology.route_set.name, model_id) for space, model_id in ids.items()}
         compute = build_compute(topology, settings, indexes, encoders)
-    except (TopologyError, RouteSetError, RouteStoreError, ValueError) as exc:
+    except (TopologyError, RouteSetError, RouteStoreError, BrokerUnavailable, ValueError) as exc:
         fail(str(exc))
     if encoders is not None and compute.mode == "process":
         del encoders

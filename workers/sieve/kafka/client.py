@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
@@ -233,5 +233,79 @@ async def read_topic(
                     await consumer.commit()
             elif idle_timeout_s is not None and loop.time() - last > idle_timeout_s:
                 return
+    finally:
+        await consumer.stop()
+
+
+def _group_consumer(settings: KafkaSettings, group: str) -> AIOKafkaConsumer:
+    """A consumer in ``group`` that never commits by itself; partitions are assigned, not joined."""
+    return AIOKafkaConsumer(
+        **client_kwargs(settings), group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+
+
+async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to ``consumer`` (none when the topic does not exist)."""
+    await consumer.topics()  # fetches the cluster's metadata
+    partitions = sorted(consumer.partitions_for_topic(topic) or ())
+    assigned = [TopicPartition(topic, partition) for partition in partitions]
+    consumer.assign(assigned)
+    return assigned
+
+
+async def read_from_group(
+    settings: KafkaSettings, topic: str, group: str, *, idle_timeout_s: float
+) -> AsyncIterator[Any]:
+    """Yield ``topic``'s records from ``group``'s committed offsets until none arrives for ``idle_timeout_s``.
+
+    A partition the group has no offset for is read from its beginning. Nothing is
+    committed, and no group is joined (every partition is assigned directly): the
+    caller commits, with :func:`commit_offsets`, only what it has finished with.
+    """
+    consumer = _group_consumer(settings, group)
+    await consumer.start()
+    try:
+        await _assign_all(consumer, topic)
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+            got = False
+            for records in batches.values():
+                for record in records:
+                    got = True
+                    yield record
+            if got:
+                last = loop.time()
+            elif loop.time() - last > idle_timeout_s:
+                return
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(settings: KafkaSettings, topic: str, group: str) -> dict[int, int]:
+    """``group``'s committed offset per partition of ``topic``; partitions without one are left out."""
+    consumer = _group_consumer(settings, group)
+    await consumer.start()
+    try:
+        offsets = {}
+        for tp in await _assign_all(consumer, topic):
+            offset = await consumer.committed(tp)
+            if offset is not None:
+                offsets[tp.partition] = offset
+        return offsets
+    finally:
+        await consumer.stop()
+
+
+async def commit_offsets(settings: KafkaSettings, topic: str, group: str, offsets: dict[int, int]) -> None:
+    """Commit ``{partition: next offset}`` of ``topic`` for ``group`` (a group no member has joined)."""
+    if not offsets:
+        return
+    consumer = _group_consumer(settings, group)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, partition) for partition in offsets])
+        await consumer.commit({TopicPartition(topic, p): offset for p, offset in offsets.items()})
     finally:
         await consumer.stop()

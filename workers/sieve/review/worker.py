@@ -95,14 +95,24 @@ def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]
 def run_reviewer(
     topology: Topology, route_set: RouteSet, settings: Settings, say: Callable[[str], Any] = print
 ) -> None:
-    """Create the topics, serve metrics and probes, and run the reviewer worker until it is stopped."""
+    """Create the topics, serve metrics and probes, and run the reviewer worker until it is stopped.
+
+    Waits for the brokers first (``kafka.startup_timeout_s``); raises
+    :class:`~sieve.kafka.startup.BrokerUnavailable` when none answered in that time.
+    """
     from sieve.kafka.client import ensure_topics
+    from sieve.kafka.startup import wait_for_broker
     from sieve.worker.health import serve
 
     spec = review_spec(topology)
     catalogue = ReviewCatalogue.from_route_set(route_set)
     topics = review_topics(topology, route_set.outcomes, [r.name for r in route_set.routes])
-    asyncio.run(ensure_topics(settings.kafka, topics, topology.output.replication_factor))
+
+    async def create_topics() -> None:
+        await wait_for_broker(settings.kafka)
+        await ensure_topics(settings.kafka, topics, topology.output.replication_factor)
+
+    asyncio.run(create_topics())
     engine = ReviewEngine(topology.name, spec, catalogue, settings.llm)
     reviewer = ReviewerWorker(topology, settings, engine)
     # /healthz heartbeat, /readyz checks and the needs-review lag (what reviewers autoscale on)
