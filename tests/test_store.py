@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 from qdrant_client.common import client_warnings
+from typer.testing import CliRunner
 
+from sieve.cli import app
 from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.match import RouteIndex, example_id
 from sieve.routeset import RouteSet, parse_route_set
-from sieve.settings import QdrantSettings
+from sieve.settings import QdrantSettings, get_settings
 from sieve.store.qdrant import RouteStore, RouteStoreError, space_name
 
 from .progress_helpers import RecordingProgress
@@ -53,10 +58,12 @@ def counts(report) -> tuple[int, int, int, int]:
     return report.added, report.updated, report.deleted, report.unchanged
 
 
-def stored_payloads(store: RouteStore, encoder_id: str, set_name: str) -> dict[str, dict]:
+def stored_payloads(store: RouteStore, encoder_id: str, set_name: str, version: str) -> dict[str, dict]:
+    """The stored points of one version of a set, by example id."""
     with store.client() as client:
         records, _ = client.scroll(store.collection(encoder_id), limit=1000, with_payload=True)
-    return {str(r.id): dict(r.payload or {}) for r in records if r.payload["set"] == set_name}
+    return {r.payload["example"]: dict(r.payload) for r in records
+            if r.payload and r.payload["set"] == set_name and r.payload["version"] == version}
 
 
 # --------------------------------------------------------------------------- sync
@@ -79,29 +86,34 @@ def test_sync_lifecycle(store, trivial_encoder):
     assert first.version == route_set.version
     assert first.collection == "sieve__trivial-crc32-64"
     assert store.current_version("tiny", encoder_id) == route_set.version
-    assert set(stored_payloads(store, encoder_id, "tiny")) == {
+    assert (first.points, first.written, first.encoded) == (5, 5, 5)
+    assert set(stored_payloads(store, encoder_id, "tiny", route_set.version)) == {
         example_id("tiny", r.name, u) for r in route_set.routes for u in r.utterances
     }
 
     again = store.sync(route_set, trivial_encoder)
     assert counts(again) == (0, 0, 0, 5)
     assert again.previous_version == route_set.version
+    assert (again.written, again.encoded) == (0, 0)  # the same version twice: nothing written
 
-    # remove one utterance: exactly that point goes
+    # remove one utterance: the new version lacks exactly that example; the old one keeps it
     fewer = with_route(route_set, "greet", utterances=["hello there", "hi how are you"])
     report = store.sync(fewer, trivial_encoder)
     assert counts(report) == (0, 0, 1, 4)
+    assert (report.written, report.encoded) == (4, 0)  # vectors come from the previous version
     assert report.previous_version == route_set.version
     gone = example_id("tiny", "greet", "good morning friend")
-    payloads = stored_payloads(store, encoder_id, "tiny")
+    payloads = stored_payloads(store, encoder_id, "tiny", fewer.version)
     assert gone not in payloads and len(payloads) == 4
+    assert gone in stored_payloads(store, encoder_id, "tiny", route_set.version)
     assert store.current_version("tiny", encoder_id) == fewer.version
 
-    # change an outcome: payloads updated in place, nothing re-encoded
+    # change an outcome: a new version with the new payloads, nothing re-encoded
     relabelled = with_route(fewer, "complain", outcome="rude")
     report = store.sync(relabelled, trivial_encoder)
     assert counts(report) == (0, 2, 0, 2)
-    payloads = stored_payloads(store, encoder_id, "tiny")
+    assert report.encoded == 0
+    payloads = stored_payloads(store, encoder_id, "tiny", relabelled.version)
     complain_ids = {example_id("tiny", "complain", u) for u in ("this is terrible service",
                                                                 "I want my money back")}
     assert {payloads[pid]["outcome"] for pid in complain_ids} == {"rude"}
@@ -114,6 +126,7 @@ def test_sync_lifecycle(store, trivial_encoder):
                                   "worst support ever"])
     report = store.sync(more, trivial_encoder)
     assert counts(report) == (1, 0, 0, 4)
+    assert report.encoded == 1
     assert store.current_version("tiny", encoder_id) == more.version
     assert len(store.load("tiny", encoder_id).example_ids) == 5
 
@@ -142,6 +155,7 @@ def test_moving_an_utterance_between_routes(store, trivial_encoder):
     })
     report = store.sync(moved, trivial_encoder)
     assert counts(report) == (1, 0, 1, 4)
+    assert report.encoded == 0  # the same utterance has the same vector in another route
     assert store.load("tiny", trivial_encoder.id).example_texts[-1] == "good morning friend"
 
 
@@ -271,6 +285,47 @@ def test_lock_is_released_after_each_operation(store, trivial_encoder):
         other.close()
 
 
+# --------------------------------------------------------------------------- a missing server
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound by no listener: every connection to it is refused."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield bound.getsockname()[1]
+
+
+@pytest.mark.parametrize("grpc", [False, True], ids=["rest", "grpc"])
+def test_a_missing_server_fails_in_one_line_after_retrying(closed_port, grpc):
+    url = f"http://127.0.0.1:{closed_port}"
+    settings = QdrantSettings(url=url, prefer_grpc=grpc, grpc_port=closed_port, startup_timeout_s=0.5)
+    store = RouteStore(settings)
+    started = time.monotonic()
+    with pytest.raises(RouteStoreError, match=rf"route store at {url} unreachable for 0.5s") as caught:
+        store.current_version("tiny", "trivial:crc32-64")
+    assert time.monotonic() - started >= 0.5  # it kept trying that long
+    message = str(caught.value)
+    attempts = re.search(r"\((\d+) attempts", message)
+    assert attempts is not None and int(attempts.group(1)) > 1, message
+    assert "\n" not in message and "refused" in message.lower(), message
+
+
+def test_routes_sync_against_a_missing_server_ends_in_an_error_not_a_traceback(closed_port, monkeypatch):
+    monkeypatch.setenv("SIEVE_QDRANT__URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("SIEVE_QDRANT__PREFER_GRPC", "false")
+    monkeypatch.setenv("SIEVE_QDRANT__STARTUP_TIMEOUT_S", "0.3")
+    get_settings.cache_clear()
+    route_file = Path(__file__).parents[1] / "routes" / "moderation.yaml"
+    try:
+        result = CliRunner().invoke(app, ["routes", "sync", str(route_file), "-q", "--encoder", "trivial"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "unreachable for 0.3s" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 # --------------------------------------------------------------------------- warnings
 
 
@@ -311,7 +366,7 @@ def test_sync_reports_its_steps_and_totals(store, trivial_encoder, monkeypatch):
 
     progress = RecordingProgress()
     store.sync(with_route(route_set, "complain", outcome="rude"), trivial_encoder, progress=progress)
-    assert progress.seen() == [("updating changed examples", 2, 2)]
+    assert progress.seen() == [("upserting points", 5, 5)]  # a new version: its points, none encoded
 
     progress = RecordingProgress()
     store.sync(with_route(route_set, "complain", outcome="rude"), trivial_encoder, progress=progress)

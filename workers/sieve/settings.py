@@ -93,6 +93,10 @@ class QdrantSettings(BaseModel):
     collection_prefix: str = "sieve"
     # Local mode allows one process at a time on a path; others retry this long.
     lock_wait_s: float = 30.0
+    # A server (url) that does not answer is retried with back-off this long, then a one-line error.
+    startup_timeout_s: float = Field(default=60.0, ge=0)
+    # The server's gRPC port (used when prefer_grpc).
+    grpc_port: int = 6334
 
 
 class ImageFetchSettings(BaseModel):

@@ -48,7 +48,9 @@ def routes_sync(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Encode a route file's examples and write them to the route store (only what changed).
+    """Store a route file's version complete in the route store, then make it the active one.
+
+    Only examples the active version lacks are encoded; earlier versions stay stored.
 
     Utterances go to the text encoder's collection; example images and CLIP prompts
     to the image encoder's, when one is given (directly or by a topology).
@@ -80,10 +82,11 @@ def routes_sync(
     except (RouteSetError, RouteStoreError, TopologyError, ValueError) as exc:
         fail(str(exc))
     for report in reports:
+        state = "already complete" if report.written == 0 else f"{report.written} points written"
         console.print(
             f"synced {report.route_set} {report.previous_version or '(new)'} -> {report.version} "
             f"in {report.collection}: +{report.added} ~{report.updated} -{report.deleted} "
-            f"={report.unchanged}"
+            f"={report.unchanged} ({report.points} points, {state}, {report.encoded} encoded)"
         )
 
 

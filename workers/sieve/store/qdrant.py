@@ -1,52 +1,62 @@
-"""The route store: route examples as vectors in Qdrant, one collection per encoder space.
+"""The route store: route-set versions as vectors in Qdrant, one collection per encoder space.
 
-``sync`` writes a route set (only what changed); ``load`` reads a set back into
-a :class:`~sieve.flow.match.RouteIndex` for in-memory matching; ``current_version``
-is the cheap check a worker polls to pick up a new version without a restart.
-A set's learned head (:mod:`sieve.flow.head`) is part of its version: its bytes
-are kept in the version's record and come back with the set on ``load``.
+Versions are immutable and complete (:mod:`sieve.store.versions`): ``sync`` writes a
+version's points, then its record (which marks it complete, with its point count),
+then switches the set's active pointer to it; earlier versions stay. ``load`` reads
+the active version (or a named one) into a :class:`~sieve.flow.match.RouteIndex` and
+refuses one that is not complete; ``current_version`` is the cheap check a worker
+polls to pick up a new version without a restart. A set's learned head
+(:mod:`sieve.flow.head`) is part of its version: its bytes are in the version's
+record and come back with the set on ``load``.
 
 The embedded default is qdrant-client's local mode, which one process at a time
 may open: so every operation opens the store, does its work and closes it,
-retrying while another process holds the lock. A Qdrant server has no such limit.
+retrying while another process holds the lock. A Qdrant server has no such limit;
+the first operation waits for it to answer (:mod:`sieve.store.connect`).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import re
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from sieve.contracts import utcnow
 from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.head import LearnedHead
-from sieve.flow.match import RouteIndex, encode_examples, example_id, example_key
+from sieve.flow.match import RouteIndex, encode_examples
 from sieve.progress import SILENT, Progress
 from sieve.routeset import RouteSet, Space
 from sieve.settings import QdrantSettings
+from sieve.store.connect import RouteStoreError, open_local, open_server, store_failures, wait_for_server
+from sieve.store.versions import (
+    ACTIVE,
+    VERSION,
+    StoredVersion,
+    pointer_id,
+    pointer_record,
+    route_set_of,
+    space_name,
+    version_points,
+    version_record,
+    version_record_id,
+)
+
+__all__ = ["RouteStore", "RouteStoreError", "StoredVersion", "SyncReport", "space_name"]
 
 log = logging.getLogger(__name__)
 
-_META_NAMESPACE = uuid.UUID("2a1d4b7e-9c3f-4e5a-8b6d-7f0e1c2d3a4b")
-_PAGE = 512  # points per scroll or upsert request
+_PAGE = 512  # points per scroll, retrieve or upsert request
 _ENCODE_CHUNK = 1024  # examples per encoder call while syncing (so its progress advances)
-
-
-class RouteStoreError(RuntimeError):
-    """The store is unreachable, locked for too long, or lacks the asked-for set."""
 
 
 @dataclass(frozen=True)
 class SyncReport:
-    """What a sync changed."""
+    """What a sync did: the examples compared with the previously active version, and the writes."""
 
     route_set: str
     version: str
@@ -56,11 +66,14 @@ class SyncReport:
     updated: int
     deleted: int
     unchanged: int
+    points: int = 0  # the version's points
+    written: int = 0  # points written by this sync (0: the version was already complete)
+    encoded: int = 0  # examples encoded (the others' vectors came from the previous version)
 
 
-def space_name(encoder_id: str) -> str:
-    """A collection-safe name for an encoder space: ``st:all-MiniLM-L6-v2`` -> ``st-all-minilm-l6-v2``."""
-    return re.sub(r"[^a-z0-9]+", "-", encoder_id.lower()).strip("-")
+def _examples(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Example id -> what describes it (without the version), for comparing two versions."""
+    return {p["example"]: {k: v for k, v in p.items() if k != "version"} for p in points.values()}
 
 
 class RouteStore:
@@ -68,48 +81,40 @@ class RouteStore:
 
     def __init__(self, settings: QdrantSettings) -> None:
         self.settings = settings
+        self._server_answered = False
 
     def collection(self, encoder_id: str) -> str:
-        """The collection holding the examples of one encoder space."""
+        """The collection holding the examples of one encoder space (all versions)."""
         return f"{self.settings.collection_prefix}__{space_name(encoder_id)}"
 
     @property
     def meta_collection(self) -> str:
-        """The collection holding one record per (route set, encoder space)."""
+        """The collection holding the version records and the active pointers."""
         return f"{self.settings.collection_prefix}__route_sets"
 
     @contextmanager
     def client(self) -> Iterator[QdrantClient]:
-        """An open client; in local mode, waits while another process holds the path."""
-        if self.settings.url is not None:
-            api_key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
-            client = QdrantClient(
-                url=self.settings.url, api_key=api_key, prefer_grpc=self.settings.prefer_grpc
-            )
+        """An open client; failed requests raise RouteStoreError.
+
+        In local mode it waits while another process holds the path; a server is
+        waited for (``startup_timeout_s``) the first time.
+        """
+        if self.settings.url is None:
+            client = open_local(self.settings)
         else:
-            self.settings.path.mkdir(parents=True, exist_ok=True)
-            deadline = time.monotonic() + self.settings.lock_wait_s
-            delay = 0.05
-            while True:
-                try:
-                    client = QdrantClient(path=str(self.settings.path))
-                    break
-                except RuntimeError as exc:
-                    if "already accessed" not in str(exc) or time.monotonic() > deadline:
-                        raise RouteStoreError(
-                            f"route store at {self.settings.path} is locked by another "
-                            f"process for over {self.settings.lock_wait_s}s (local mode "
-                            "allows one process at a time; use a Qdrant server to share it)"
-                        ) from exc
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+            client = open_server(self.settings)
         try:
-            yield client
+            if self.settings.url is not None and not self._server_answered:
+                wait_for_server(client, self.settings)
+                self._server_answered = True
+            with store_failures(str(self.settings.url or self.settings.path)):
+                yield client
         finally:
             client.close()
 
     def _meta_id(self, set_name: str, encoder_id: str) -> str:
-        return str(uuid.uuid5(_META_NAMESPACE, f"{set_name}\x00{space_name(encoder_id)}"))
+        """Id of the set's active pointer in one encoder space."""
+        return pointer_id(set_name, encoder_id)
 
     def _ensure_collections(self, client: QdrantClient, encoder: TextEncoder | ImageEncoder) -> str:
         name = self.collection(encoder.id)
@@ -127,44 +132,46 @@ class RouteStore:
             )
         return name
 
-    @staticmethod
-    def _set_filter(set_name: str) -> models.Filter:
-        return models.Filter(
-            must=[models.FieldCondition(key="set", match=models.MatchValue(value=set_name))]
-        )
-
-    def _scroll_set(
-        self, client: QdrantClient, collection: str, set_name: str, *, with_vectors: bool
-    ) -> list[models.Record]:
-        records: list[models.Record] = []
-        offset = None
-        while True:
-            page, offset = client.scroll(
-                collection,
-                scroll_filter=self._set_filter(set_name),
-                limit=_PAGE,
-                offset=offset,
-                with_payload=True,
-                with_vectors=with_vectors,
-            )
-            records.extend(page)
-            if offset is None:
-                return records
-
-    def _read_meta(self, client: QdrantClient, set_name: str, encoder_id: str) -> dict | None:
+    def _read(self, client: QdrantClient, record_id: str, fields: list[str] | None = None) -> dict | None:
         if not client.collection_exists(self.meta_collection):
             return None
-        found = client.retrieve(self.meta_collection, [self._meta_id(set_name, encoder_id)])
+        found = client.retrieve(self.meta_collection, [record_id], with_payload=fields or True)
         return dict(found[0].payload or {}) if found else None
+
+    def _write(self, client: QdrantClient, record_id: str, payload: dict[str, Any]) -> None:
+        point = models.PointStruct(id=record_id, vector=[1.0], payload=payload)
+        client.upsert(self.meta_collection, points=[point])
+
+    def _retrieve(self, client: QdrantClient, collection: str, ids: list[str], *,
+                  with_vectors: bool) -> dict[str, models.Record]:
+        """The points among ``ids`` that exist, by id."""
+        if not client.collection_exists(collection):
+            return {}
+        found: dict[str, models.Record] = {}
+        for start in range(0, len(ids), _PAGE):
+            page: list[models.ExtendedPointId] = list(ids[start:start + _PAGE])
+            for record in client.retrieve(collection, page, with_payload=with_vectors,
+                                          with_vectors=with_vectors):
+                found[str(record.id)] = record
+        return found
+
+    def _complete(self, client: QdrantClient, collection: str, record: dict | None,
+                  points: dict[str, dict[str, Any]]) -> bool:
+        """Whether a version record is present and all the points it counts are stored."""
+        if record is None or record.get("record") != VERSION or record.get("points") != len(points):
+            return False
+        return len(self._retrieve(client, collection, list(points), with_vectors=False)) == len(points)
 
     def sync(
         self, route_set: RouteSet, encoder: TextEncoder | ImageEncoder, *, progress: Progress = SILENT
     ) -> SyncReport:
-        """Write ``route_set``'s examples in the encoder's space: new ones encoded, stale ones deleted.
+        """Make ``route_set``'s version complete in the encoder's space, then the active one.
 
-        A text encoder takes the utterances; an image encoder the example images and
-        the CLIP prompts. Reports its steps: encoding the new examples, upserting their
-        points, updating the payloads of changed ones.
+        Writes the version's points (encoding only examples the previously active
+        version lacks, skipping points an interrupted sync already wrote), then its
+        record, then the active pointer. A version already complete and active is left
+        as it is. A text encoder takes the utterances; an image encoder the example
+        images and the CLIP prompts. Reports its steps: encoding, upserting points.
         """
         version = route_set.version
         space: Space = "image" if isinstance(encoder, ImageEncoder) else "text"
@@ -176,137 +183,164 @@ class RouteStore:
                     f"route set {route_set.name!r}: its head was trained on {trained_on!r} vectors, not "
                     f"{encoder.id!r}: train it with this encoder or remove the head file"
                 )
+        wanted = version_points(route_set, space)
         with self.client() as client:
             collection = self._ensure_collections(client, encoder)
-            previous = self._read_meta(client, route_set.name, encoder.id)
-            existing = {
-                str(r.id): dict(r.payload or {})
-                for r in self._scroll_set(client, collection, route_set.name, with_vectors=False)
-            }
-            wanted: dict[str, dict] = {}
-            for route in route_set.routes:
-                for kind, value in route.examples(space):
-                    key = example_key(route_set, kind, value)
-                    wanted[example_id(route_set.name, route.name, key)] = {
-                        "set": route_set.name,
-                        "route": route.name,
-                        "outcome": route.outcome,
-                        "text": value,
-                        "kind": kind,
-                        "key": key,
-                    }
-            new_ids = [pid for pid in wanted if pid not in existing]
-            changed_ids = [
-                pid
-                for pid in wanted
-                if pid in existing
-                and any(existing[pid].get(k) != v for k, v in wanted[pid].items())
-            ]
-            stale_ids = [pid for pid in existing if pid not in wanted]
-            if new_ids:
-                items = [(wanted[p]["route"], wanted[p]["kind"], wanted[p]["text"]) for p in new_ids]
-                chunks: list[np.ndarray] = []
-                with progress.task("encoding examples", total=len(items)) as advance:
-                    for start in range(0, len(items), _ENCODE_CHUNK):
-                        chunk = items[start:start + _ENCODE_CHUNK]
-                        chunks.append(encode_examples(route_set, space, encoder, chunk))
-                        advance(len(chunk))
-                vectors = np.concatenate(chunks)
-                with progress.task("upserting points", total=len(new_ids)) as advance:
-                    for start in range(0, len(new_ids), _PAGE):
-                        page = new_ids[start:start + _PAGE]
-                        points = [
-                            models.PointStruct(
-                                id=pid, vector=vector.tolist(), payload={**wanted[pid], "version": version}
-                            )
-                            for pid, vector in zip(page, vectors[start:start + _PAGE], strict=True)
-                        ]
-                        client.upsert(collection, points=points)
-                        advance(len(page))
-            if changed_ids:
-                with progress.task("updating changed examples", total=len(changed_ids)) as advance:
-                    for pid in changed_ids:
-                        client.set_payload(collection, {**wanted[pid], "version": version}, points=[pid])
-                        advance(1)
-            if stale_ids:
-                stale: list[models.ExtendedPointId] = list(stale_ids)
-                client.delete(collection, points_selector=models.PointIdsList(points=stale))
-            client.upsert(
-                self.meta_collection,
-                points=[
-                    models.PointStruct(
-                        id=self._meta_id(route_set.name, encoder.id),
-                        vector=[1.0],
-                        payload={
-                            "set": route_set.name,
-                            "encoder": encoder.id,
-                            "space": space,
-                            "image_digests": {
-                                path: route_set.image_digest(path)
-                                for route in route_set.routes for path in route.images
-                            },
-                            "version": version,
-                            "definition": route_set.model_dump_json(),
-                            "head": base64.b64encode(head).decode("ascii") if head is not None else None,
-                            "synced_at": utcnow().isoformat(),
-                        },
-                    )
-                ],
-            )
+            pointer = self._read(client, pointer_id(route_set.name, encoder.id))
+            previous_version = pointer.get("version") if pointer else None
+            previous: RouteSet | None = None
+            if pointer is not None and pointer.get("definition"):
+                try:
+                    previous = route_set_of(pointer)
+                except RouteStoreError:
+                    log.warning("route set %s: the active pointer's record does not hash to its version %s",
+                                route_set.name, previous_version)
+            before = _examples(version_points(previous, space)) if previous is not None else {}
+            after = _examples(wanted)
+            record = self._read(client, version_record_id(route_set.name, encoder.id, version))
+            written = encoded = 0
+            if not self._complete(client, collection, record, wanted):
+                written, encoded = self._write_points(client, collection, route_set, space, encoder,
+                                                      wanted, previous, progress)
+                record = version_record(route_set, encoder.id, space, len(wanted))
+                self._write(client, version_record_id(route_set.name, encoder.id, version), record)
+            assert record is not None
+            if previous_version != version or written or pointer is None or pointer.get("record") != ACTIVE:
+                self._write(client, pointer_id(route_set.name, encoder.id), pointer_record(record))
+        updated = sum(1 for e in after if e in before and before[e] != after[e])
+        added = sum(1 for e in after if e not in before)
         return SyncReport(
             route_set=route_set.name,
             version=version,
-            previous_version=previous.get("version") if previous else None,
+            previous_version=previous_version,
             collection=collection,
-            added=len(new_ids),
-            updated=len(changed_ids),
-            deleted=len(stale_ids),
-            unchanged=len(wanted) - len(new_ids) - len(changed_ids),
+            added=added,
+            updated=updated,
+            deleted=sum(1 for e in before if e not in after),
+            unchanged=len(after) - added - updated,
+            points=len(wanted),
+            written=written,
+            encoded=encoded,
         )
 
-    def current_version(self, set_name: str, encoder_id: str) -> str | None:
-        """The version last synced for this set and encoder space, or None."""
-        with self.client() as client:
-            meta = self._read_meta(client, set_name, encoder_id)
-        return meta.get("version") if meta else None
+    def _write_points(self, client: QdrantClient, collection: str, route_set: RouteSet, space: Space,
+                      encoder: TextEncoder | ImageEncoder, wanted: dict[str, dict[str, Any]],
+                      previous: RouteSet | None, progress: Progress) -> tuple[int, int]:
+        """Write the version's missing points; returns (points written, examples encoded)."""
+        stored = self._retrieve(client, collection, list(wanted), with_vectors=False)
+        missing = [pid for pid in wanted if pid not in stored]
+        keys = {wanted[pid]["key"] for pid in missing}
+        reused: dict[str, list[float]] = {}
+        if previous is not None:  # the same example (by key) has the same vector in this space
+            earlier = {pid: p for pid, p in version_points(previous, space).items() if p["key"] in keys}
+            for pid, found in self._retrieve(client, collection, list(earlier), with_vectors=True).items():
+                if isinstance(found.vector, list):
+                    reused.setdefault(earlier[pid]["key"], [float(x) for x in found.vector])  # type: ignore[arg-type]
+        to_encode = [pid for pid in missing if wanted[pid]["key"] not in reused]
+        vectors: dict[str, list[float]] = {}
+        if to_encode:
+            items = [(wanted[p]["route"], wanted[p]["kind"], wanted[p]["text"]) for p in to_encode]
+            with progress.task("encoding examples", total=len(items)) as advance:
+                for start in range(0, len(items), _ENCODE_CHUNK):
+                    chunk = items[start:start + _ENCODE_CHUNK]
+                    encoded = encode_examples(route_set, space, encoder, chunk)
+                    for pid, vector in zip(to_encode[start:start + _ENCODE_CHUNK], encoded, strict=True):
+                        vectors[pid] = np.asarray(vector, dtype=np.float32).tolist()
+                    advance(len(chunk))
+        if missing:
+            with progress.task("upserting points", total=len(missing)) as advance:
+                for start in range(0, len(missing), _PAGE):
+                    page = missing[start:start + _PAGE]
+                    points = [
+                        models.PointStruct(id=pid, payload=wanted[pid],
+                                           vector=vectors.get(pid) or reused[wanted[pid]["key"]])
+                        for pid in page
+                    ]
+                    client.upsert(collection, points=points)
+                    advance(len(page))
+        if len(self._retrieve(client, collection, list(wanted), with_vectors=False)) != len(wanted):
+            raise RouteStoreError(f"route set {route_set.name!r} version {route_set.version}: not all of "
+                                  f"its {len(wanted)} points were stored in {collection}; sync again")
+        return len(missing), len(to_encode)
 
-    def load(self, set_name: str, encoder_id: str) -> RouteIndex:
-        """Read a synced set and its vectors into memory."""
+    def set_active(self, set_name: str, encoder_id: str, version: str) -> None:
+        """Point the set's active pointer at a complete stored version (what workers load next)."""
         with self.client() as client:
-            meta = self._read_meta(client, set_name, encoder_id)
-            if meta is None:
+            record = self._read(client, version_record_id(set_name, encoder_id, version))
+            points = version_points(route_set_of(record), record.get("space", "text")) if record else {}
+            if record is None or not self._complete(client, self.collection(encoder_id), record, points):
+                raise RouteStoreError(f"route set {set_name!r} has no complete version {version} "
+                                      f"for encoder {encoder_id!r}")
+            self._write(client, pointer_id(set_name, encoder_id), pointer_record(record))
+
+    def list_versions(self, set_name: str, encoder_id: str) -> list[StoredVersion]:
+        """The set's stored versions in one encoder space (those with a record), oldest first."""
+        fields = ["version", "points", "synced_at"]
+        match: list[models.Condition] = [models.FieldCondition(key=key, match=models.MatchValue(value=value))
+                 for key, value in (("record", VERSION), ("set", set_name), ("encoder", encoder_id))]
+        with self.client() as client:
+            if not client.collection_exists(self.meta_collection):
+                return []
+            active = (self._read(client, pointer_id(set_name, encoder_id), ["version"]) or {}).get("version")
+            rows: list[dict] = []
+            offset = None
+            while True:
+                page, offset = client.scroll(self.meta_collection, scroll_filter=models.Filter(must=match),
+                                             limit=_PAGE, offset=offset, with_payload=fields)
+                rows.extend(dict(r.payload or {}) for r in page)
+                if offset is None:
+                    break
+        versions = [StoredVersion(r["version"], r["points"], r["synced_at"], r["version"] == active)
+                    for r in rows]
+        return sorted(versions, key=lambda v: v.synced_at)
+
+    def current_version(self, set_name: str, encoder_id: str) -> str | None:
+        """The version the set's active pointer names in this encoder space, or None."""
+        with self.client() as client:
+            pointer = self._read(client, pointer_id(set_name, encoder_id), ["version"])
+        return pointer.get("version") if pointer else None
+
+    def load(self, set_name: str, encoder_id: str, version: str | None = None) -> RouteIndex:
+        """Read the active version of a set (or ``version``) into memory; only a complete one.
+
+        Refused (RouteStoreError): no record for the version, content that does not
+        hash to it, or stored points that are not exactly the ones its record counts.
+        """
+        collection = self.collection(encoder_id)
+        with self.client() as client:
+            if version is None:
+                pointer = self._read(client, pointer_id(set_name, encoder_id))
+                if pointer is None:
+                    raise RouteStoreError(
+                        f"route set {set_name!r} has not been synced for encoder {encoder_id!r}: "
+                        f"run `sieve routes sync` on its route file first"
+                    )
+                version = str(pointer["version"])
+                route_set_of(pointer)  # the pointer's copy must be the version it names
+            record = self._read(client, version_record_id(set_name, encoder_id, version))
+            if record is None or record.get("record") != VERSION or "points" not in record:
                 raise RouteStoreError(
-                    f"route set {set_name!r} has not been synced for encoder {encoder_id!r}: "
-                    f"run `sieve routes sync` on its route file first"
+                    f"route set {set_name!r} version {version} is not complete in the route store for "
+                    f"encoder {encoder_id!r} (no version record: its sync did not finish, or an older "
+                    "Sieve wrote it): run `sieve routes sync` on its route file again"
                 )
-            records = self._scroll_set(
-                client, self.collection(encoder_id), set_name, with_vectors=True
+            route_set = route_set_of(record)
+            space: Space = record.get("space", "text")
+            wanted = version_points(route_set, space)
+            found = self._retrieve(client, collection, list(wanted), with_vectors=True)
+        if len(found) != len(wanted) or record["points"] != len(wanted):
+            raise RouteStoreError(
+                f"route set {set_name!r} version {version} is incomplete in {collection}: {len(found)} of "
+                f"{record['points']} points stored ({len(wanted)} in its definition); refusing to load it: "
+                "run `sieve routes sync` on its route file again"
             )
-        route_set = RouteSet.model_validate_json(meta["definition"])
-        route_set._image_digests = dict(meta.get("image_digests") or {})
-        if meta.get("head"):
-            route_set._head_bytes = base64.b64decode(meta["head"])
-            if route_set.version != meta["version"]:  # the head stored is not the one the version hashed
-                raise RouteStoreError(
-                    f"route set {set_name!r} version {meta['version']}: its stored head hashes to version "
-                    f"{route_set.version}; sync the route file again"
-                )
-        space: Space = meta.get("space", "text")
         examples: dict[str, list[tuple[str, str, np.ndarray]]] = {}
-        for record in records:
-            payload = record.payload or {}
-            vector = record.vector
-            if isinstance(vector, dict):  # named vectors are not used by Sieve
-                raise RouteStoreError(f"unexpected named vectors in {self.collection(encoder_id)}")
+        for pid, payload in wanted.items():  # in the set's own order, so loads are reproducible
+            vector = found[pid].vector
+            if not isinstance(vector, list) or (found[pid].payload or {}).get("version") != version:
+                raise RouteStoreError(f"route set {set_name!r} version {version}: point {pid} in "
+                                      f"{collection} is not one of its points")
             examples.setdefault(payload["route"], []).append(
-                (str(record.id), payload["text"], np.asarray(vector, dtype=np.float32))
+                (payload["example"], payload["text"], np.asarray(vector, dtype=np.float32))
             )
-        # Keep the set's own example order so loads are reproducible.
-        order = {
-            example_id(route_set.name, route.name, example_key(route_set, kind, value)): i
-            for route in route_set.routes
-            for i, (kind, value) in enumerate(route.examples(space))
-        }
-        for rows in examples.values():
-            rows.sort(key=lambda row: order.get(row[0], len(order)))
-        return RouteIndex.from_examples(route_set, meta["version"], encoder_id, examples, space)
+        return RouteIndex.from_examples(route_set, version, encoder_id, examples, space)
