@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from sieve.contracts import Review
 from sieve.kafka.records import RawRecord
 from sieve.review.llm import CircuitBreaker, RateLimiter, TokenBudget, backoff_delay, parse_retry_after
+from sieve.review.redact import Redactor
 from sieve.review.steps import (
     MALFORMED_REPLY,
     ReplyError,
@@ -290,6 +291,17 @@ def test_llm_settings_from_environment_keep_the_key_secret(monkeypatch: pytest.M
     assert "sk-test-123" not in repr(settings) and "sk-test-123" not in str(settings.llm)
     monkeypatch.setenv("SIEVE_LLM__TEMPERATURE", "null")  # not sent at all
     assert Settings(_env_file=None).llm.temperature is None  # type: ignore[call-arg]
+    monkeypatch.setenv("SIEVE_LLM__REQUEST_DEADLINE_S", "45")
+    monkeypatch.setenv("SIEVE_LLM__ALLOW_PLAINTEXT_API_KEY", "true")
+    llm = Settings(_env_file=None).llm  # type: ignore[call-arg]
+    assert llm.request_deadline_s == 45 and llm.allow_plaintext_api_key
+    llm.check_key_transport()  # http to a remote host, explicitly allowed
+
+
+def test_redactor_replaces_every_secret_whole() -> None:
+    redact = Redactor(["sk-abc", "sk-abcdef", None, ""])
+    assert redact("a sk-abcdef b sk-abc c sk-abc") == "a [redacted] b [redacted] c [redacted]"
+    assert redact("nothing here") == "nothing here"
 
 
 def test_topology_review_section() -> None:

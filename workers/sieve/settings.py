@@ -9,8 +9,10 @@ topology file, not here: these are the settings of the *place* a worker runs in.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -104,10 +106,19 @@ class ImageFetchSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    # Limit on each read (connect, each chunk of headers or body), and on the whole fetch:
+    # resolution, every redirect hop and the body (a server that trickles bytes ends here).
     timeout_s: float = 5.0
+    fetch_deadline_s: float = Field(default=15.0, gt=0)
     max_redirects: int = 3
-    # Hosts or networks (CIDR) allowed even though they are private/loopback/link-local.
+    # Addresses or networks (CIDR) a fetch may reach although they are private, loopback or
+    # link-local; and host names. A listed name's addresses are still checked, unless
+    # allow_hosts_private: then a listed name may resolve to private addresses.
     allow_hosts: tuple[str, ...] = ()
+    allow_hosts_private: bool = False
+    # CA certificates (PEM) HTTPS image hosts are checked against instead of the public ones
+    # (certifi), e.g. for internal image hosts with a private CA.
+    ca_file: Path | None = None
     # file:// URIs: off unless a directory is given; then only files inside it.
     file_root: Path | None = None
     user_agent: str = "sieve-image-fetch/0.1"
@@ -145,15 +156,21 @@ class LLMSettings(BaseModel):
     (reviews/s, tokens) are the topology's ``review`` section.
     """
 
-    model_config = ConfigDict(frozen=True)
+    # hide_input_in_errors: a validation error must not print the api_key it was given.
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "gpt-4o-mini"
     # Sent as a bearer token; unset for servers that need none (vLLM, Ollama by default).
+    # Never sent over plain http to a host that is not loopback, unless allow_plaintext_api_key.
     api_key: SecretStr | None = None
-    # Whole-request limit (the reply included) and connect limit, per attempt.
+    allow_plaintext_api_key: bool = False
+    # Whole-attempt limit (the reply included) and connect limit, per attempt.
     timeout_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # The most one request may take, every attempt and the waits between them included;
+    # then it fails as the endpoint being unavailable.
+    request_deadline_s: float = Field(default=180.0, gt=0)
     # Retries of one request on timeout, transport error, 429, 5xx (so max_retries + 1 attempts).
     max_retries: int = Field(default=3, ge=0)
     backoff_base_s: float = Field(default=0.5, ge=0)
@@ -180,6 +197,29 @@ class LLMSettings(BaseModel):
         if isinstance(value, str) and value.strip().lower() in ("", "null", "none"):
             return None
         return value
+
+    def check_key_transport(self) -> None:
+        """Refuse a base_url with credentials, and an api_key on plain http to a non-loopback host.
+
+        The reviewer's client calls this when it is built, so a worker stops at start with
+        this message (a check in validation would let pydantic print the key with its input).
+        """
+        parts = urllib.parse.urlsplit(self.base_url)
+        if "@" in parts.netloc:
+            raise ValueError("llm.base_url must not carry credentials (user:password@); set llm.api_key")
+        key = self.api_key.get_secret_value() if self.api_key is not None else ""
+        if not key or parts.scheme != "http" or self.allow_plaintext_api_key:
+            return
+        host = (parts.hostname or "").rstrip(".").lower()
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost" or host.endswith(".localhost")
+        if not loopback:
+            raise ValueError(
+                f"llm.api_key would be sent over plain http to {host!r}: use https, or set "
+                "llm.allow_plaintext_api_key=true (SIEVE_LLM__ALLOW_PLAINTEXT_API_KEY) to allow it"
+            )
 
 
 class Settings(BaseSettings):

@@ -27,6 +27,7 @@ def review(
     try:
         topology = load_topology(topology_path)
         route_set = load_topology_route_set(topology)
+        get_settings().llm.check_key_transport()
     except (TopologyError, RouteSetError, ValueError) as exc:
         fail(str(exc))
     try:

@@ -1,7 +1,9 @@
 """Image events: get the bytes (inline base64 or a guarded fetch), decode them safely.
 
 Every failure is an :class:`ImageRejected` with a reason code, which the
-pipeline turns into a dead letter; nothing here lets an image exhaust memory:
+pipeline turns into a dead letter (its message never carries a URL's
+credentials); fetches go through :mod:`sieve.flow.netguard` (SSRF checks pinned
+to the connected address, a total deadline); nothing here lets an image exhaust memory:
 downloads stop at ``max_image_bytes``, the pixel count is read from the header
 before any pixel is decoded, and only the first frame of an animation is used.
 """
@@ -11,17 +13,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
-import socket
 import urllib.parse
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sieve.contracts import Event, ImageRef
+from sieve.flow import netguard
 from sieve.settings import ImageFetchSettings
 from sieve.topology import LimitsSpec
 
@@ -47,83 +47,24 @@ class LoadedImage:
     ref: ImageRef
 
 
-def _blocked_address(address: str, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    ip = ipaddress.ip_address(address)
-    if any(ip in network for network in allowed):
-        return False
-    return not ip.is_global or ip.is_multicast
-
-
-def _allowed_networks(settings: ImageFetchSettings) -> tuple[set[str], list]:
-    hosts: set[str] = set()
-    networks = []
-    for entry in settings.allow_hosts:
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            hosts.add(entry.lower())
-    return hosts, networks
-
-
-def check_url(url: str, settings: ImageFetchSettings) -> None:
-    """Refuse URLs that are not http(s) or that resolve to non-public addresses (SSRF)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ImageRejected("image_uri_refused", f"scheme {parts.scheme!r} is not allowed")
-    host = parts.hostname
-    if not host:
-        raise ImageRejected("image_uri_refused", "the URI has no host")
-    allowed_hosts, allowed_networks = _allowed_networks(settings)
-    if host.lower() in allowed_hosts:
-        return
+def check_url(url: str, settings: ImageFetchSettings) -> list[str]:
+    """Refuse URLs that are not http(s) or that resolve to refused addresses (SSRF); the checked addresses."""
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
-    except socket.gaierror as exc:
-        raise ImageRejected("image_fetch_failed", f"cannot resolve {host!r}: {exc}") from None
-    for info in infos:
-        address = str(info[4][0])
-        if _blocked_address(address, allowed_networks):
-            raise ImageRejected(
-                "image_uri_refused",
-                f"{host!r} resolves to {address}, a private, loopback or link-local address",
-            )
+        return netguard.check_url(url, settings)
+    except netguard.FetchError as exc:
+        raise ImageRejected(f"image_{exc.reason}", exc.error) from None
 
 
 def fetch_http(url: str, settings: ImageFetchSettings, max_bytes: int) -> bytes:
-    """GET an image with a time limit and a size limit, re-checking every redirect hop."""
-    current = url
-    with httpx.Client(timeout=settings.timeout_s, follow_redirects=False,
-                      headers={"user-agent": settings.user_agent}) as client:
-        for _ in range(settings.max_redirects + 1):
-            check_url(current, settings)
-            try:
-                with client.stream("GET", current) as response:
-                    if response.is_redirect:
-                        location = response.headers.get("location", "")
-                        current = urllib.parse.urljoin(current, location)
-                        continue
-                    if response.status_code != 200:
-                        raise ImageRejected(
-                            "image_fetch_failed", f"GET {current} answered {response.status_code}"
-                        )
-                    declared = response.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                        raise ImageRejected(
-                            "image_too_large", f"{current} declares {declared} bytes, over {max_bytes}"
-                        )
-                    body = bytearray()
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        if len(body) > max_bytes:
-                            raise ImageRejected(
-                                "image_too_large", f"{current} sent over {max_bytes} bytes; stopped"
-                            )
-                    return bytes(body)
-            except httpx.TimeoutException:
-                raise ImageRejected("image_fetch_failed", f"GET {current} timed out") from None
-            except httpx.HTTPError as exc:
-                raise ImageRejected("image_fetch_failed", f"GET {current} failed: {exc}") from None
-    raise ImageRejected("image_fetch_failed", f"more than {settings.max_redirects} redirects")
+    """GET an image within the fetch deadline and the size limit, connecting only to checked addresses.
+
+    :mod:`sieve.flow.netguard` does the work: each hop's host is resolved once, its
+    addresses checked, and the connection made to a checked address.
+    """
+    try:
+        return netguard.fetch(url, settings, max_bytes)
+    except netguard.FetchError as exc:
+        raise ImageRejected(f"image_{exc.reason}", exc.error) from None
 
 
 def read_file_uri(uri: str, settings: ImageFetchSettings, max_bytes: int) -> bytes:

@@ -6,7 +6,12 @@
   backoff and jitter, honouring ``Retry-After``; after the retries it raises
   :class:`EndpointUnavailable`. Any other 4xx is :class:`RequestRejected` (this
   request, not the endpoint, is the problem). A 200 whose body is not a chat
-  completion is :class:`MalformedCompletion`.
+  completion is :class:`MalformedCompletion`. Each attempt ends within
+  ``timeout_s`` and the whole request (attempts and waits) within
+  ``request_deadline_s``, however slowly the endpoint trickles its answer. The
+  bearer token goes over plain http only to loopback (or when
+  ``allow_plaintext_api_key``), and response texts are redacted
+  (:mod:`sieve.review.redact`) before they reach a message or a log.
 * :class:`CircuitBreaker`, :class:`RateLimiter` and :class:`TokenBudget` are
   small clock-injected state machines, tested without a network.
 """
@@ -25,6 +30,7 @@ from typing import Any, Literal
 
 import httpx
 
+from sieve.review.redact import Redactor
 from sieve.settings import LLMSettings
 
 log = logging.getLogger(__name__)
@@ -108,12 +114,15 @@ class ChatClient:
         on_attempt: Callable[[AttemptResult], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        settings.check_key_transport()  # a ValueError here stops the reviewer at start
         self.settings = settings
         self._on_attempt = on_attempt or (lambda result: None)
         self._sleep = sleep
         headers = {"Content-Type": "application/json"}
-        if settings.api_key is not None and settings.api_key.get_secret_value():
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._redact = Redactor([key])
         self._http = httpx.AsyncClient(
             base_url=settings.base_url.rstrip("/") + "/",
             headers=headers,
@@ -148,26 +157,49 @@ class ChatClient:
         return body
 
     async def complete(self, body: dict[str, Any]) -> Completion:
-        """Send one request; retry what is worth retrying; return the first message's content."""
+        """Send one request; retry what is worth retrying; return the first message's content.
+
+        Raises :class:`EndpointUnavailable` when ``request_deadline_s`` passes first.
+        """
+        progress = {"attempts": 0, "in_flight": 0}
+        try:
+            async with asyncio.timeout(self.settings.request_deadline_s):
+                return await self._complete(body, progress)
+        except TimeoutError:
+            if progress["in_flight"]:
+                self._on_attempt("timeout")
+            raise EndpointUnavailable(
+                f"no answer within llm.request_deadline_s={self.settings.request_deadline_s:g}s "
+                f"({progress['attempts']} attempt(s))", attempts=progress["attempts"],
+            ) from None
+
+    async def _complete(self, body: dict[str, Any], progress: dict[str, int]) -> Completion:
         s = self.settings
         attempts = 0
         last_error = "no attempt made"
         while True:
             attempts += 1
+            progress["attempts"] = attempts
             retry_after: float | None = None
+            progress["in_flight"] = 1
             try:
-                response = await self._http.post("chat/completions", json=body)
-            except httpx.TimeoutException as exc:
+                # timeout_s as a limit on the whole attempt: httpx's own limits are per read.
+                async with asyncio.timeout(s.timeout_s):
+                    response = await self._http.post("chat/completions", json=body)
+            except (httpx.TimeoutException, TimeoutError) as exc:
+                progress["in_flight"] = 0
                 self._on_attempt("timeout")
                 last_error = f"timeout after {s.timeout_s:g}s ({type(exc).__name__})"
             except httpx.TransportError as exc:
+                progress["in_flight"] = 0
                 self._on_attempt("transport_error")
-                last_error = f"{type(exc).__name__}: {exc}"
+                last_error = self._redact(f"{type(exc).__name__}: {exc}")
             else:
+                progress["in_flight"] = 0
                 status = response.status_code
                 if status == 200:
                     return self._completion(response, attempts)
-                detail = f"HTTP {status}: {response.text[:300]}"
+                detail = f"HTTP {status}: {self._redact(response.text)[:300]}"
                 if status not in RETRYABLE_STATUSES and status < 500:
                     self._on_attempt("http_4xx")
                     raise RequestRejected(detail, attempts=attempts)
@@ -193,8 +225,9 @@ class ChatClient:
             tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             self._on_attempt("malformed")
+            problem = self._redact(f"{type(exc).__name__}: {exc}")
             raise MalformedCompletion(
-                f"not a chat completion ({type(exc).__name__}: {exc}): {response.text[:200]!r}",
+                f"not a chat completion ({problem}): {self._redact(response.text)[:200]!r}",
                 attempts=attempts,
             ) from None
         self._on_attempt("ok")
