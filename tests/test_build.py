@@ -23,7 +23,8 @@ from sieve.quality.build import (
 from sieve.quality.datasets import LabelledData, LabelledExample
 from sieve.quality.runner import run_build, run_eval
 from sieve.quality.workbench import open_workbench
-from sieve.routeset import dump_route_set, head_path_for, load_route_set, parse_route_set
+from sieve.routeset import head_path_for, load_route_set, parse_route_set
+from sieve.routeset_dump import dump_route_set
 
 from .progress_helpers import RecordingProgress
 

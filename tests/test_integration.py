@@ -26,7 +26,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from sieve.encoders.base import TextEncoder
 from sieve.kafka.client import produce
-from sieve.routeset import dump_route_set, load_route_set
+from sieve.routeset import load_route_set
+from sieve.routeset_dump import dump_route_set
 from sieve.settings import KafkaSettings, QdrantSettings
 from sieve.store.qdrant import RouteStore
 

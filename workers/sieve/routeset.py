@@ -12,6 +12,7 @@ A route set is written in YAML (see ``routes/*.yaml``)::
       margin: 0.04                  # top two differ in outcome by less: needs_review
       no_match: default             # far from every example: default outcome (or needs_review)
       novelty: {threshold: 0.62, baseline: 0.05}  # novel (novelty above it): never the default outcome
+    lists: [lists/slurs.yaml]       # optional: term, pattern and image hash lists (sieve.lists)
     routes:
       - name: hate
         outcome: violating
@@ -42,10 +43,11 @@ from pydantic import (
 )
 
 from sieve.contracts import NEEDS_REVIEW, SCHEMA_VERSION_DOC
+from sieve.lists import HashList, ListError, TermList, content_bytes, load_lists
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 # The route-set file format's version: up by one with each additive change (a new optional field).
-ROUTE_SET_SCHEMA_VERSION = 2  # 2: defaults.novelty
+ROUTE_SET_SCHEMA_VERSION = 3  # 2: defaults.novelty; 3: lists
 # Fields of a route set that are not its content: its version hash and equality leave them out.
 _NOT_CONTENT = {"schema_version"}
 
@@ -205,11 +207,23 @@ class RouteSet(BaseModel):
     # Thresholds in the image (CLIP) space, which lives on another scale than MiniLM's.
     image_defaults: RouteDefaults = RouteDefaults(accept=0.85, review=0.75, margin=0.02)
     routes: list[Route] = Field(min_length=1)
+    lists: list[str] = Field(default_factory=list, description=(
+        "Term, pattern and image hash list files (sieve.lists), relative to the route file; "
+        "they run before the encoder and belong to the version."))
     # Set by load_route_set: the route file's folder and the SHA-256 of each example image.
     _base_dir: Path | None = PrivateAttr(default=None)
     _image_digests: dict[str, str] = PrivateAttr(default_factory=dict)
     # Set by load_route_set (or the route store): the bytes of the learned head beside the route file.
     _head_bytes: bytes | None = PrivateAttr(default=None)
+    # Set by load_route_set (or the route store): the loaded list files, in ``lists`` order.
+    _lists: tuple[TermList | HashList, ...] = PrivateAttr(default=())
+
+    @model_serializer(mode="wrap")
+    def _without_empty_lists(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data = handler(self)
+        if not data.get("lists"):
+            data.pop("lists", None)  # a set without lists dumps (and hashes) as before lists existed
+        return data
 
     @model_validator(mode="after")
     def _unique_route_names(self) -> RouteSet:
@@ -243,8 +257,15 @@ class RouteSet(BaseModel):
         content = {"set": self.model_dump(mode="json", exclude=_NOT_CONTENT), "images": self._image_digests}
         if self._head_bytes is not None:
             content["head"] = hashlib.sha256(self._head_bytes).hexdigest()  # type: ignore[assignment]
+        if self._lists:
+            content["lists"] = hashlib.sha256(content_bytes(list(self._lists))).hexdigest()  # type: ignore[assignment]
         canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def loaded_lists(self) -> tuple[TermList | HashList, ...]:
+        """The list files' content (``lists``), as loaded with the set."""
+        return self._lists
 
     @property
     def head_bytes(self) -> bytes | None:
@@ -366,31 +387,9 @@ def load_route_set(path: str | Path) -> RouteSet:
                 ) from None
     head = head_path_for(path)
     route_set._head_bytes = head.read_bytes() if head.exists() else None
+    try:
+        names = {r.name for r in route_set.routes}
+        route_set._lists = load_lists(route_set._base_dir, route_set.lists, names)
+    except ListError as exc:
+        raise RouteSetError(f"{path}: field 'lists': {exc}") from None
     return route_set
-
-
-_YAML_BREAKS = ("\x85", "\u2028", "\u2029")
-
-
-class _RouteSetDumper(yaml.SafeDumper):
-    """Safe YAML, but strings holding YAML's extra line breaks are double-quoted (escaped)."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = '"' if any(ch in value for ch in _YAML_BREAKS) else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_RouteSetDumper.add_representer(str, _represent_str)
-
-
-def dump_route_set(route_set: RouteSet) -> str:
-    """The route set as YAML a person can read and edit (round-trips exactly)."""
-    data = route_set.model_dump(mode="json", exclude_none=True)
-    for route in data["routes"]:
-        for key in ("utterances", "images", "prompts"):
-            if not route.get(key):
-                route.pop(key, None)
-    if not route_set.routes_in("image"):
-        data.pop("image_defaults", None)
-    return yaml.dump(data, Dumper=_RouteSetDumper, sort_keys=False, allow_unicode=True, width=100)

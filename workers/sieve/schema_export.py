@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from sieve.contracts import DeadLetter, Decision, Event
+from sieve.lists import HashList, TermList
 from sieve.routeset import RouteSet
 from sieve.topology import Topology
 
@@ -21,6 +22,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "dead-letter": DeadLetter,
     "route-set": RouteSet,
     "topology": Topology,
+    "term-list": TermList,
+    "hash-list": HashList,
 }
 
 

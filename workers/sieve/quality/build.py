@@ -11,7 +11,7 @@ cluster the member nearest its centre (an approximate medoid) — diverse like
 farthest-point sampling, but representative rather than a collection of outliers.
 The kept examples are ordered by the size of the cluster they stand for.
 
-The output is an ordinary route file (``routeset.dump_route_set``) that a person
+The output is an ordinary route file (``routeset_dump.dump_route_set``) that a person
 can read and edit; the provenance (data, split, seed, counts) is in its
 description. Optionally a logistic-regression head is trained on the *whole*
 training split and stored beside it (:mod:`sieve.flow.head`).

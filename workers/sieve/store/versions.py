@@ -1,11 +1,11 @@
 """How route-set versions are laid out in the route store.
 
 A version is immutable and complete. Its content hash (:attr:`RouteSet.version`:
-examples, thresholds, image bytes, the head's bytes) names it; every one of its
+examples, thresholds, image bytes, the head's bytes, the lists) names it; every one of its
 examples is a point of its own, whose id is derived from the version and the
 example (:func:`point_id`), so versions never share or overwrite points. Its
 *version record* (:func:`version_record_id`) in the meta collection holds the
-definition, the head and the number of points; it is written only after all the
+definition, the head, the lists and the number of points; it is written only after all the
 points, so a record means a complete version. The *active pointer*
 (:func:`pointer_id`, one per set and encoder space) names the version workers
 load; it carries a copy of that version's record and is switched last.
@@ -21,6 +21,7 @@ from typing import Any
 
 from sieve.contracts import utcnow
 from sieve.flow.match import example_id, example_key
+from sieve.lists import ListError, parse_list
 from sieve.routeset import RouteSet, Space
 from sieve.store.connect import RouteStoreError
 
@@ -86,6 +87,7 @@ def version_record(route_set: RouteSet, encoder_id: str, space: Space, points: i
         "version": route_set.version,
         "definition": route_set.model_dump_json(),
         "head": base64.b64encode(head).decode("ascii") if head is not None else None,
+        "lists": [item.model_dump(mode="json") for item in route_set.loaded_lists],
         "points": points,
         "synced_at": utcnow().isoformat(),
     }
@@ -102,8 +104,13 @@ def route_set_of(record: dict[str, Any]) -> RouteSet:
     route_set._image_digests = dict(record.get("image_digests") or {})
     if record.get("head"):
         route_set._head_bytes = base64.b64decode(record["head"])
+    try:
+        route_set._lists = tuple(parse_list(item, f"the stored lists of {route_set.name!r}")
+                                 for item in record.get("lists") or [])
+    except ListError as exc:
+        raise RouteStoreError(str(exc)) from None
     if route_set.version != record["version"]:
-        what = "stored head" if record.get("head") else "stored definition"
+        what = "stored head or lists" if record.get("head") or record.get("lists") else "stored definition"
         raise RouteStoreError(
             f"route set {route_set.name!r} version {record['version']}: its {what} hashes to version "
             f"{route_set.version}; sync the route file again"
