@@ -114,6 +114,12 @@ def test_bench_stream_runs_and_prints_its_table(tmp_path) -> None:
     assert figures["default_compute"] in ("thread", "process")  # what compute=auto resolved to here
 
 
+def test_bench_lists_runs_and_prints_its_tables() -> None:
+    stdout, _ = run_bench("bench_lists.py", "--quick")
+    assert "| clinc150 (all) | 300 |" in stdout and "| davidson hate/offensive | 300 |" in stdout
+    assert "| jpeg q50 |" in stdout and "| distinct images (false matches) |" in stdout
+
+
 def test_peak_rss_counts_the_workers_child_processes() -> None:
     # compute=process: a worker's memory is its own plus its compute child's
     sys.path.insert(0, str(REPO / "load-tests"))

@@ -180,7 +180,7 @@ async def test_an_outage_pauses_the_review_until_the_endpoint_recovers(llm: Scri
 
 
 async def test_the_daily_budget_hands_off_when_spent(llm: ScriptedLLM) -> None:
-    decision = make_decision("e", "hello")
+    decision = make_decision("e", "hello 0")
     messages = build_messages(decision, CATALOGUE, nonce="0" * 16)
     estimate = estimate_tokens(messages, CATALOGUE.reply_schema()) + 300  # + max_output_tokens
     # Each review reserves its estimate, then counts the 150 tokens the endpoint reported:
@@ -188,7 +188,8 @@ async def test_the_daily_budget_hands_off_when_spent(llm: ScriptedLLM) -> None:
     spec = ReviewSpec(daily_token_budget=estimate + 151, max_reviews_per_s=1000, max_concurrency=1)
     reviewer = engine(llm, spec)
     try:
-        finals = [await reviewer.review(make_decision(f"e{i}", "hello")) for i in range(3)]
+        # three texts of one length: three estimates alike, and no verdict shared between them
+        finals = [await reviewer.review(make_decision(f"e{i}", f"hello {i}")) for i in range(3)]
     finally:
         await reviewer.aclose()
     reasons = [f.review.handoff_reason if f.review else "?" for f in finals]
@@ -233,7 +234,7 @@ async def test_every_request_waits_for_its_slot_in_the_rate_limit(llm: ScriptedL
     limiter = RateLimiter(spec.max_reviews_per_s, clock=lambda: 100.0, sleep=record)
     reviewer = ReviewEngine("test", spec, CATALOGUE, llm_settings(llm), limiter=limiter)
     try:
-        finals = await reviewer.review_many([make_decision(f"e{i}") for i in range(5)])
+        finals = await reviewer.review_many([make_decision(f"e{i}", f"text {i}") for i in range(5)])
     finally:
         await reviewer.aclose()
     assert len(finals) == 5 and len(llm.requests) == 5
@@ -245,7 +246,7 @@ async def test_concurrency_is_bounded(llm: ScriptedLLM) -> None:
     reviewer = engine(llm, ReviewSpec(max_reviews_per_s=1000, max_concurrency=2))
     started = time.monotonic()
     try:
-        await reviewer.review_many([make_decision(f"e{i}") for i in range(6)])
+        await reviewer.review_many([make_decision(f"e{i}", f"text {i}") for i in range(6)])
     finally:
         await reviewer.aclose()
     assert time.monotonic() - started >= 0.85  # 6 requests of 0.3 s, 2 at a time

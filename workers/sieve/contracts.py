@@ -33,7 +33,7 @@ EventId = Annotated[str, Field(min_length=1, max_length=256)]
 # The version of each contract. It goes up by one with each additive change (a new optional
 # field); a reader accepts any version, and ignores what it does not know where it may.
 EVENT_SCHEMA_VERSION = 1
-DECISION_SCHEMA_VERSION = 2  # 2: novel, novelty
+DECISION_SCHEMA_VERSION = 3  # 2: novel, novelty; 3: list_hits, from_cache, review.reused
 DEAD_LETTER_SCHEMA_VERSION = 1
 SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
                       "change (docs/contracts.md). Optional in input.")
@@ -171,6 +171,21 @@ class Review(BaseModel):
     tokens_out: int = 0
     attempts: int = Field(default=0, description="HTTP requests made for this review.")
     review_ms: float | None = Field(default=None, description="Time spent reviewing, waits included.")
+    reused: bool | None = Field(
+        default=None,
+        description="True: the verdict of an earlier review of the same content under the same "
+        "route-set version (no LLM call for this one).")
+
+
+class ListHitRef(BaseModel):
+    """A list entry that fired on the event (term, pattern or image hash)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    list: str = Field(description="The list's name.")
+    entry: str = Field(description="The entry's id.")
+    route: str | None = Field(default=None, description="The route the entry adds.")
+    distance: int | None = Field(default=None, description="Image hash lists: the Hamming distance in bits.")
 
 
 class Decision(BaseModel):
@@ -212,6 +227,15 @@ class Decision(BaseModel):
         default=None,
         description="1 - the best cosine similarity to any example of the route set (higher: less "
         "like anything the set knows). Null when the set has no novelty threshold.",
+    )
+    list_hits: list[ListHitRef] | None = Field(
+        default=None,
+        description="The list entries that fired (they decide before the encoder); null when none did.",
+    )
+    from_cache: bool | None = Field(
+        default=None,
+        description="True: decided earlier for the same content, route-set version and policy (a "
+        "repeat within the cache's time to live); the id, event and times are this event's own.",
     )
 
     @staticmethod

@@ -209,13 +209,24 @@ class _PatternIndex:
         if self._entries:
             self._set.Compile()
 
-    def hits(self, folded: str) -> list[ListHit]:
+    def hits(self, folded: str, allowed: list[tuple[int, int]] | None = None) -> list[ListHit]:
+        """One hit per pattern that matches outside every ``allowed`` span (its first such match).
+
+        With ``allowed`` None (no allow list) a hit carries no span: the set pass alone decides.
+        """
         if not self._entries:
             return []
         found = []
         for index in self._set.Match(folded) or ():
             regexp, list_name, entry, route = self._entries[index]
-            found += [ListHit(list_name, entry, route, m.span()) for m in regexp.finditer(folded)]
+            if allowed is None:
+                found.append(ListHit(list_name, entry, route))
+                continue
+            for match in regexp.finditer(folded):
+                start, end = match.span()
+                if not any(a <= start and end <= b for a, b in allowed):
+                    found.append(ListHit(list_name, entry, route, (start, end)))
+                    break
         return found
 
 
@@ -236,6 +247,7 @@ class TermMatcher:
                                                        term_list.route)
         for patterns in self._patterns.values():
             patterns.compile()
+        self._allows = any(term_list.kind == "allow" for term_list in self.lists)
 
     def __bool__(self) -> bool:
         return bool(self.lists)
@@ -244,16 +256,15 @@ class TermMatcher:
         """The block hits of one text that no allowed span masks, one per (list, entry)."""
         folded = fold(text)
         normalised = normalise(folded)
-        blocks = self._terms["block"].hits(normalised) + self._patterns["block"].hits(folded)
-        if not blocks:
-            return []
-        allowed = [h.span for h in self._terms["allow"].hits(normalised)
-                   + self._patterns["allow"].hits(folded) if h.span is not None]
+        allowed: list[tuple[int, int]] | None = None
+        if self._allows:
+            allowed = [h.span for h in self._terms["allow"].hits(normalised)
+                       + self._patterns["allow"].hits(folded, []) if h.span is not None]
+        blocks = self._terms["block"].hits(normalised) + self._patterns["block"].hits(folded, allowed)
         kept: dict[tuple[str, str], ListHit] = {}
         for hit in blocks:
             start, end = hit.span or (0, 0)
-            masked = any(a <= start and end <= b for a, b in allowed)
-            if not masked:
+            if hit.span is None or not any(a <= start and end <= b for a, b in allowed or ()):
                 kept.setdefault((hit.list, hit.entry), hit)
         return list(kept.values())
 

@@ -28,6 +28,7 @@ from sieve.review.llm import (
     RequestRejected,
     TokenBudget,
 )
+from sieve.review.memo import ReviewMemo
 from sieve.review.metrics import (
     AGREEMENT,
     ATTEMPTS,
@@ -35,6 +36,7 @@ from sieve.review.metrics import (
     BUDGET_USED,
     COST,
     HANDOFFS,
+    REUSED,
     REVIEW_SECONDS,
     REVIEWS,
     TOKENS,
@@ -80,6 +82,7 @@ class ReviewEngine:
         limiter: RateLimiter | None = None,
         budget: TokenBudget | None = None,
         nonce: Callable[[], str] = lambda: secrets.token_hex(8),
+        memo: ReviewMemo | None = None,
     ) -> None:
         self.topology = topology
         self.spec = spec
@@ -92,6 +95,7 @@ class ReviewEngine:
         self._nonce = nonce
         self._schema = catalogue.reply_schema()
         self._concurrency = asyncio.Semaphore(spec.max_concurrency)
+        self.memo = memo or ReviewMemo()
 
     def _count_attempt(self, result: AttemptResult) -> None:
         ATTEMPTS.labels(self.topology, result).inc()
@@ -136,6 +140,15 @@ class ReviewEngine:
             image_url = decision.event.image_uri
             if image_url is None:
                 return state.handoff(IMAGE_NOT_AVAILABLE, "an inline image: the decision carries no URI")
+        return await self.memo.once(
+            self.memo.key(decision),
+            lambda: self._ask(decision, state, image_url),
+            lambda reply: state.verdict(reply, reused=True),
+        )
+
+    async def _ask(self, decision: Decision, state: _ReviewState,
+                   image_url: str | None) -> tuple[Decision, ReviewReply | None]:
+        """The LLM's review: the final decision, and the verdict when there is one (for repeats)."""
         messages = build_messages(
             decision, self.catalogue, nonce=self._nonce(), max_examples=self.spec.max_examples,
             image_url=image_url,
@@ -143,7 +156,7 @@ class ReviewEngine:
         prompt_estimate = estimate_tokens(messages, self._schema)
         estimate = prompt_estimate + self.spec.max_output_tokens
         if estimate > self.spec.max_tokens_per_review:
-            return state.handoff(
+            return state.handoff_only(
                 OVER_REVIEW_TOKEN_LIMIT,
                 f"estimated {estimate} tokens > max_tokens_per_review {self.spec.max_tokens_per_review}",
             )
@@ -156,7 +169,7 @@ class ReviewEngine:
             await self.breaker.wait()
             if not self.budget.reserve(estimate):
                 self.breaker.release_probe()
-                return state.handoff(
+                return state.handoff_only(
                     OVER_DAILY_TOKEN_BUDGET,
                     f"{self.budget.used_today} of {self.spec.daily_token_budget} tokens used today "
                     "(per reviewer process)",
@@ -176,7 +189,7 @@ class ReviewEngine:
                 self.budget.release(estimate)
                 self.breaker.record_success()
                 self._breaker_gauge()
-                return state.handoff(REQUEST_REJECTED, str(exc))
+                return state.handoff_only(REQUEST_REJECTED, str(exc))
             except MalformedCompletion as exc:
                 state.attempts += exc.attempts
                 self.budget.settle(estimate, estimate)
@@ -184,7 +197,7 @@ class ReviewEngine:
                 self._breaker_gauge()
                 malformed += 1
                 if malformed > 1:
-                    return state.handoff(MALFORMED_REPLY, str(exc))
+                    return state.handoff_only(MALFORMED_REPLY, str(exc))
                 continue
             except BaseException:
                 self.budget.release(estimate)
@@ -208,15 +221,15 @@ class ReviewEngine:
                 malformed += 1
                 log.info("review of %s: malformed reply (%d): %s", decision.event_id, malformed, exc)
                 if malformed > 1:
-                    return state.handoff(MALFORMED_REPLY, str(exc))
+                    return state.handoff_only(MALFORMED_REPLY, str(exc))
                 continue
             if reply.confidence < self.spec.min_confidence:
-                return state.handoff(
+                return state.handoff_only(
                     LOW_CONFIDENCE,
                     f"confidence {reply.confidence:.2f} < min_confidence {self.spec.min_confidence:.2f}",
                     reply=reply,
                 )
-            return state.verdict(reply)
+            return state.verdict(reply), reply
 
     def _breaker_gauge(self) -> None:
         BREAKER_OPEN.labels(self.topology).set(1 if self.breaker.state == "open" else 0)
@@ -238,6 +251,8 @@ class ReviewEngine:
             HANDOFFS.labels(self.topology, review.handoff_reason).inc()
             return
         REVIEWS.labels(self.topology, final.outcome).inc()
+        if review.reused:
+            REUSED.labels(self.topology).inc()
         if decision.scores:
             agrees = final.outcome == decision.scores[0].outcome
             AGREEMENT.labels(self.topology, "true" if agrees else "false").inc()
@@ -265,10 +280,15 @@ class _ReviewState:
             **fields,
         )
 
-    def verdict(self, reply: ReviewReply) -> Decision:
+    def verdict(self, reply: ReviewReply, *, reused: bool = False) -> Decision:
         review = self._review(verdict=reply.verdict, route=reply.route, confidence=reply.confidence,
-                              rationale=reply.rationale)
+                              rationale=reply.rationale, reused=reused or None)
         return reviewed_decision(self.decision, reply, review, utcnow())
+
+    def handoff_only(self, reason: str, error: str, reply: ReviewReply | None = None
+                     ) -> tuple[Decision, ReviewReply | None]:
+        """A hand-off, with no verdict to share with repeats."""
+        return self.handoff(reason, error, reply), None
 
     def handoff(self, reason: str, error: str, reply: ReviewReply | None = None) -> Decision:
         answer: dict[str, Any] = {}

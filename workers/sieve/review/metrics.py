@@ -49,3 +49,8 @@ BUDGET_USED = Gauge(
 DECISIONS_IN = Counter(
     "sieve_review_decisions_in_total", "Records consumed from the needs-review topic.", ["topology"]
 )
+REUSED = Counter(
+    "sieve_review_reused_total",
+    "Reviews answered with the verdict of an earlier review of the same content (LLM calls saved).",
+    ["topology"],
+)
