@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pydantic_core import to_json
 
-from sieve.contracts import NEEDS_REVIEW, Decision, Event, EventView
+from sieve.contracts import DECISION_SCHEMA_VERSION, NEEDS_REVIEW, Decision, Event, EventView
 from sieve.flow.decide import Policy, decide_scores, decision_rows, novelty_scores, validate_decisions
 from sieve.flow.match import RouteIndex, aggregate, example_id, match_batch, top_columns
 from sieve.routeset import Aggregation, RouteSet, ThresholdOverrides, parse_route_set
@@ -545,7 +545,7 @@ def test_novel_event_goes_to_review_keeping_reason_no_match():
         (NEEDS_REVIEW, "no_match", None, True),  # far from all: not the default outcome
     ]
     assert [d.novelty for d in decisions] == pytest.approx([0.04, 0.2, 0.0, 0.1166], abs=1e-4)
-    assert all(d.schema_version == 2 for d in decisions)
+    assert all(d.schema_version == DECISION_SCHEMA_VERSION for d in decisions)
 
 
 def test_on_novel_default_gives_novel_events_the_default_outcome():

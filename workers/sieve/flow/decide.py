@@ -253,6 +253,8 @@ def decision_rows(
             "review": None,
             "novel": verdict.novel,
             "novelty": event_novelty,
+            "list_hits": None,
+            "from_cache": None,
         })
     return rows
 

@@ -26,9 +26,12 @@ from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.dead_letter import make_dead_letter
 from sieve.flow.decide import Policy, decision_rows, validate_decisions
 from sieve.flow.decode import DecodedEvent, decode_batch
+from sieve.flow.dedup import DecisionCache
 from sieve.flow.head import LearnedHead, decision_scores, head_of
 from sieve.flow.images import ImageRejected, load_image
+from sieve.flow.lists import ListHit
 from sieve.flow.match import RouteIndex, match_batch
+from sieve.flow.prefilter import Prefilter, repeat_rows
 from sieve.flow.publish import plan_dead_letters, plan_decisions
 from sieve.kafka.records import Outbound
 from sieve.routeset import Space
@@ -78,6 +81,7 @@ class RouterPipeline:
         image_encoder: ImageEncoder | None = None,
         image_index: RouteIndex | None = None,
         image_fetch: ImageFetchSettings | None = None,
+        cache: DecisionCache | None = None,
     ) -> None:
         self.topology = topology
         self.encoder = encoder
@@ -91,6 +95,8 @@ class RouterPipeline:
             self._active["image"] = self._activate(image_index, "image")
         self._fetchers = ThreadPoolExecutor(self.image_fetch.fetch_concurrency,
                                             thread_name_prefix="sieve-fetch")
+        # Lists and repeats decide before the encoder (sieve.flow.prefilter).
+        self.prefilter = Prefilter(topology.name, cache)
 
     def _encoder_for(self, space: Space) -> TextEncoder | ImageEncoder | None:
         return self.encoder if space == "text" else self.image_encoder
@@ -204,6 +210,40 @@ class RouterPipeline:
         seconds["decide"] = seconds.get("decide", 0.0) + time.perf_counter() - matched
         return decisions
 
+    def _encode_and_decide(
+        self, space: Space, items: list[DecodedEvent], inputs: Sequence[Any], keys: list[bytes | None],
+        hits: Sequence[list[ListHit]], refs: list[ImageRef] | None, seconds: dict[str, float],
+    ) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
+        """Lists and repeats first; the rest encoded once per distinct content, decided, remembered."""
+        index = self._active[space].index
+        decided_at = utcnow()
+        rows, todo, repeats = self.prefilter.split(items, keys, hits, index, decided_at, refs)
+        encoder = self._encoder_for(space)
+        assert encoder is not None
+        encode = encoder.encode if space == "text" else encoder.encode_images  # type: ignore[union-attr]
+        if not todo:  # every event decided by a list or a repeat
+            return rows, []
+        started = time.perf_counter()
+        kept, positions, vectors, letters = self._encode_isolating(
+            [items[p] for p in todo], [inputs[p] for p in todo], encode, encoder.dim
+        )
+        stage = "encode" if space == "text" else "image_encode"
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+        decided: dict[int, dict[str, Any]] = {}
+        if kept:
+            kept_at = [todo[p] for p in positions]
+            kept_refs: list[ImageRef | None] | None = [refs[p] for p in kept_at] if refs is not None else None
+            fresh = self._decide_space(space, kept, vectors, kept_refs, seconds)
+            self.prefilter.remember([keys[p] for p in kept_at], fresh)
+            decided = dict(zip(kept_at, fresh, strict=True))
+            rows += fresh
+        rows += repeat_rows(items, repeats, decided, index.version, decided_at, refs)
+        for position, first in repeats.items():
+            if first not in decided:  # the same content failed to encode: so does the repeat
+                letters.append(self._dead_letter(items[position], "encode", "encode_error",
+                                                 "the same content failed to encode in this batch"))
+        return rows, letters
+
     def process(self, records: Sequence[Any]) -> BatchResult:
         """Run one batch of raw records through every stage."""
         seconds: dict[str, float] = {}
@@ -216,29 +256,37 @@ class RouterPipeline:
         decisions: list[dict[str, Any]] = []
         texts = [d for d in decoded if d.event.modality == "text"]
         if texts:
-            t1 = time.perf_counter()
-            kept, _, vectors, failed = self._encode_isolating(
-                texts, [d.event.text or "" for d in texts], self.encoder.encode, self.encoder.dim
+            index = self._active["text"].index
+            matcher = self.prefilter.terms_for(index)
+            hits: list[list[ListHit]] = [[] for _ in texts]
+            if matcher:
+                t1 = time.perf_counter()
+                hits = matcher.match_batch([d.event.text for d in texts])
+                seconds["lists"] = time.perf_counter() - t1
+            rows, more_letters = self._encode_and_decide(
+                "text", texts, [d.event.text or "" for d in texts], self.prefilter.text_keys(texts, index),
+                hits, None, seconds,
             )
-            seconds["encode"] = time.perf_counter() - t1
-            letters.extend(failed)
-            if kept:
-                decisions += self._decide_space("text", kept, vectors, None, seconds)
+            decisions += rows
+            letters.extend(more_letters)
         images = [d for d in decoded if d.event.modality == "image"]
         if images and self.image_encoder is not None:
+            index = self._active["image"].index
             t2 = time.perf_counter()
             loaded, pictures, refs, failed = self._load_images(images)
             letters.extend(failed)
             t3 = time.perf_counter()
             seconds["image_load"] = t3 - t2
-            kept, positions, vectors, failed = self._encode_isolating(
-                loaded, pictures, self.image_encoder.encode_images, self.image_encoder.dim
+            matcher_h = self.prefilter.hashes_for(index)
+            hits = [[] for _ in loaded]
+            if matcher_h:
+                hits = matcher_h.match_batch(pictures)
+                seconds["lists"] = seconds.get("lists", 0.0) + time.perf_counter() - t3
+            rows, more_letters = self._encode_and_decide(
+                "image", loaded, pictures, self.prefilter.image_keys(refs, index), hits, refs, seconds,
             )
-            seconds["image_encode"] = time.perf_counter() - t3
-            letters.extend(failed)
-            if kept:
-                kept_refs: list[ImageRef | None] = [refs[p] for p in positions]
-                decisions += self._decide_space("image", kept, vectors, kept_refs, seconds)
+            decisions += rows
+            letters.extend(more_letters)
         output = self.topology.output
         outbound = plan_decisions(decisions, output) + plan_dead_letters(letters, output)
         return BatchResult(decisions, letters, outbound, seconds)

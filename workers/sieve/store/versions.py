@@ -110,7 +110,8 @@ def route_set_of(record: dict[str, Any]) -> RouteSet:
     except ListError as exc:
         raise RouteStoreError(str(exc)) from None
     if route_set.version != record["version"]:
-        what = "stored head or lists" if record.get("head") or record.get("lists") else "stored definition"
+        stored = [name for name in ("head", "lists") if record.get(name)]
+        what = "stored " + (" and ".join(stored) if stored else "definition")
         raise RouteStoreError(
             f"route set {route_set.name!r} version {record['version']}: its {what} hashes to version "
             f"{route_set.version}; sync the route file again"
