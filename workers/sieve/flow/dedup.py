@@ -13,7 +13,6 @@ Entries are evicted least recently used first once their estimated size passes `
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import unicodedata
 from collections import OrderedDict
@@ -81,7 +80,7 @@ class DecisionCache:
     def put(self, key: bytes, row: dict[str, Any]) -> None:
         """Remember what ``row`` decided (its per-event fields left out)."""
         decided = {k: v for k, v in row.items() if k not in PER_EVENT}
-        size = len(json.dumps(decided, default=str)) + 200  # the entry's own overhead, estimated
+        size = estimated_bytes(decided)
         if size > self.max_bytes:
             return
         if key in self._entries:
@@ -96,6 +95,12 @@ class DecisionCache:
     def _drop(self, key: bytes) -> None:
         _, size, _ = self._entries.pop(key)
         self.bytes -= size
+
+
+def estimated_bytes(decided: dict[str, Any]) -> int:
+    """A cheap estimate of an entry's memory: fixed fields, each route score, each nearest example."""
+    nearest = decided.get("nearest") or ()
+    return 1024 + 200 * len(decided.get("scores") or ()) + sum(300 + 2 * len(n["text"]) for n in nearest)
 
 
 def repeat_row(decided: dict[str, Any], per_event: dict[str, Any]) -> dict[str, Any]:

@@ -119,12 +119,13 @@ class Prefilter:
                 continue
             key = keys[position]
             if key is not None and self.cache is not None:
+                if key in first_of:  # a repeat within the batch: decided with its first
+                    repeats[position] = first_of[key]
+                    self.cache.stats.hits += 1
+                    continue
                 decided = self.cache.get(key)
                 if decided is not None:
                     rows.append(repeat_row(decided, per_event_fields(item, index.version, decided_at, image)))
-                    continue
-                if key in first_of:
-                    repeats[position] = first_of[key]
                     continue
                 first_of[key] = position
             todo.append(position)
