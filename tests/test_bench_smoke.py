@@ -120,6 +120,12 @@ def test_bench_lists_runs_and_prints_its_tables() -> None:
     assert "| jpeg q50 |" in stdout and "| distinct images (false matches) |" in stdout
 
 
+def test_bench_waves_runs_and_prints_its_table() -> None:
+    stdout, _ = run_bench("bench_waves.py", "--events", "1500", "--runs", "1", "--quick")
+    assert "| 70% | on |" in stdout and "| 30% | off |" in stdout
+    assert "LLM calls" in stdout  # the script exits non-zero when calls exceed distinct texts
+
+
 def test_peak_rss_counts_the_workers_child_processes() -> None:
     # compute=process: a worker's memory is its own plus its compute child's
     sys.path.insert(0, str(REPO / "load-tests"))
