@@ -81,7 +81,10 @@ async def test_cancelling_rest_cancels_the_awaited_future_and_the_coroutine() ->
 async def consumer():
     # built inside the test's event loop: Faust's wait_first schedules its tasks on the service's loop
     app = build_app(load_topology(REPO / "topologies" / "moderation.yaml"), Settings(metrics_port=0))
-    return app.consumer
+    yield app.consumer
+    thread_loop = app.consumer._thread.thread_loop  # made for the consumer's thread, which never ran
+    if not thread_loop.is_running() and not thread_loop.is_closed():
+        thread_loop.close()
 
 
 async def test_consumer_delivers_inline_and_leaves_no_coroutine_unawaited(consumer) -> None:

@@ -1,11 +1,12 @@
-"""The worker's Kafka consumer: Faust's aiokafka consumer with a cheaper fetch loop.
+"""The worker's Kafka consumer: Faust's aiokafka consumer with a cheaper fetch loop and safe commits.
 
-Three changes to Faust's own: a fetch waits at most the app's
+Three changes to Faust's fetch loop: a fetch waits at most the app's
 ``fetch_max_wait_ms``; each fetched message is delivered to the conductor inline
 instead of through four tasks (``_Consumer.wait_first``, :func:`run_eagerly`); and
 with every partition paused, the fetch loop wakes as soon as one resumes instead of
-after a fixed second. :class:`SieveTransport` hands this consumer to the app
-(:mod:`sieve.worker.app`).
+after a fixed second. One change to its commits: a partition's committed offset
+never passes an event still being decided (``_Consumer._new_offset``).
+:class:`SieveTransport` hands this consumer to the app (:mod:`sieve.worker.app`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from faust.types.tuples import ack_lock
 from mode.services import WaitResults
 
 
@@ -92,8 +95,80 @@ class _Consumer(faust_aiokafka.Consumer):
     own ``wait_first`` exactly as before, so a suspended flow still abandons it.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per partition: offsets handed to processing and not yet acknowledged -> how many times.
+        self._pending: dict[TP, dict[int, int]] = {}
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    # Commits. Faust commits, per partition, the end of the first run of consecutive
+    # acknowledged offsets. Its guard against a hole below that run
+    # (``min(acked) - committed > 1``) is off while the committed offset is None or 0
+    # (a new group; a partition whose offset a rebalance dropped) and lets a hole of one
+    # offset through, so a batch finishing before the one ahead of it, or a batch that
+    # failed, could be committed past. Here a commit is bounded by what is still being
+    # decided, whatever the committed offset:
+    # - a message handed to processing (``track_message``, which the batch worker calls
+    #   for every event of a batch it takes) is pending until it is acknowledged; one
+    #   given up without an acknowledgement (a failed batch, a drain) stays pending, and
+    #   its partition is not committed past it until another owner or a restart decides it;
+    # - a partition's commit stops at its lowest pending offset;
+    # - acknowledging a message that was never handed to processing (skipped: a
+    #   rebalance began while it waited, or it was fetched in a previous generation)
+    #   records nothing: it was not decided, and the partition's owner reads it again.
+
+    def track_message(self, message: Message) -> None:
+        """Faust's: the message is being processed; and its offset is pending until it is acknowledged."""
+        super().track_message(message)
+        with ack_lock:
+            pending = self._pending.setdefault(message.tp, {})
+            pending[message.offset] = pending.get(message.offset, 0) + 1
+
+    def ack(self, message: Message) -> bool:
+        """Faust's, except that a message never handed to processing is not recorded as done."""
+        with ack_lock:
+            if message.acked:
+                return False
+            if not message.tracked and self.app.topics.acks_enabled_for(message.topic):
+                message.acked = True  # skipped, not decided: no commit covers it
+                return False
+            pending = self._pending.get(message.tp)
+            if pending is not None and message.offset in pending:
+                count = pending.pop(message.offset) - 1
+                if count:
+                    pending[message.offset] = count
+            return bool(super().ack(message))
+
+    def _lowest_pending(self, tp: TP) -> int | None:
+        """The partition's lowest offset still being decided (offsets below its committed one are settled)."""
+        pending = self._pending.get(tp)
+        if not pending:
+            return None
+        committed = self._committed_offset[tp]
+        if committed:
+            for offset in [offset for offset in pending if offset < committed]:
+                del pending[offset]  # committed by the partition's owner, who decided it
+            if not pending:
+                return None
+        return min(pending)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """Faust's offset to commit, from the acknowledged offsets below the lowest pending one only."""
+        lowest = self._lowest_pending(tp)
+        if lowest is None:
+            return super()._new_offset(tp)
+        acked = self._acked[tp]
+        above = [offset for offset in acked if offset >= lowest]
+        if above:
+            acked[:] = [offset for offset in acked if offset < lowest]
+        try:
+            offset = super()._new_offset(tp)
+        finally:
+            acked.extend(above)  # kept for a later commit; Faust sorts before it looks
+        # Faust's gap intervals (offsets its fetch skipped) may reach the pending offset itself.
+        return offset if offset is None else min(offset, lowest)
 
     # Faust takes a partition out of the fetch while the stream buffer is under
     # pressure (over 80 % full) and puts it back once the buffer is drained below 40 %.
