@@ -67,6 +67,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "30")
             self.end_headers()
             self._trickle(b"\x89" * 30)
+        elif self.path == "/endless":
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         elif self.path == "/headers-forever":
             self.wfile.write(b"HTTP/1.1 200 OK\r\n")
             self._trickle(b"".join(f"X-Slow-{i}: 1\r\n".encode() for i in range(30)), size=20)
@@ -273,6 +281,31 @@ def test_a_trickling_image_server_ends_within_the_fetch_deadline(server: _Server
     assert info.value.reason == "image_fetch_failed"
     assert "fetch_deadline_s=2s" in info.value.error
     assert [p for p, _ in server.requests] == [path]
+
+
+def frames_of(exc: BaseException | None) -> Iterator[Any]:
+    """Every frame an exception's traceback, cause and context keep alive."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            yield tb.tb_frame
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+
+
+def test_a_refused_download_leaves_no_buffer_alive_in_its_traceback(server: _Server) -> None:
+    # A failed fetch's frames outlive it (in reference cycles, until the cyclic collector runs):
+    # they must not hold the download, or a stream of refused images grows the worker.
+    settings = ImageFetchSettings(allow_hosts=("127.0.0.1",), timeout_s=5, fetch_deadline_s=10)
+    with pytest.raises(ImageRejected) as info:
+        fetch_http(f"http://127.0.0.1:{server.port}/endless", settings, 1_000_000)
+    assert "over 1000000 bytes" in info.value.error
+    held = [(frame.f_code.co_name, name, len(value)) for frame in frames_of(info.value)
+            for name, value in frame.f_locals.items()
+            if isinstance(value, bytes | bytearray) and len(value) > 65536]
+    assert held == []
 
 
 def test_a_slow_image_server_does_not_stall_the_batch_beyond_the_deadline(server: _Server,

@@ -12,7 +12,7 @@ import json
 from typing import NamedTuple
 
 from pydantic import ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, to_json
 
 from sieve.contracts import DeadLetter, Event
 from sieve.flow.dead_letter import make_dead_letter
@@ -111,12 +111,22 @@ def _parse_and_validate(text: str) -> Event:
         raise _Rejected("not_json", f"payload is not usable JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise _Rejected("schema", f"an event is a JSON object, got {type(data).__name__}")
-    raw_id = data.get("id")
-    event_id = raw_id if isinstance(raw_id, str) else None
+    event_id = _utf8_id(data.get("id"))
     try:
         return Event.model_validate(data)
     except ValidationError as exc:
         raise _Rejected("schema", _validation_summary(exc), event_id) from None
+
+
+def _utf8_id(raw: object) -> str | None:
+    """A rejected payload's ``id`` when it is a string UTF-8 can carry (the dead letter's key), else None."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, escaped in the JSON
+        return None
+    return raw
 
 
 def _checked(event: Event, payload: bytes, limits: LimitsSpec, modalities: frozenset[str]) -> Event:
@@ -146,8 +156,10 @@ def _checked(event: Event, payload: bytes, limits: LimitsSpec, modalities: froze
 
 
 def _has_lone_surrogate(event: Event) -> bool:
+    # The event as plain data: the model's own serialiser would replace a surrogate in a
+    # metadata key with U+FFFD, where the decision's serialiser (a plain dict) raises.
     try:
-        event.__pydantic_serializer__.to_json(event)
+        to_json(event.model_dump())
     except PydanticSerializationError:
         return True
     return False

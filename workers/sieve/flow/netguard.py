@@ -202,6 +202,7 @@ async def _get_pinned(client: httpx.AsyncClient, url: httpx.URL, address: str, m
     request = client.build_request("GET", url.copy_with(host=address, userinfo=b""), headers=headers,
                                    extensions=extensions)
     response = await client.send(request, stream=True, auth=auth)
+    body = bytearray()
     try:
         if response.is_redirect:
             return response.headers.get("location", "")
@@ -210,13 +211,15 @@ async def _get_pinned(client: httpx.AsyncClient, url: httpx.URL, address: str, m
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise FetchError("too_large", f"{shown} declares {declared} bytes, over {max_bytes}")
-        body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > max_bytes:
                 raise FetchError("too_large", f"{shown} sent over {max_bytes} bytes; stopped")
         return bytes(body)
     finally:
+        # A failed fetch's traceback keeps this frame alive (often in a cycle, until the cyclic
+        # collector runs): it must not keep up to max_bytes of download with it.
+        body.clear()
         await response.aclose()
 
 

@@ -171,15 +171,19 @@ class RouterPipeline:
     def _load_images(self, items: list[DecodedEvent]) -> tuple[list[DecodedEvent], list[Any],
                                                                list[ImageRef], list[DeadLetter]]:
         def load(item: DecodedEvent) -> Any:
+            # The rejection leaves as a plain (reason, error): returned from inside the except
+            # block, the exception would keep its traceback's frames (and the download buffer
+            # they hold) alive in a reference cycle until the cyclic collector ran.
             try:
                 return load_image(item.event, self.image_fetch, self.topology.limits)
             except ImageRejected as rejected:
-                return rejected
+                failure = (rejected.reason, rejected.error)
+            return failure
 
         kept, pictures, refs, letters = [], [], [], []
         for item, loaded in zip(items, self._fetchers.map(load, items), strict=True):
-            if isinstance(loaded, ImageRejected):
-                letters.append(self._dead_letter(item, "decode", loaded.reason, loaded.error))
+            if isinstance(loaded, tuple):
+                letters.append(self._dead_letter(item, "decode", *loaded))
             else:
                 kept.append(item)
                 pictures.append(loaded.image)
