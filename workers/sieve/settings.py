@@ -258,8 +258,17 @@ class Settings(BaseSettings):
     # process when this process may use two CPUs or more (affinity and container quota), else thread.
     compute: ComputeMode = "auto"
 
-    # Seconds a worker waits for its in-flight batch on SIGTERM.
+    # Seconds a worker waits for its in-flight batch on SIGTERM; a batch still running then is
+    # given up uncommitted (handled again by the partition's next owner) so the worker exits.
     shutdown_grace_s: float = 30.0
+    # Worker faults (sieve.worker.faults): a batch computed longer than compute_timeout_s fails as
+    # a worker fault; a worker fault (that, or every event of two consecutive batches failing at
+    # the same stage with the same error class) is retried with back-off for worker_fault_exit_s,
+    # then the worker exits non-zero. /readyz turns false once publishing has failed
+    # continuously for publish_unready_s.
+    compute_timeout_s: float = Field(default=300.0, gt=0)
+    worker_fault_exit_s: float = Field(default=300.0, gt=0)
+    publish_unready_s: float = Field(default=30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The LLM reviewer's endpoint (`sieve review`).
     llm: LLMSettings = LLMSettings()

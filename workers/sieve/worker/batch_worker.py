@@ -6,6 +6,11 @@ acknowledged by the broker; a batch that did not finish is never acknowledged,
 and its events are consumed again after a restart or rebalance. Batches are
 read from the agent's stream a batch at a time (see ``BatchWorker._batches``)
 and published as record batches (``sieve.kafka.client.send_batched``).
+
+What the broker refuses is sorted by kind (:mod:`sieve.worker.publishing`): retried
+with back-off, replaced by dead letters (too large), sent again once its topics are
+created (unknown topic), or a worker failure (not authorised). A fault that hits
+every event is the worker's (:mod:`sieve.worker.faults`): it exits non-zero.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
+from aiokafka.errors import UnknownTopicOrPartitionError
 from faust.types import EventT
 
-from sieve.kafka.client import send_batched
+from sieve.kafka.client import ensure_topics, send_batched
 from sieve.kafka.records import Outbound, RawRecord, new_tuple
 from sieve.settings import Settings
-from sieve.topology import BatchingSpec
+from sieve.topology import BatchingSpec, Topology
 from sieve.worker import metrics
+from sieve.worker.faults import FaultWatch, WorkerFailure, exit_worker
+from sieve.worker.publishing import NOT_AUTHORISED, send_isolating, too_large_letters
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,10 @@ def _waited(timestamp: float | None) -> float:
     if not timestamp:
         return 0.0
     return max(0.0, time.time() - timestamp)
+
+
+def _topics(messages: Sequence[Outbound]) -> list[str]:
+    return sorted({message.topic for message in messages})
 
 
 def raw_record(event: EventT) -> RawRecord:
@@ -68,6 +80,8 @@ class BatchWorker:
     batch. A batch that did not finish is kept unacked. SIGTERM drains.
     """
 
+    topology: Topology  # set by the router and the reviewer
+
     def __init__(self, name: str, settings: Settings, app: faust.App, batching: BatchingSpec) -> None:
         self.name = name
         self.settings = settings
@@ -81,6 +95,15 @@ class BatchWorker:
         # Publishes one batch's messages; returns once the broker acknowledged every one.
         # Tests replace it (with a capture, or a fault injector).
         self.send_batch: Callable[[list[Outbound]], Awaitable[None]] = self._send_via_producer
+        # Creates missing output topics as the worker's start does; tests replace it.
+        self.create_topics: Callable[[list[str]], Awaitable[object]] = self._create_output_topics
+        # Ends the process when the worker cannot go on; tests replace it with a recorder.
+        self.exit_worker: Callable[[WorkerFailure], None] = lambda failure: exit_worker(
+            self.app, failure, settings.shutdown_grace_s)
+        self.faults = FaultWatch(name, settings.worker_fault_exit_s, self.fail_worker)
+        self.failed: WorkerFailure | None = None
+        # When publishing started failing without a success since (monotonic), or None.
+        self.publish_failing_since: float | None = None
 
     def _add_agent(self, topics: Sequence[str], partitions: int, agent_name: str) -> None:
         self.source = self.app.topic(
@@ -112,8 +135,9 @@ class BatchWorker:
         What the stream does per event that matters is kept: events
         of a previous consumer generation (a rebalance happened since they were
         fetched) or arriving while flow control is paused are acknowledged and
-        dropped, exactly as the stream skips them (the partition's new owner reads
-        them again); every other message is tracked as pending until acknowledged,
+        dropped, exactly as the stream skips them (the consumer records nothing for
+        an event it was never handed, and the partition's new owner reads them
+        again); every other message is tracked as pending until acknowledged,
         so Faust's graceful rebalance and shutdown wait for it.
         """
         app = self.app
@@ -177,9 +201,10 @@ class BatchWorker:
         then its own batch's encoding (gathering early would queue a whole batch
         behind the running one and add a third encode time). A batch's events are acked only
         after its every output was acknowledged; a batch that failed is never
-        acked (its events come again after a restart or rebalance). Faust commits
-        the highest contiguously acknowledged offset per partition, so a batch
-        finishing before the one ahead of it never commits past a gap.
+        acked (its events come again after a restart or rebalance). The worker's
+        consumer (:mod:`sieve.worker.consumer`) commits a partition only below its
+        lowest event still pending, so a batch finishing before the one ahead of it,
+        or after one that failed, never commits past it.
         """
         in_flight: set[asyncio.Task[None]] = self._in_flight
         async for events in self._batches(stream):
@@ -187,6 +212,8 @@ class BatchWorker:
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             if self._failure is not None:  # a batch that raised stops the agent; nothing after it is taken
                 self._release_unacked(events)
+                if isinstance(self._failure, WorkerFailure):  # the worker is exiting: take nothing more
+                    await asyncio.Event().wait()
                 raise self._failure
             if self.draining:
                 self._release_unacked(events)
@@ -235,31 +262,115 @@ class BatchWorker:
         # Faust's own producer (its connection and settings), fed whole record batches.
         await send_batched(self.app.producer._ensure_producer(), messages)  # type: ignore[attr-defined]
 
-    async def _publish(self, outbound: list[Outbound]) -> None:
-        """Send the batch's messages as record batches and await every acknowledgement; retry until they land.
+    async def _create_output_topics(self, topics: list[str]) -> list[str]:
+        output = self.topology.output
+        return await ensure_topics(self.settings.kafka, dict.fromkeys(topics, output.partitions),
+                                   output.replication_factor)
 
-        A retry re-sends the whole batch: consumers may see a message twice and
-        deduplicate by decision id. Nothing is skipped.
+    def fail_worker(self, failure: WorkerFailure) -> None:
+        """The worker cannot go on: not ready from now on, and the process exits non-zero (once)."""
+        if self.failed is None:
+            self.failed = failure
+            self.faults.failed = True
+            self.exit_worker(failure)
+
+    def publishing_readiness(self) -> tuple[bool, str]:
+        """``/readyz`` check: not ready once publishing has failed continuously for ``publish_unready_s``."""
+        since = self.publish_failing_since
+        if since is None:
+            return True, "publishing"
+        failing = time.monotonic() - since
+        if failing > self.settings.publish_unready_s:
+            return False, f"publishing has failed for {failing:.0f}s (retrying)"
+        return True, f"publishing failing for {failing:.0f}s (retrying)"
+
+    def _publish_failed(self, action: str) -> None:
+        metrics.PUBLISH_FAILURES.labels(self.name, action).inc()
+        if self.publish_failing_since is None:
+            self.publish_failing_since = time.monotonic()
+
+    def _not_authorised(self, doing: str, topics: Sequence[str], exc: BaseException) -> WorkerFailure:
+        metrics.PUBLISH_FAILURES.labels(self.name, "fatal").inc()
+        failure = WorkerFailure(
+            f"not authorised to {doing} {', '.join(topics)} ({type(exc).__name__}: {exc}); grant the "
+            "worker's Kafka principal the ACLs it needs (Write and Describe on the output topics, "
+            "Create for route topics made by a route-set reload): retrying cannot help")
+        self.fail_worker(failure)
+        return failure
+
+    async def _publish(self, outbound: list[Outbound], records: Sequence[RawRecord] = ()) -> None:
+        """Send the batch's messages as record batches and await every acknowledgement.
+
+        What the broker refuses is handled by kind (:mod:`sieve.worker.publishing`):
+        retriable errors are retried with back-off until the messages land (a retry
+        re-sends the whole batch: consumers may see a message twice and deduplicate
+        by id); messages too large are replaced by their event's dead letter (the
+        event found among ``records``); an unknown topic is created, then the batch
+        sent again; not being authorised fails the worker (:class:`WorkerFailure`).
         """
         delay = 0.2
+        replaced = 0
         while True:
             try:
-                await self.send_batch(outbound)
-                return
+                refused = await send_isolating(self.send_batch, outbound)
             except asyncio.CancelledError:
                 raise
+            except NOT_AUTHORISED as exc:
+                raise self._not_authorised("publish to", _topics(outbound), exc) from exc
+            except UnknownTopicOrPartitionError:
+                self._publish_failed("create_topic")
+                topics = _topics(outbound)
+                try:
+                    created = await self.create_topics(topics)
+                    log.warning("publishing found a topic missing; created %s", created or "none (retrying)")
+                except NOT_AUTHORISED as exc:
+                    raise self._not_authorised("create the topics", topics, exc) from exc
+                except Exception:
+                    log.exception("creating the topics %s failed; retrying in %.1fs", topics, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
             except Exception:
                 log.exception("publishing %d messages failed; retrying in %.1fs", len(outbound), delay)
                 metrics.BATCH_RETRIES.labels(self.name, "publish").inc()
+                self._publish_failed("retry")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+                continue
+            if not refused:
+                self.publish_failing_since = None
+                return
+            replaced += 1
+            if replaced > 2:  # even a dead letter without payload is refused
+                failure = WorkerFailure(
+                    f"the broker refuses even a payload-less dead letter ({len(refused[0].value)} bytes) "
+                    f"as too large for {refused[0].topic}: raise its max.message.bytes")
+                self.fail_worker(failure)
+                raise failure
+            outbound, letters = too_large_letters(refused, records, self.topology, self.settings.worker_name)
+            metrics.PUBLISH_FAILURES.labels(self.name, "dead_letter").inc()
+            metrics.DEAD_LETTERS.labels(self.name, "publish", "message_too_large").inc(len(letters))
+            log.warning("the broker refused %d messages as too large; sending %d dead letters instead",
+                        len(refused), len(letters))
 
     async def drain(self) -> None:
-        """Finish the batch in flight (within the grace period), take no new one, commit."""
+        """Finish the batches in flight within ``shutdown_grace_s``, take no new one, commit.
+
+        Batches still in flight then are given up uncommitted, so the shutdown does not wait for them.
+        """
         self.draining = True
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self._busy:
+            # Given up uncommitted: their events leave Faust's pending set (its shutdown would wait
+            # for them in wait_empty) and are handled again after the restart (at-least-once).
+            log.warning("%d batch(es) still in flight after shutdown_grace_s (%.0fs); giving them up "
+                        "uncommitted", len(self._in_flight), self.settings.shutdown_grace_s)
+            tasks = list(self._in_flight)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5.0)
         try:
             await self.app.consumer.commit()
         except Exception:

@@ -173,6 +173,27 @@ class Compute:
         raise NotImplementedError
 
 
+class ComputeTimeout(TimeoutError):
+    """A compute call ran longer than ``compute_timeout_s``: a worker fault (:mod:`sieve.worker.faults`)."""
+
+
+async def run_bounded(compute: Compute, records: list[RawRecord], timeout_s: float) -> Computed:
+    """``compute.run(records)``, failing with :class:`ComputeTimeout` after ``timeout_s``.
+
+    The call is abandoned, not stopped: a thread keeps running until the encoder returns,
+    and the calls after it queue behind it (a hung encoder makes every later call time
+    out too, which the worker treats as a fault and exits on).
+    """
+    try:
+        async with asyncio.timeout(timeout_s) as scope:
+            return await compute.run(records)
+    except TimeoutError:
+        if not scope.expired():  # the computation's own error, not the bound
+            raise
+        raise ComputeTimeout(f"computing a batch of {len(records)} took longer than "
+                             f"compute_timeout_s ({timeout_s:g}s)") from None
+
+
 def run_pipeline(pipeline: RouterPipeline, records: list[RawRecord]) -> Computed:
     """One batch through ``pipeline``, reduced to what leaves the compute stage."""
     return summarise(pipeline.process(records))

@@ -9,7 +9,9 @@ so Kubernetes probes and Prometheus share the metrics port.
   ``startup_s``.
 * ``/readyz``: every registered readiness check passes; for a router: its route
   index is loaded, its consumer has joined the group (a worker with no partition —
-  more workers than partitions — is joined and ready), and it is not draining.
+  more workers than partitions — is joined and ready), it is not draining, publishing
+  has not been failing continuously for longer than ``publish_unready_s``, and it is
+  not in a worker fault (:mod:`sieve.worker.faults`).
 
 The same timer updates the consumer-lag gauge of each assigned input partition:
 the high-water mark the broker sent with the last Fetch response minus the
@@ -155,7 +157,8 @@ class WorkerHealth:
 
     Driven by a Faust timer: each tick beats ``/healthz`` and refreshes
     ``sieve_consumer_lag`` for the worker's own input partitions. ``/readyz`` needs
-    the consumer group joined, the worker not draining, and any ``checks`` given.
+    the consumer group joined, the worker not draining, publishing not failing for
+    longer than ``publish_unready_s``, no worker fault, and any ``checks`` given.
     """
 
     def __init__(
@@ -176,6 +179,9 @@ class WorkerHealth:
             probes.add_check(name, check)
         probes.add_check("consumer_group", self._consumer_joined)
         probes.add_check("not_draining", self._not_draining)
+        probes.add_check("publishing", worker.publishing_readiness)
+        probes.add_check("no_worker_fault", worker.faults.readiness)
+        metrics.WORKER_FAULT.labels(self.topology).set(0)
         worker.app.on_partitions_assigned.connect(cast(Any, self._on_assigned))
         worker.app.timer(probes.settings.heartbeat_s, name="sieve.worker.health")(self.tick)
 

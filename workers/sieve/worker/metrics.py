@@ -63,6 +63,22 @@ NOVEL_BASELINE = Gauge(
     "Share of novel events on the calibration data the route set's novelty threshold was fitted on.",
     ["topology", "route_set"],
 )
+WORKER_FAULT = Gauge(
+    "sieve_worker_fault",
+    "1 while the worker is in a worker fault (every event failing the same way, or a compute call "
+    "timing out): it consumes nothing, is not ready, and exits once the fault outlasts worker_fault_exit_s.",
+    ["topology"],
+)
+WORKER_FAULTS = Counter(
+    "sieve_worker_faults_total",
+    "Worker faults entered, by the stage and error class every event failed with.",
+    ["topology", "stage", "error"],
+)
+PUBLISH_FAILURES = Counter(
+    "sieve_publish_failures_total",
+    "Failed attempts to publish a batch, by what was done (retry, dead_letter, create_topic, fatal).",
+    ["topology", "action"],
+)
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
 CONSUMER_LAG = Gauge(
     "sieve_consumer_lag",

@@ -22,12 +22,12 @@ from sieve.flow.publish import plan_dead_letters
 from sieve.kafka.records import RawRecord
 from sieve.routeset import Space
 from sieve.settings import Settings
-from sieve.store.qdrant import RouteStore
+from sieve.store.qdrant import RouteStore, RouteStoreError
 from sieve.topology import Topology
 from sieve.worker import metrics
 from sieve.worker.app import build_app
 from sieve.worker.batch_worker import BatchWorker
-from sieve.worker.compute import Compute, Computed, ThreadCompute, build_pipeline
+from sieve.worker.compute import Compute, Computed, ComputeTimeout, ThreadCompute, build_pipeline, run_bounded
 from sieve.worker.compute_child import ProcessCompute
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,18 @@ class RouterWorker(BatchWorker):
         if store is not None:
             self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
+        self._refused: dict[Space, str] = {}  # per space: the version last refused (logged once)
 
     async def handle(self, records: list[RawRecord]) -> Computed:
         """Process one batch to the end: it returns only once every output is acknowledged."""
         metrics.IN_FLIGHT.labels(self.topology.name).set(1)
         try:
             try:
-                result = await self._process(records)
+                result = await self.faults.check(records, self._process)  # a worker fault waits here
             finally:
                 self.compute_done()  # the next batch may be gathered while this one is published
             started = time.perf_counter()
-            await self._publish(result.outbound)
+            await self._publish(result.outbound, records)
             publish_seconds = time.perf_counter() - started
             metrics.record_batch(self.topology.name, records, result, publish_seconds)
             return result
@@ -87,10 +88,13 @@ class RouterWorker(BatchWorker):
             metrics.IN_FLIGHT.labels(self.topology.name).set(0)
 
     async def _process(self, records: list[RawRecord]) -> Computed:
-        """Compute the batch; retry; isolate a record that keeps failing."""
+        """Compute the batch; retry; isolate a record that keeps failing (a compute timeout is raised)."""
+        timeout = self.settings.compute_timeout_s
         for attempt in range(1, _MAX_PROCESS_ATTEMPTS + 1):
             try:
-                return await self.compute.run(records)
+                return await run_bounded(self.compute, records, timeout)
+            except ComputeTimeout:
+                raise
             except Exception:
                 log.exception("batch of %d failed (attempt %d)", len(records), attempt)
                 metrics.BATCH_RETRIES.labels(self.topology.name, "process").inc()
@@ -99,7 +103,9 @@ class RouterWorker(BatchWorker):
         merged = Computed([], [], {}, {}, [])
         for record in records:
             try:
-                one = await self.compute.run([record])
+                one = await run_bounded(self.compute, [record], timeout)
+            except ComputeTimeout:
+                raise
             except Exception as exc:
                 letter = make_dead_letter(
                     record,
@@ -117,7 +123,11 @@ class RouterWorker(BatchWorker):
     # -- route-set refresh -------------------------------------------------------------------
 
     async def _refresh_route_set(self) -> None:
-        """Pick up a newly synced route-set version, and the head it carries, without a restart."""
+        """Pick up a newly activated route-set version, and the head it carries, without a restart.
+
+        Only a complete version loads (:meth:`RouteStore.load`); one the store refuses
+        leaves the running version in place, and is tried again at the next refresh.
+        """
         assert self.store is not None
         loop = asyncio.get_running_loop()
         name = self.topology.route_set.name
@@ -129,7 +139,15 @@ class RouterWorker(BatchWorker):
                 )
                 if version is None or version == current.version:
                     continue
-                index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id)
+                try:
+                    index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id, version)
+                except RouteStoreError as exc:
+                    level = logging.DEBUG if self._refused.get(space) == version else logging.ERROR
+                    self._refused[space] = version
+                    log.log(level, "route set %s (%s space): version %s refused, keeping version %s: %s",
+                            name, space, version, current.version, exc)
+                    continue
+                self._refused.pop(space, None)
                 await self.compute.swap_index(index)
                 metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
                 metrics.record_route_set(self.topology.name, index)
