@@ -62,7 +62,9 @@ def pipeline(trivial_encoder, moderation_set) -> RouterPipeline:
 
 @pytest.fixture(scope="module")
 def child(pipeline: RouterPipeline):
-    compute = ProcessCompute(pipeline.topology, Settings(metrics_port=0, worker_name="t"), pipeline.indexes)
+    # no repeat cache, like the fixture's pipeline it is compared with
+    settings = Settings(metrics_port=0, worker_name="t", dedup_cache_mb=0)
+    compute = ProcessCompute(pipeline.topology, settings, pipeline.indexes)
     yield compute
     compute.close()
 

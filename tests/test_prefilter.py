@@ -110,3 +110,32 @@ def test_no_hit_means_the_encoder_decides(tmp_path: Path, text: str) -> None:
     pipeline, encoder = pipeline_for(tmp_path, None)
     [decision] = pipeline.process([record(0, "a", text)]).decisions
     assert decision.list_hits is None and encoder.texts == [text]
+
+
+def test_the_worker_counts_cache_hits_and_list_hits(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    from sieve.worker.compute import summarise
+    from sieve.worker.metrics import record_batch
+
+    pipeline, _ = pipeline_for(tmp_path, DecisionCache(1 << 20, ttl_s=60))
+    batch = [record(0, "a", "I will kill you"), record(1, "b", "hello"), record(2, "c", "hello")]
+    computed = summarise(pipeline.process(batch))
+    assert computed.from_cache == 1 and computed.list_hits == {("threats", "kill"): 1}
+    labels = {"topology": "prefilter-test", "list": "threats", "entry": "kill"}
+    before = REGISTRY.get_sample_value("sieve_list_hits_total", labels) or 0
+    record_batch("prefilter-test", batch, computed, 0.01)
+    assert REGISTRY.get_sample_value("sieve_cache_hits_total", {"topology": "prefilter-test"}) >= 1
+    assert REGISTRY.get_sample_value("sieve_list_hits_total", labels) == before + 1
+
+
+def test_the_settings_size_the_workers_cache(tmp_path: Path) -> None:
+    from sieve.settings import Settings
+    from sieve.worker.compute import build_pipeline
+
+    pipeline, encoder = pipeline_for(tmp_path, None)
+    indexes = {"text": pipeline.index}
+    on = build_pipeline(pipeline.topology, Settings(dedup_cache_mb=1), indexes, (encoder, None))
+    off = build_pipeline(pipeline.topology, Settings(dedup_cache_mb=0), indexes, (encoder, None))
+    assert on.prefilter.cache is not None and on.prefilter.cache.max_bytes == 1 << 20
+    assert off.prefilter.cache is None

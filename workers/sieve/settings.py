@@ -269,6 +269,11 @@ class Settings(BaseSettings):
     compute_timeout_s: float = Field(default=300.0, gt=0)
     worker_fault_exit_s: float = Field(default=300.0, gt=0)
     publish_unready_s: float = Field(default=30.0, gt=0)
+    # Duplicate waves (sieve.flow.dedup): a repeat of content decided under the same policy and
+    # route-set version within dedup_ttl_s gets that decision (from_cache); dedup_cache_mb bounds
+    # the cache's memory per worker (0: no cache).
+    dedup_cache_mb: float = Field(default=64.0, ge=0)
+    dedup_ttl_s: float = Field(default=300.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The LLM reviewer's endpoint (`sieve review`).
     llm: LLMSettings = LLMSettings()

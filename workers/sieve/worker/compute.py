@@ -36,6 +36,7 @@ from sieve.contracts import DeadLetter
 from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.encoders.clip import clip_encoder_id
 from sieve.encoders.factory import encoders_for, text_encoder_id
+from sieve.flow.dedup import DecisionCache
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import BatchResult, RouterPipeline
 from sieve.kafka.records import Outbound, RawRecord
@@ -79,6 +80,8 @@ class Computed:
     event_times: list[float]
     novelty_measured: dict[str, int] = field(default_factory=dict)
     novel: dict[str, int] = field(default_factory=dict)
+    from_cache: int = 0  # decisions taken from the repeat cache
+    list_hits: dict[tuple[str, str], int] = field(default_factory=dict)  # (list, entry) -> hits
 
     def add(self, other: Computed) -> None:
         """Take ``other``'s messages and counts into this one (a batch computed record by record)."""
@@ -88,6 +91,8 @@ class Computed:
         _tally(self.outcomes, other.outcomes)
         _tally(self.novelty_measured, other.novelty_measured)
         _tally(self.novel, other.novel)
+        self.from_cache += other.from_cache
+        _tally(self.list_hits, other.list_hits)
 
 
 def _tally(into: dict[Any, int], counts: dict[Any, int]) -> None:
@@ -101,7 +106,14 @@ def summarise(result: BatchResult) -> Computed:
     event_times: list[float] = []
     measured: dict[str, int] = {}
     novel: dict[str, int] = {}
+    from_cache = 0
+    list_hits: dict[tuple[str, str], int] = {}
     for row in result.rows:
+        if row.get("from_cache"):
+            from_cache += 1
+        for hit in row.get("list_hits") or ():
+            key_hit = (hit["list"], hit["entry"])
+            list_hits[key_hit] = list_hits.get(key_hit, 0) + 1
         key = (row["outcome"], row["route"] or "", row["decided_by"])
         outcomes[key] = outcomes.get(key, 0) + 1
         if row["latency_ms"] is not None:
@@ -113,7 +125,8 @@ def summarise(result: BatchResult) -> Computed:
             if flag:
                 novel[route_set] = novel.get(route_set, 0) + 1
     return Computed(
-        result.outbound, result.dead_letters, result.seconds, outcomes, event_times, measured, novel
+        result.outbound, result.dead_letters, result.seconds, outcomes, event_times, measured, novel,
+        from_cache, list_hits,
     )
 
 
@@ -145,9 +158,12 @@ def build_pipeline(topology: Topology, settings: Settings, indexes: dict[Space, 
     from :func:`encoder_ids` are checked once the models load.
     """
     encoder, image_encoder = encoders or build_encoders(topology, settings)
+    cache = None
+    if settings.dedup_cache_mb > 0:
+        cache = DecisionCache(int(settings.dedup_cache_mb * 2**20), settings.dedup_ttl_s)
     return RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
                           image_encoder=image_encoder, image_index=indexes.get("image"),
-                          image_fetch=settings.images)
+                          image_fetch=settings.images, cache=cache)
 
 
 class Compute:

@@ -58,6 +58,16 @@ NOVEL_EVENTS = Counter(
     "Decisions of events above the route set's novelty threshold (novel: true).",
     ["topology", "route_set"],
 )
+CACHE_HITS = Counter(
+    "sieve_cache_hits_total",
+    "Decisions taken from the repeat cache (from_cache: true); over sieve_decisions_total: the hit ratio.",
+    ["topology"],
+)
+LIST_HITS = Counter(
+    "sieve_list_hits_total",
+    "List entries that fired (term, pattern or image hash), by list and entry.",
+    ["topology", "list", "entry"],
+)
 NOVEL_BASELINE = Gauge(
     "sieve_novel_baseline",
     "Share of novel events on the calibration data the route set's novelty threshold was fitted on.",
@@ -136,6 +146,10 @@ def record_batch(
         NOVELTY_MEASURED.labels(topology, route_set).inc(count)
     for route_set, count in result.novel.items():
         NOVEL_EVENTS.labels(topology, route_set).inc(count)
+    if result.from_cache:
+        CACHE_HITS.labels(topology).inc(result.from_cache)
+    for (list_name, entry), count in result.list_hits.items():
+        LIST_HITS.labels(topology, list_name, entry).inc(count)
 
 
 def record_route_set(topology: str, index: RouteIndex) -> None:
