@@ -69,3 +69,22 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
     tiny = DecisionCache(10, ttl_s=60)
     tiny.put(b"x", ROW)  # larger than the whole cache: not kept
     assert len(tiny) == 0 and tiny.bytes == 0
+
+
+def test_needs_review_messages_are_keyed_by_content_so_repeats_meet_in_one_reviewer() -> None:
+    from sieve.flow.dedup import review_key
+    from sieve.flow.publish import plan_decisions
+    from sieve.topology import OutputSpec
+
+    from .review_helpers import make_decision
+
+    output = OutputSpec(outcome_topics={"clean": "c", "violating": "v", "needs_review": "r"},
+                        route_topic_prefix="route.")
+    first, repeat = make_decision("a", "buy now"), make_decision("b", "buy now")
+    other = make_decision("c", "something else")
+    clean = make_decision("d", "buy now").model_copy(update={"outcome": "clean"})
+    messages = plan_decisions([first, repeat, other, clean.model_dump(mode="json")], output)
+    review = [m for m in messages if m.topic == "r"]
+    assert [m.key for m in review] == [review_key("v1", "buy now", None).encode()] * 2 + [
+        review_key("v1", "something else", None).encode()]
+    assert {m.key for m in messages if m.topic != "r"} == {b"a", b"b", b"c", b"d"}  # elsewhere: event id
