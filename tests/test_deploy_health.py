@@ -103,6 +103,22 @@ def test_one_server_answers_metrics_healthz_readyz_and_404() -> None:
     assert serve("127.0.0.1", 0, probes=probes) is None, "port 0 turns the endpoint off"
 
 
+def test_the_server_binds_the_address_the_settings_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sieve.settings import Settings
+
+    monkeypatch.setenv("SIEVE_METRICS_HOST", "127.0.0.1")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.metrics_host == "127.0.0.1" and Settings.model_fields["metrics_host"].default == "0.0.0.0"
+    port = free_port()
+    server = serve(settings.metrics_host, port, probes=Probes())
+    assert server is not None
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- a real worker -------------------------------------------------------------------------------
 
 

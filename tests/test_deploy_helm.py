@@ -305,6 +305,7 @@ def test_secrets_are_referenced_never_rendered() -> None:
         assert "/etc/sieve/kafka-tls" in {m["mountPath"] for m in container["volumeMounts"]}, name
         if name.endswith("-reviewer"):
             assert env["SIEVE_LLM__API_KEY"] == {"secretKeyRef": {"name": "llm", "key": "token"}}
+            assert env["SIEVE_LLM__ALLOW_PLAINTEXT_API_KEY"] == "false"  # https, or say so
     trigger = one(objects, "ScaledObject", "-router")["spec"]["triggers"][0]
     assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
     auth = one(objects, "TriggerAuthentication")

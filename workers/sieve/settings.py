@@ -239,6 +239,8 @@ class Settings(BaseSettings):
     images: ImageFetchSettings = ImageFetchSettings()
     # Prometheus endpoint of a worker; 0 turns it off.
     metrics_port: int = 9108
+    # The address the metrics and probe server binds: every interface by default (a pod's
+    # Prometheus scrape and kubelet probes); 127.0.0.1 keeps it to the machine.
     metrics_host: str = "0.0.0.0"
     # Liveness and readiness endpoints, served on metrics_port next to /metrics.
     health: HealthSettings = HealthSettings()
