@@ -259,7 +259,9 @@ def test_dashboard_has_the_panels_operators_need() -> None:
               "Review-tail share", "Dead letters /s by stage and reason", "Batch size",
               "Stage latency p50 per batch", "Stage latency p99 per batch",
               "End-to-end latency p50 / p95 / p99", "Consumer lag per partition",
-              "LLM calls /s by result", "Tokens /s", "Cost per hour", "Novel share (drift)"]
+              "LLM calls /s by result", "Tokens /s", "Cost per hour", "Novel share (drift)",
+              "List hits /s by list and entry", "Repeat cache hit ratio", "LLM calls saved /s",
+              "Worker faults"]
     assert [t for t in wanted if t not in titles] == []
     ids = [panel["id"] for panel in dashboard()["panels"]]
     assert len(ids) == len(set(ids))

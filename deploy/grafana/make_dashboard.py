@@ -164,6 +164,27 @@ PANELS: list[dict[str, Any]] = [
                 q(f"sum {BY_SET} (rate(sieve_novel_events_total{{{T}}}{RATE}))", "{{route_set}} novel")],
                "ops"),
 
+    row("Known content: lists, repeats, faults"),
+    timeseries("List hits /s by list and entry", "List entries that fired (term, pattern or image "
+               "hash lists beside the route set; they decide before the encoder). docs/lists.md.",
+               [q(f"sum by (list, entry) (rate(sieve_list_hits_total{{{T}}}{RATE}))",
+                  "{{list}}: {{entry}}")], "ops", width=6, stack=True),
+    timeseries("Repeat cache hit ratio", "Share of the decisions taken from the repeat cache "
+               "(from_cache: the same content decided under the same policy and version within "
+               "the cache's time to live).",
+               [q(f"sum(rate(sieve_cache_hits_total{{{T}}}{RATE})) / "
+                  f"sum(rate(sieve_decisions_total{{{T}}}{RATE}))", "hit ratio")],
+               "percentunit", width=6),
+    timeseries("LLM calls saved /s", "Reviews answered with the verdict of an earlier review of the "
+               "same content (no LLM call), against the LLM calls made.",
+               [q(f"sum(rate(sieve_review_reused_total{{{T}}}{RATE}))", "saved"),
+                q(f"sum(rate(sieve_review_requests_total{{{T}}}{RATE}))", "made")], "ops", width=6),
+    timeseries("Worker faults", "1 while a worker holds a fault that hits every event (it consumes "
+               "nothing, /readyz is false; SieveWorkerFault), and faults by stage and error class.",
+               [q(f"max by (instance) (sieve_worker_fault{{{T}}})", "fault {{instance}}"),
+                q(f"sum by (stage, error) (increase(sieve_worker_faults_total{{{T}}}{RATE}))",
+                  "{{stage}}: {{error}}")], "short", width=6),
+
     row("Latency and batches"),
     timeseries("End-to-end latency p50 / p95 / p99", "From the event's Kafka timestamp to its "
                "decision acknowledged by the broker (queueing in Kafka included).",
