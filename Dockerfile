@@ -39,9 +39,9 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 FROM torch-${VARIANT} AS final
 ARG VARIANT
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY workers ./workers
-RUN pip install . && rm -rf build workers/*.egg-info
+RUN pip install -c requirements.lock . && rm -rf build workers/*.egg-info
 # On the CPU, backend auto runs MiniLM exported to ONNX (on OpenVINO): export it (fp32 and the
 # int8 copies) into the image, so a worker starts without exporting. The CUDA image runs torch
 # fp16 instead.

@@ -2,14 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint schemas bench clean deploy-tools load
+.PHONY: demo test lint schemas bench clean deploy-tools load lock audit
 
-$(STAMP): pyproject.toml
+# Every package at the version requirements.lock pins (pip constraints).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -42,3 +44,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .sieve .pytest_cache
+
+# The lock from pyproject.toml, resolved afresh in a throw-away virtual environment.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e '.[test]'
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
+
+# Known vulnerabilities in the locked versions (pip-audit, PyPI's advisory data; it needs
+# pypi.org's JSON API, which CI machines cannot reach: docs/security.md).
+audit: $(STAMP)
+	$(BIN)/pip install --quiet pip-audit
+	$(BIN)/pip-audit -r $(LOCK) --no-deps --disable-pip
