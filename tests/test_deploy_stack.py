@@ -198,7 +198,7 @@ def test_promtool_checks_the_scrape_config_and_the_rules() -> None:
     out = run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")).stdout
     assert "SUCCESS" in out
     out = run(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml")).stdout
-    assert "SUCCESS: 10 rules found" in out
+    assert "SUCCESS: 11 rules found" in out
 
 
 def test_promtool_unit_tests_fire_every_alert() -> None:

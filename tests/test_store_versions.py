@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from qdrant_client import QdrantClient, models
 
 from sieve.flow.match import RouteIndex, example_id
@@ -155,6 +156,8 @@ async def test_a_worker_never_loads_an_incomplete_version(store, trivial_encoder
             await worker._refresh_route_set()
         assert compute.indexes["text"] is running  # the running version stays
         assert f"version {second.version} refused, keeping version {first.version}" in caplog.text
+        refused = {"topology": topology().name, "space": "text"}
+        assert REGISTRY.get_sample_value("sieve_route_set_refused", refused) == 1  # SieveRouteSetRefused
         # a pointer naming a version that has no record (as a store an older Sieve wrote has)
         unsynced = with_route(first, "complain", utterances=["never synced"])
         pointer = {**pointer_payload(store, trivial_encoder.id), "version": unsynced.version,
@@ -172,6 +175,7 @@ async def test_a_worker_never_loads_an_incomplete_version(store, trivial_encoder
         loaded = compute.indexes["text"]
         assert loaded.version == second.version
         assert loaded.example_ids == RouteIndex.build(second, trivial_encoder).example_ids
+        assert REGISTRY.get_sample_value("sieve_route_set_refused", refused) == 0
     finally:
         compute.close()
 

@@ -58,6 +58,12 @@ NOVEL_EVENTS = Counter(
     "Decisions of events above the route set's novelty threshold (novel: true).",
     ["topology", "route_set"],
 )
+ROUTE_SET_REFUSED = Gauge(
+    "sieve_route_set_refused",
+    "1 while the route store's active version is refused (incomplete, forged, or failing to load) "
+    "and the worker keeps deciding with the version it runs.",
+    ["topology", "space"],
+)
 CACHE_HITS = Counter(
     "sieve_cache_hits_total",
     "Decisions taken from the repeat cache (from_cache: true); over sieve_decisions_total: the hit ratio.",

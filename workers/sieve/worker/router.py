@@ -146,8 +146,10 @@ class RouterWorker(BatchWorker):
                     self._refused[space] = version
                     log.log(level, "route set %s (%s space): version %s refused, keeping version %s: %s",
                             name, space, version, current.version, exc)
+                    metrics.ROUTE_SET_REFUSED.labels(self.topology.name, space).set(1)
                     continue
                 self._refused.pop(space, None)
+                metrics.ROUTE_SET_REFUSED.labels(self.topology.name, space).set(0)
                 await self.compute.swap_index(index)
                 metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
                 metrics.record_route_set(self.topology.name, index)
