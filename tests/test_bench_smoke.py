@@ -143,3 +143,4 @@ def test_peak_rss_counts_the_workers_child_processes() -> None:
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()

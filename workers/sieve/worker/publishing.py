@@ -79,13 +79,26 @@ def _ids_of(record: RawRecord) -> list[bytes]:
     return ids
 
 
+def _event_key(message: Outbound) -> bytes:
+    """The event id a refused message is about: a decision's ``event_id``, else the message key.
+
+    The needs-review topic is keyed by content, not by event, so the key alone does not say.
+    """
+    try:
+        value = json.loads(message.value)
+    except ValueError:
+        return message.key or b""
+    event_id = value.get("event_id") if isinstance(value, dict) else None
+    return event_id.encode() if isinstance(event_id, str) else (message.key or b"")
+
+
 def too_large_letters(
     refused: Sequence[Outbound], records: Sequence[RawRecord], topology: Topology, worker: str,
 ) -> tuple[list[Outbound], list[DeadLetter]]:
     """One dead letter (reason ``message_too_large``) per event whose message the broker refused as too large.
 
     The letter replaces the event's decision messages (outcome and route topic alike).
-    The event is found among the batch's ``records`` by the message key (the event id);
+    The event is found among the batch's ``records`` by the message's event id;
     a message whose event is not found is its own letter's payload. A refused message
     that is already a dead letter is replaced by one without payload (size and SHA-256 only).
     """
@@ -96,7 +109,7 @@ def too_large_letters(
     limit = topology.limits.max_dead_letter_payload_bytes
     letters: dict[tuple[object, ...], DeadLetter] = {}
     for message in refused:
-        key = message.key or b""
+        key = _event_key(message)
         found = by_id.get(key)
         record = found or RawRecord(None, None, None, message.key, message.value, None)
         is_letter = message.topic == topology.output.dead_letter_topic
