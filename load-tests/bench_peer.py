@@ -60,7 +60,8 @@ from worker_rig import ROUTES, WorkerRig, backend_available, cpu_model, encoder_
 
 from sieve.cli.demo import steady_rate  # noqa: E402
 from sieve.encoders.st_model import bundled_minilm_path, read_layout  # noqa: E402
-from sieve.routeset import ThresholdOverrides, load_route_set  # noqa: E402
+from sieve.routeset import load_route_set  # noqa: E402
+from sieve.thresholds import ThresholdOverrides  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PEER_VENV = HERE / ".peer-venv"

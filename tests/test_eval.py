@@ -33,8 +33,9 @@ from sieve.quality.semantic_router import semantic_router_fit, semantic_router_r
 from sieve.quality.splits import sample_data, split_data
 from sieve.quality.systems import ScoredSplit
 from sieve.quality.tables import per_label_table, per_route_table, summarise
-from sieve.routeset import Novelty, RouteSet, load_route_set, parse_route_set
+from sieve.routeset import RouteSet, load_route_set, parse_route_set
 from sieve.routeset_dump import dump_route_set
+from sieve.thresholds import Novelty
 from sieve.topology import load_topology
 from tests.test_pipeline import text_record
 

@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sieve.contracts import SCHEMA_VERSION_DOC
-from sieve.routeset import NAME_PATTERN, RouteSet, ThresholdOverrides, load_route_set
+from sieve.routeset import NAME_PATTERN, RouteSet, load_route_set
+from sieve.thresholds import ThresholdOverrides
 
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]

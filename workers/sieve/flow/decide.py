@@ -41,7 +41,7 @@ from sieve.contracts import (
     ImageRef,
 )
 from sieve.flow.match import MatchResult, RouteIndex
-from sieve.routeset import ThresholdOverrides
+from sieve.thresholds import ThresholdOverrides
 
 
 @dataclass(frozen=True)

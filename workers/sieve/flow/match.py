@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sieve.encoders.base import ImageEncoder, TextEncoder
-from sieve.routeset import Aggregation, ExampleKind, Route, RouteSet, Space
+from sieve.routeset import ExampleKind, Route, RouteSet, Space
+from sieve.thresholds import Aggregation
 
 _EXAMPLE_NAMESPACE = uuid.UUID("0b4c7f0e-1f2a-4d8e-8a53-5a0f6c1d2e3b")
 

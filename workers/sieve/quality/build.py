@@ -28,7 +28,8 @@ import numpy as np
 from sieve.flow.head import LearnedHead, train_head
 from sieve.progress import SILENT, Progress
 from sieve.quality.datasets import LabelledData
-from sieve.routeset import Aggregation, Route, RouteDefaults, RouteSet
+from sieve.routeset import Route, RouteSet
+from sieve.thresholds import Aggregation, RouteDefaults
 
 
 @dataclass(frozen=True)

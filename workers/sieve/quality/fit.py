@@ -33,7 +33,8 @@ from sieve.progress import SILENT, Progress
 from sieve.quality.decider import FastDecider, GroupDecider, Params, check_agrees_with_worker
 from sieve.quality.metrics import wilson
 from sieve.quality.targets import Assessment, Objective, Targets
-from sieve.routeset import Novelty, Route, RouteDefaults, RouteSet, ThresholdOverrides
+from sieve.routeset import Route, RouteSet
+from sieve.thresholds import Novelty, RouteDefaults, ThresholdOverrides
 
 NOVEL_SHARE = 0.05  # the share of calibration events a fitted novelty threshold flags novel
 

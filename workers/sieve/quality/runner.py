@@ -38,8 +38,9 @@ from sieve.quality.systems import ScoredSplit, SystemRun
 from sieve.quality.tables import summarise
 from sieve.quality.targets import Targets
 from sieve.quality.workbench import EvalSplit, Workbench
-from sieve.routeset import Novelty, RouteSet, head_path_for, load_route_set
+from sieve.routeset import RouteSet, head_path_for, load_route_set
 from sieve.routeset_dump import dump_route_set
+from sieve.thresholds import Novelty
 
 # --------------------------------------------------------------------------- build
 
