@@ -414,8 +414,8 @@ def test_route_lookup_and_outcomes():
 def test_schema_version_is_optional_and_not_content():
     implicit = parse_route_set(base_data())
     explicit = parse_route_set({"schema_version": 1, **base_data()})
-    later = parse_route_set({"schema_version": 3, **base_data()})
-    assert implicit.schema_version == later.schema_version == ROUTE_SET_SCHEMA_VERSION == 3
+    later = parse_route_set({"schema_version": 4, **base_data()})
+    assert implicit.schema_version == later.schema_version == ROUTE_SET_SCHEMA_VERSION == 4
     assert explicit.schema_version == 1
     # The file format's version changes neither the content version (decision ids) nor equality.
     assert implicit.version == explicit.version == later.version

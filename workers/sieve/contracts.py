@@ -26,6 +26,8 @@ NEEDS_REVIEW = "needs_review"
 Modality = Literal["text", "image"]
 DecidedBy = Literal["router", "llm"]
 DecisionReason = Literal["accept", "ambiguous", "review_band", "no_match"]
+RouteSetMode = Literal["single", "multi"]
+Band = Literal["accept", "review"]
 DeadLetterStage = Literal["decode", "validate", "encode", "decide", "publish"]
 
 EventId = Annotated[str, Field(min_length=1, max_length=256)]
@@ -33,7 +35,9 @@ EventId = Annotated[str, Field(min_length=1, max_length=256)]
 # The version of each contract. It goes up by one with each additive change (a new optional
 # field); a reader accepts any version, and ignores what it does not know where it may.
 EVENT_SCHEMA_VERSION = 1
-DECISION_SCHEMA_VERSION = 3  # 2: novel, novelty; 3: list_hits, from_cache, review.reused
+# 2: novel, novelty; 3: list_hits, from_cache, review.reused;
+# 4: mode, routes, categories, category_scores, final, review.routes, review.rejected_routes
+DECISION_SCHEMA_VERSION = 4
 DEAD_LETTER_SCHEMA_VERSION = 1
 SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
                       "change (docs/contracts.md). Optional in input.")
@@ -175,6 +179,10 @@ class Review(BaseModel):
         default=None,
         description="True: the verdict of an earlier review of the same content under the same "
         "route-set version (no LLM call for this one).")
+    routes: list[str] | None = Field(
+        default=None, description="Multi-mode sets: the fired routes the reviewer confirmed.")
+    rejected_routes: list[str] | None = Field(
+        default=None, description="Multi-mode sets: the fired routes the reviewer rejected.")
 
 
 class ListHitRef(BaseModel):
@@ -186,6 +194,22 @@ class ListHitRef(BaseModel):
     entry: str = Field(description="The entry's id.")
     route: str | None = Field(default=None, description="The route the entry adds.")
     distance: int | None = Field(default=None, description="Image hash lists: the Hamming distance in bits.")
+
+
+class FiredRoute(BaseModel):
+    """A route that fired on the event, in a route set with ``mode: multi``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    route: str
+    outcome: str
+    score: float
+    band: Band = Field(description="accept: at or over its accept threshold; review: in its review band "
+                       "(or ambiguous).")
+    ambiguous: bool = Field(default=False, description="Over its accept threshold but within its margin "
+                            "of the best benign route: sent to review.")
+    confirmed: bool | None = Field(default=None, description="Set on a reviewer's verdict: true when it "
+                                   "confirms the route, false when it rejects it.")
 
 
 class Decision(BaseModel):
@@ -237,6 +261,21 @@ class Decision(BaseModel):
         description="True: decided earlier for the same content, route-set version and policy (a "
         "repeat within the cache's time to live); the id, event and times are this event's own.",
     )
+
+    mode: RouteSetMode | None = Field(
+        default=None, description="The route set's mode: single (one route decides) or multi (every "
+        "route judged on its own). Null from writers before schema version 4.")
+    routes: list[FiredRoute] | None = Field(
+        default=None, description="Multi mode: every route that fired, best score first (the default-"
+        "outcome route behind a default decision included). Null in single mode.")
+    categories: dict[str, bool] | None = Field(
+        default=None, description="Multi mode: per category (each route whose outcome is not the set's "
+        "default), whether it accepted the event. Null in single mode.")
+    category_scores: dict[str, float] | None = Field(
+        default=None, description="Multi mode: per category, its score. Null in single mode.")
+    final: bool | None = Field(
+        default=None, description="True: the event's final decision (automatic, or a reviewer's "
+        "verdict); false: it waits for review. Null from writers before schema version 4.")
 
     @staticmethod
     def make_id(event_id: str, route_set_version: str) -> str:

@@ -48,11 +48,12 @@ from sieve.thresholds import Aggregation, RouteDefaults, ThresholdOverrides, Thr
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 # The route-set file format's version: up by one with each additive change (a new optional field).
-ROUTE_SET_SCHEMA_VERSION = 3  # 2: defaults.novelty; 3: lists
+ROUTE_SET_SCHEMA_VERSION = 4  # 2: defaults.novelty; 3: lists; 4: mode, severity
 # Fields of a route set that are not its content: its version hash and equality leave them out.
 _NOT_CONTENT = {"schema_version"}
 
 Space = Literal["text", "image"]
+Mode = Literal["single", "multi"]
 ExampleKind = Literal["utterance", "prompt", "image"]
 
 
@@ -130,6 +131,12 @@ class RouteSet(BaseModel):
     lists: list[str] = Field(default_factory=list, description=(
         "Term, pattern and image hash list files (sieve.lists), relative to the route file; "
         "they run before the encoder and belong to the version."))
+    mode: Mode = Field(default="single", description=(
+        "single: one route decides (intent routing). multi: each route is judged on its own "
+        "thresholds and the decision carries every route that fired (moderation)."))
+    severity: list[str] | None = Field(default=None, description=(
+        "multi mode: outcomes, most severe first; the decision's outcome is the most severe one "
+        "accepted. Null: the routes' outcomes in order of first appearance, the default last."))
     # Set by load_route_set: the route file's folder and the SHA-256 of each example image.
     _base_dir: Path | None = PrivateAttr(default=None)
     _image_digests: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -141,8 +148,13 @@ class RouteSet(BaseModel):
     @model_serializer(mode="wrap")
     def _without_empty_lists(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data = handler(self)
+        # A set without lists, mode or severity dumps (and hashes) as before they existed.
         if not data.get("lists"):
-            data.pop("lists", None)  # a set without lists dumps (and hashes) as before lists existed
+            data.pop("lists", None)
+        if data.get("mode") == "single":
+            data.pop("mode", None)
+        if data.get("severity", False) is None:
+            data.pop("severity", None)
         return data
 
     @model_validator(mode="after")
@@ -166,6 +178,27 @@ class RouteSet(BaseModel):
                         f"({merged.review}) exceeds accept ({merged.accept}) once merged with the defaults"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _severity_names_the_outcomes(self) -> RouteSet:
+        if self.severity is None:
+            return self
+        named = set(self.severity)
+        outcomes = {route.outcome for route in self.routes} | {self.default_outcome}
+        if len(named) != len(self.severity) or named != outcomes:
+            raise ValueError(
+                f"field 'severity': must list each outcome of the set once ({', '.join(sorted(outcomes))}); "
+                f"got {', '.join(self.severity)}"
+            )
+        return self
+
+    @property
+    def severity_order(self) -> tuple[str, ...]:
+        """Outcomes, most severe first: ``severity``, else the routes' by appearance, default last."""
+        if self.severity is not None:
+            return tuple(self.severity)
+        seen = dict.fromkeys(r.outcome for r in self.routes if r.outcome != self.default_outcome)
+        return (*seen, self.default_outcome)
 
     @property
     def version(self) -> str:

@@ -25,6 +25,7 @@ is reviewed anyway; its decision says ``novel: true`` all the same.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,7 @@ from sieve.contracts import (
     Event,
     ImageRef,
 )
+from sieve.flow import multi
 from sieve.flow.match import MatchResult, RouteIndex
 from sieve.thresholds import ThresholdOverrides
 
@@ -59,12 +61,23 @@ class Policy:
     novelty_threshold: float | None = None
     # True: a novel event never gets the default outcome automatically (False: on_novel default).
     novel_review: bool = True
+    # mode: multi (sieve.flow.multi): every route judged on its own thresholds.
+    multi: bool = False
+    # multi mode: per route, its outcome's place in the set's severity order (0: most severe).
+    rank: np.ndarray | None = None
 
     @classmethod
-    def for_index(cls, index: RouteIndex, overrides: ThresholdOverrides | None = None) -> Policy:
-        """Thresholds of the index's routes in its space: set defaults < topology overrides < route's own."""
+    def for_index(cls, index: RouteIndex, overrides: ThresholdOverrides | None = None,
+                  route_overrides: Mapping[str, ThresholdOverrides] | None = None) -> Policy:
+        """Thresholds of the index's routes in its space: set defaults < topology overrides < route's own.
+
+        ``route_overrides`` (route name -> overrides, a tenant's) go over the route's own.
+        """
         route_set = index.route_set
         merged = [route_set.thresholds_for(route, overrides, index.space) for route in index.routes]
+        if route_overrides:
+            merged = [route_overrides[route.name].over(t) if route.name in route_overrides else t
+                      for route, t in zip(index.routes, merged, strict=True)]
         defaults = route_set.defaults if index.space == "text" else route_set.image_defaults
         novelty = defaults.novelty
         return cls(
@@ -76,6 +89,9 @@ class Policy:
             no_match_review=defaults.no_match == "needs_review",
             novelty_threshold=novelty.threshold if novelty is not None else None,
             novel_review=novelty is None or novelty.on_novel == "needs_review",
+            multi=route_set.mode == "multi",
+            rank=np.array([route_set.severity_order.index(route.outcome) for route in index.routes],
+                          dtype=np.int64),
         )
 
     def novel(self, novelty: np.ndarray) -> np.ndarray | None:
@@ -112,6 +128,8 @@ class Verdict:
     reason: DecisionReason
     route: int | None  # index position of the route behind the outcome
     novel: bool | None = None  # None: the policy has no novelty threshold
+    # multi mode: every route that fired, as (index position, band, ambiguous), best score first
+    fired: tuple[tuple[int, str, bool], ...] | None = None
 
 
 def decide_scores(
@@ -127,6 +145,8 @@ def decide_scores(
     n, routes = scores.shape
     if n == 0:
         return verdicts
+    if policy.multi:
+        return _with_novelty(_decide_multi(scores, policy), policy, novelty)
     outcomes = policy.outcomes
     outcome_of = np.array(outcomes, dtype=object)
     rows = np.arange(n)
@@ -159,6 +179,45 @@ def decide_scores(
             verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
         else:
             verdicts.append(Verdict(no_match, "no_match", None))
+    return _with_novelty(verdicts, policy, novelty)
+
+
+def _decide_multi(scores: np.ndarray, policy: Policy) -> list[Verdict]:
+    """Multi mode (:mod:`sieve.flow.multi`): the most severe accepted outcome, or review, or default."""
+    outcomes = policy.outcomes
+    benign = np.array([o == policy.default_outcome for o in outcomes], dtype=bool)
+    rank = policy.rank if policy.rank is not None else np.zeros(len(outcomes), dtype=np.int64)
+    fired = multi.bands(scores, policy.accept, policy.review, policy.margin, benign)
+    accept_rank, accept_best = multi.best_of_rank(scores, fired.accept, rank)
+    review_rank, review_best = multi.best_of_rank(scores, fired.review, rank)
+    benign_accepted = benign[None, :] & (scores >= policy.accept[None, :])
+    benign_best = np.where(benign_accepted, scores, -np.inf).argmax(axis=1)
+    any_fired = fired.accept | fired.review
+    no_match = NEEDS_REVIEW if policy.no_match_review else policy.default_outcome
+    verdicts: list[Verdict] = []
+    for i in range(scores.shape[0]):
+        routes = np.flatnonzero(any_fired[i])
+        listed = tuple(
+            (int(r), "accept" if fired.accept[i, r] else "review", bool(fired.ambiguous[i, r]))
+            for r in routes[np.argsort(-scores[i, routes], kind="stable")]
+        )
+        if accept_best[i] >= 0 and accept_rank[i] <= review_rank[i]:
+            top = int(accept_best[i])
+            verdicts.append(Verdict(outcomes[top], "accept", top, fired=listed))
+        elif review_best[i] >= 0:
+            top = int(review_best[i])
+            reason: DecisionReason = "ambiguous" if fired.ambiguous[i, top] else "review_band"
+            verdicts.append(Verdict(NEEDS_REVIEW, reason, top, fired=listed))
+        elif benign_accepted[i].any():
+            top = int(benign_best[i])
+            verdicts.append(Verdict(outcomes[top], "accept", top, fired=((top, "accept", False),)))
+        else:
+            verdicts.append(Verdict(no_match, "no_match", None, fired=()))
+    return verdicts
+
+
+def _with_novelty(verdicts: list[Verdict], policy: Policy, novelty: np.ndarray | None) -> list[Verdict]:
+    """Novel events never get the default outcome automatically (unless the set says on_novel: default)."""
     if policy.novelty_threshold is None:
         return verdicts
     if novelty is None:
@@ -168,7 +227,7 @@ def decide_scores(
     default, review = policy.default_outcome, policy.novel_review
     return [
         Verdict(NEEDS_REVIEW if flag and review and v.outcome == default else v.outcome,
-                v.reason, v.route, flag)
+                v.reason, v.route, flag, v.fired)
         for v, flag in zip(verdicts, novel.tolist(), strict=True)
     ]
 
@@ -217,6 +276,8 @@ def decision_rows(
     k = min(top_routes, len(routes))
     order = np.argsort(-match.route_scores, axis=1)[:, :k]
     version, set_name, encoder_id = index.version, index.route_set.name, index.encoder_id
+    mode = index.route_set.mode
+    categories = [j for j, o in enumerate(route_outcomes) if o != policy.default_outcome]
     rows: list[dict[str, Any]] = []
     for i, (event, verdict, top_order, scores, near_rows, near_scores, event_novelty) in enumerate(zip(
         events, verdicts, order.tolist(), match.route_scores.tolist(), match.nearest_index.tolist(),
@@ -255,8 +316,27 @@ def decision_rows(
             "novelty": event_novelty,
             "list_hits": None,
             "from_cache": None,
+            "mode": mode,
+            **(multi_fields(verdict, scores, names, route_outcomes, categories) if policy.multi
+               else _SINGLE_FIELDS),
+            "final": verdict.outcome != NEEDS_REVIEW,
         })
     return rows
+
+
+_SINGLE_FIELDS: dict[str, Any] = {"routes": None, "categories": None, "category_scores": None}
+
+
+def multi_fields(verdict: Verdict, scores: list[float], names: list[str], outcomes: list[str],
+                 categories: list[int]) -> dict[str, Any]:
+    """A multi-mode decision's ``routes``, ``categories`` and ``category_scores``."""
+    accepted = {r for r, band, _ in verdict.fired or () if band == "accept"}
+    return {
+        "routes": [{"route": names[r], "outcome": outcomes[r], "score": scores[r], "band": band,
+                    "ambiguous": ambiguous, "confirmed": None} for r, band, ambiguous in verdict.fired or ()],
+        "categories": {names[j]: j in accepted for j in categories},
+        "category_scores": {names[j]: scores[j] for j in categories},
+    }
 
 
 def validate_decisions(rows: list[dict[str, Any]]) -> list[Decision]:

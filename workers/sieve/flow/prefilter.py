@@ -72,6 +72,23 @@ def list_row(item: DecodedEvent, hits: list[ListHit], index: RouteIndex, decided
         "list_hits": [{"list": h.list, "entry": h.entry, "route": h.route, "distance": h.distance}
                       for h in hits],
         "from_cache": None,
+        **list_mode_fields(index, route, outcome),
+    }
+
+
+def list_mode_fields(index: RouteIndex, route: str, outcome: str) -> dict[str, Any]:
+    """The mode fields of a list-decided row: in a multi set the list's route accepted, alone."""
+    if index.route_set.mode != "multi":
+        return {"mode": "single", "routes": None, "categories": None, "category_scores": None, "final": True}
+    default = index.route_set.default_outcome
+    categories = [r.name for r in index.route_set.routes if r.outcome != default]
+    return {
+        "mode": "multi",
+        "routes": [{"route": route, "outcome": outcome, "score": 1.0, "band": "accept", "ambiguous": False,
+                    "confirmed": None}],
+        "categories": {name: name == route for name in categories},
+        "category_scores": {name: 1.0 if name == route else 0.0 for name in categories},
+        "final": True,
     }
 
 

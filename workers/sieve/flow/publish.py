@@ -18,12 +18,33 @@ from sieve.kafka.records import Outbound, new_tuple
 from sieve.topology import OutputSpec
 
 
+def route_targets(decision: dict[str, Any]) -> list[str]:
+    """The routes whose ``route.<name>`` topics get a decision (a row, or a model dumped to a dict).
+
+    Single mode: the decision's route, when it has one. Multi mode: a router decision goes to
+    every route it accepted; a reviewer's verdict goes to every route the router had accepted
+    (their consumers get the final word) and every route the verdict confirmed.
+    """
+    routes = decision.get("routes")
+    if decision.get("mode") != "multi" or routes is None:
+        route = decision["route"]
+        return [route] if route is not None else []
+    if decision["decided_by"] == "router":
+        return [r["route"] for r in routes if r["band"] == "accept"]
+    return [r["route"] for r in routes if r["band"] == "accept" or r.get("confirmed")]
+
+
+_FINAL = {True: ("sieve-final", b"true"), False: ("sieve-final", b"false")}
+
+
 def plan_decisions(decisions: Sequence[Decision | dict[str, Any]], output: OutputSpec) -> list[Outbound]:
-    """Each decision to its outcome's topic and, when it has a route, to the route's topic.
+    """Each decision to its outcome's topic and to the topics of its routes (:func:`route_targets`).
 
     Messages are keyed by the event id, except on the needs-review topic: there the key is
     the content's (:func:`sieve.flow.dedup.review_key`), so repeats of one text land on one
-    partition and meet in one reviewer, which asks the LLM once for them.
+    partition and meet in one reviewer, which asks the LLM once for them. Every message
+    carries the decision id and outcome in headers, and ``sieve-final`` when the decision
+    says whether it is final.
 
     Decisions come as models or as the worker's rows (:func:`sieve.flow.decide.decision_rows`,
     plain dicts shaped like :class:`Decision`, serialised by the same pydantic-core).
@@ -38,31 +59,35 @@ def plan_decisions(decisions: Sequence[Decision | dict[str, Any]], output: Outpu
     content: str | None = None
     for decision in decisions:
         if isinstance(decision, Decision):
-            decision_id, event_id, outcome, route = (
-                decision.id, decision.event_id, decision.outcome, decision.route)
+            row = decision.model_dump(include={"id", "event_id", "outcome", "route", "routes", "mode",
+                                               "decided_by", "final"})
             value = decision.model_dump_json().encode()
-            if outcome == NEEDS_REVIEW:
+            if decision.outcome == NEEDS_REVIEW:
                 content = review_key(decision.route_set_version, decision.event.text,
                                      decision.image.sha256 if decision.image is not None else None)
         else:
-            decision_id, event_id, outcome, route = (
-                decision["id"], decision["event_id"], decision["outcome"], decision["route"])
+            row = decision
             value = to_json(decision)
-            if outcome == NEEDS_REVIEW:
+            if decision["outcome"] == NEEDS_REVIEW:
                 image = decision.get("image")
                 content = review_key(decision["route_set_version"], decision["event"]["text"],
                                      image["sha256"] if image else None)
+        outcome = row["outcome"]
         try:
             topic, outcome_header = by_outcome[outcome]
         except KeyError:
             topic, outcome_header = by_outcome[outcome] = (
                 output.topic_for(outcome), ("sieve-outcome", outcome.encode()))
-        key = event_id.encode()
-        headers = (("sieve-decision-id", decision_id.encode()), outcome_header)
+        key = row["event_id"].encode()
+        final = row.get("final")
+        headers: tuple[tuple[str, bytes], ...] = (
+            (("sieve-decision-id", row["id"].encode()), outcome_header) if final is None
+            else (("sieve-decision-id", row["id"].encode()), outcome_header, _FINAL[final]))
         topic_key = content.encode() if outcome == NEEDS_REVIEW and content is not None else key
         append(new_tuple(Outbound, (topic, topic_key, value, headers)))
-        if route is not None and prefix is not None:
-            append(new_tuple(Outbound, (prefix + route, key, value, headers)))
+        if prefix is not None:
+            for route in route_targets(row):
+                append(new_tuple(Outbound, (prefix + route, key, value, headers)))
     return messages
 
 
