@@ -9,6 +9,7 @@ import pytest
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event
 from sieve.flow.decide import Policy, decide_scores, decision_rows, validate_decisions
+from sieve.flow.lists import ListHit
 from sieve.flow.match import MatchResult, RouteIndex, example_id
 from sieve.flow.publish import plan_decisions, route_targets
 from sieve.routeset import RouteSet, RouteSetError, parse_route_set
@@ -282,3 +283,42 @@ def test_a_decision_from_before_schema_4_still_plans_as_before():
         ("t.violating", None),
         ("route.hate", None),
     ]
+
+
+# --------------------------------------------------------------------------- list hits
+
+
+def test_a_list_hit_accepts_its_route_and_the_event_is_still_scored():
+    hit = ListHit(list="slurs", entry="t1", route="hate")
+    [row] = rows_with_hits([[0.10, 0.75, 0.10, 0.10, 0.0]], [[hit]])
+    decision = validate_decisions([row])[0]
+    assert decision.outcome == "violating"
+    # both fired: the list's route (score 1) and the scored one
+    assert [(r.route, r.band, r.score) for r in decision.routes] == [
+        ("hate", "accept", 1.0),
+        ("violence", "accept", pytest.approx(0.75)),
+    ]
+    assert decision.list_hits[0].entry == "t1"
+    assert decision.categories["hate"] and decision.categories["violence"]
+
+
+def test_a_list_hit_on_a_less_severe_route_leaves_a_severe_review_band_to_review():
+    hit = ListHit(list="spam-list", entry="s1", route="spam")
+    [row] = rows_with_hits([[0.45, 0.10, 0.10, 0.10, 0.0]], [[hit]])
+    assert (row["outcome"], row["reason"], row["route"]) == (NEEDS_REVIEW, "review_band", "hate")
+    assert row["categories"]["spam"] is True
+
+
+def test_in_single_mode_hits_are_not_applied_to_scores():
+    single = parse_route_set({k: v for k, v in BASE.items() if k != "mode"})
+    index = onehot_index(single)
+    hit = ListHit(list="slurs", entry="t1", route="hate")
+    [row] = rows_with_hits([[0.10, 0.75, 0.10, 0.10, 0.0]], [[hit]], index, Policy.for_index(index))
+    assert row["route"] == "violence"  # single sets decide hits before the encoder (sieve.flow.prefilter)
+
+
+def rows_with_hits(score_rows, hits, index: RouteIndex = INDEX, policy: Policy = POLICY):
+    events = [Event(id=f"e{i}", text=f"text {i}") for i in range(len(score_rows))]
+    scores = np.array(score_rows, dtype=np.float32)
+    match = MatchResult(scores, np.zeros((len(events), 1), np.int64), scores.max(axis=1, keepdims=True))
+    return decision_rows(events, match, index, policy, decided_at=NOW, list_hits=hits)

@@ -25,8 +25,8 @@ is reviewed anyway; its decision says ``novel: true`` all the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ from sieve.contracts import (
     ImageRef,
 )
 from sieve.flow import multi
+from sieve.flow.lists import ListHit
 from sieve.flow.match import MatchResult, RouteIndex
 from sieve.thresholds import ThresholdOverrides
 
@@ -252,6 +253,7 @@ def decision_rows(
     source_topics: list[str | None] | None = None,
     images: list[ImageRef | None] | None = None,
     top_routes: int = 5,
+    list_hits: Sequence[list[ListHit]] | None = None,
 ) -> list[dict[str, Any]]:
     """One decision per event, in order, as plain dicts shaped field for field like :class:`Decision`.
 
@@ -260,6 +262,8 @@ def decision_rows(
     validates them into :class:`Decision` models, and the tests check that every
     row is a valid Decision.
     """
+    if list_hits is not None and policy.multi:
+        match = replace(match, route_scores=with_list_hits(match.route_scores, list_hits, index))
     novelty = novelty_scores(match.nearest_score)
     verdicts = decide_scores(match.route_scores, policy, novelty)
     if not verdicts:
@@ -314,7 +318,7 @@ def decision_rows(
             "review": None,
             "novel": verdict.novel,
             "novelty": event_novelty,
-            "list_hits": None,
+            "list_hits": list_hit_rows(list_hits[i]) if list_hits and list_hits[i] else None,
             "from_cache": None,
             "mode": mode,
             **(multi_fields(verdict, scores, names, route_outcomes, categories) if policy.multi
@@ -322,6 +326,28 @@ def decision_rows(
             "final": verdict.outcome != NEEDS_REVIEW,
         })
     return rows
+
+
+def with_list_hits(route_scores: np.ndarray, hits: Sequence[list[ListHit]], index: RouteIndex) -> np.ndarray:
+    """Multi mode: the scores with each block hit's route raised to 1 (the hit accepts its route).
+
+    The event is still scored: the other routes keep their scores, and the verdict follows
+    the severity order over everything that fired.
+    """
+    if not any(hits):
+        return route_scores
+    position = {route.name: j for j, route in enumerate(index.routes)}
+    scores = np.array(route_scores, dtype=np.float32, copy=True)
+    for i, event_hits in enumerate(hits):
+        for hit in event_hits:
+            if hit.route is not None and hit.route in position:
+                scores[i, position[hit.route]] = 1.0
+    return scores
+
+
+def list_hit_rows(hits: list[ListHit]) -> list[dict[str, Any]]:
+    """The ``list_hits`` field of a decision."""
+    return [{"list": h.list, "entry": h.entry, "route": h.route, "distance": h.distance} for h in hits]
 
 
 _SINGLE_FIELDS: dict[str, Any] = {"routes": None, "categories": None, "category_scores": None}

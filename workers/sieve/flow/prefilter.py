@@ -5,8 +5,8 @@ Order, per event of a batch (documented in docs/lists.md):
 1. **Lists.** The route set's term and pattern lists (text events) and image hash lists
    (image events, once the image is loaded) run first. A block or hash-list hit decides the
    event by its route (``reason: accept``, score 1, the entry in ``list_hits``) and the event
-   skips the encoder. (Every route set is ``single`` today; in a ``multi`` set a hit will add
-   its route and the event will still be scored.)
+   skips the encoder. In a ``multi`` set a hit accepts its route and the event is still
+   scored (:func:`sieve.flow.decide.with_list_hits`): another route may fire beside it.
 2. **Repeats.** With a :class:`~sieve.flow.dedup.DecisionCache`, an event whose content was
    decided under the same policy and route-set version within the cache's time to live gets
    that decision (``from_cache: true``), with its own id, event and times. Repeats within one
@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from sieve.contracts import DECISION_SCHEMA_VERSION, Decision, ImageRef
-from sieve.flow.decide import event_view_row
+from sieve.flow.decide import event_view_row, list_hit_rows
 from sieve.flow.decode import DecodedEvent
 from sieve.flow.dedup import DecisionCache, image_key, repeat_row, text_key
 from sieve.flow.image_hashes import HashMatcher
@@ -69,25 +69,12 @@ def list_row(item: DecodedEvent, hits: list[ListHit], index: RouteIndex, decided
         "review": None,
         "novel": None,
         "novelty": None,
-        "list_hits": [{"list": h.list, "entry": h.entry, "route": h.route, "distance": h.distance}
-                      for h in hits],
+        "list_hits": list_hit_rows(hits),
         "from_cache": None,
-        **list_mode_fields(index, route, outcome),
-    }
-
-
-def list_mode_fields(index: RouteIndex, route: str, outcome: str) -> dict[str, Any]:
-    """The mode fields of a list-decided row: in a multi set the list's route accepted, alone."""
-    if index.route_set.mode != "multi":
-        return {"mode": "single", "routes": None, "categories": None, "category_scores": None, "final": True}
-    default = index.route_set.default_outcome
-    categories = [r.name for r in index.route_set.routes if r.outcome != default]
-    return {
-        "mode": "multi",
-        "routes": [{"route": route, "outcome": outcome, "score": 1.0, "band": "accept", "ambiguous": False,
-                    "confirmed": None}],
-        "categories": {name: name == route for name in categories},
-        "category_scores": {name: 1.0 if name == route else 0.0 for name in categories},
+        "mode": "single",  # a hit decides alone only in single-mode sets
+        "routes": None,
+        "categories": None,
+        "category_scores": None,
         "final": True,
     }
 
@@ -123,15 +110,18 @@ class Prefilter:
               ) -> tuple[list[dict[str, Any]], list[int], dict[int, int]]:
         """Rows decided here, the positions still to encode, and repeats: position -> first position.
 
-        ``keys`` are the events' cache keys (None: not cached); ``hits`` their list hits.
+        ``keys`` are the events' cache keys (None: not cached); ``hits`` their list hits. In a
+        ``multi`` set a hit does not decide: the event is still scored, and the caller hands its
+        hits to :func:`sieve.flow.decide.decision_rows`.
         """
+        decides = index.route_set.mode != "multi"
         rows: list[dict[str, Any]] = []
         todo: list[int] = []
         repeats: dict[int, int] = {}
         first_of: dict[bytes, int] = {}
         for position, item in enumerate(items):
             image = images[position] if images is not None else None
-            if hits[position]:
+            if hits[position] and decides:
                 rows.append(list_row(item, hits[position], index, decided_at, image))
                 continue
             key = keys[position]
