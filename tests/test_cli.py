@@ -33,7 +33,7 @@ def test_every_command_group_is_assembled() -> None:
     cli = get_command(app)
     assert set(cli.commands) == {  # type: ignore[attr-defined]
         "broker", "routes", "tiny-clip", "topics", "worker", "review", "produce", "tail",
-        "dead-letters", "schemas", "demo", "eval", "fit", "lists",
+        "dead-letters", "schemas", "demo", "eval", "fit", "lists", "labels",
     }
     routes = cli.commands["routes"]  # type: ignore[attr-defined]
     assert set(routes.commands) == {"check", "sync", "build"}

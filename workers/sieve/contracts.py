@@ -39,12 +39,15 @@ EVENT_SCHEMA_VERSION = 1
 # 4: mode, routes, categories, category_scores, final, review.routes, review.rejected_routes
 DECISION_SCHEMA_VERSION = 4
 DEAD_LETTER_SCHEMA_VERSION = 1
+LABEL_SCHEMA_VERSION = 1
 SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
                       "change (docs/contracts.md). Optional in input.")
 
 
 _DECISION_NAMESPACE = uuid.UUID("6f1c8a52-7d0e-4f4a-9a49-3d2b0c2f5e11")
 _DECISION_NAMESPACE_BYTES = _DECISION_NAMESPACE.bytes
+_LABEL_NAMESPACE_BYTES = uuid.UUID("2d8f4b1e-93a7-4c55-b0e2-7a1c5d9e3f60").bytes
+LabellerKind = Literal["llm", "human"]
 
 
 def uuid5_str(namespace: bytes, name: str) -> str:
@@ -312,3 +315,61 @@ class DeadLetter(BaseModel):
         """Deterministic id: where the bytes came from, and their hash."""
         raw = f"{source_topic}\x00{partition}\x00{offset}\x00{payload_sha256}"
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+class Label(BaseModel):
+    """A final verdict as a labelled example, on the labels topic: what the router should have decided.
+
+    Written for every final verdict of the LLM reviewer (and of a human moderator): the
+    router learns from them (``sieve labels export`` writes the JSONL that ``eval``, ``fit``
+    and ``routes build`` read). The id comes from the verdict's decision id, so a verdict
+    published again gives the same label.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: int = Field(default=LABEL_SCHEMA_VERSION, ge=1, description=SCHEMA_VERSION_DOC)
+    id: str = Field(description="Deterministic: a UUIDv5 of the verdict's decision id.")
+    event_id: EventId
+    modality: Modality = "text"
+    text: str | None = None
+    image_uri: str | None = Field(default=None, description="The event's image reference, when it had one.")
+    image_sha256: str | None = None
+    tenant: str | None = None
+    outcome: str = Field(description="The final outcome (a route's outcome or the set's default).")
+    route: str | None = Field(default=None, description="The route behind the outcome; null for none.")
+    routes: list[str] = Field(default_factory=list, description="Every route the verdict confirmed.")
+    labeller_kind: LabellerKind = Field(description="llm: the LLM reviewer; human: a moderator.")
+    labeller: str = Field(description="The model's name, or the person.")
+    decision_id: str = Field(description="The id of the verdict's decision.")
+    router_decision_id: str = Field(description="The id of the router's needs_review decision it settles.")
+    router_outcome: str | None = Field(default=None, description="What the router decided (needs_review).")
+    router_route: str | None = None
+    route_set: str
+    route_set_version: str = Field(description="The route-set version the label corrects.")
+    labelled_at: datetime
+    note: str | None = None
+
+    @staticmethod
+    def make_id(decision_id: str) -> str:
+        """The label id of a verdict: a UUIDv5 of its decision id."""
+        return uuid5_str(_LABEL_NAMESPACE_BYTES, decision_id)
+
+    @classmethod
+    def of_verdict(cls, verdict: Decision, router: Decision, labelled_at: datetime | None = None) -> Label:
+        """The label of a reviewer's final verdict (``verdict``) on the router's decision (``router``)."""
+        review = verdict.review
+        if review is None or verdict.decided_by == "router":
+            raise ValueError("a label comes from a reviewer's verdict, not a router decision")
+        routes = review.routes if review.routes is not None else (
+            [verdict.route] if verdict.route is not None else [])
+        return cls(
+            id=cls.make_id(verdict.id), event_id=verdict.event_id, modality=verdict.modality,
+            text=verdict.event.text, image_uri=verdict.event.image_uri,
+            image_sha256=verdict.image.sha256 if verdict.image is not None else None,
+            tenant=verdict.event.tenant, outcome=verdict.outcome, route=verdict.route, routes=routes,
+            labeller_kind="llm", labeller=review.model, decision_id=verdict.id,
+            router_decision_id=router.id, router_outcome=router.outcome, router_route=router.route,
+            route_set=verdict.route_set, route_set_version=verdict.route_set_version,
+            labelled_at=labelled_at or verdict.decided_at,
+        )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from sieve.contracts import DeadLetter, Decision, Event
+from sieve.contracts import DeadLetter, Decision, Event, Label
 from sieve.lists import HashList, TermList
 from sieve.routeset import RouteSet
 from sieve.topology import Topology
@@ -20,6 +20,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "event": Event,
     "decision": Decision,
     "dead-letter": DeadLetter,
+    "label": Label,
     "route-set": RouteSet,
     "topology": Topology,
     "term-list": TermList,

@@ -1,7 +1,7 @@
 """The ``sieve`` command line: one module per command group, assembled here.
 
 Each module holds a :class:`typer.Typer` of its commands: a group (``routes``,
-``topics``, ``dead-letters``, ``schemas``, ``lists``) is added under its name, the others'
+``topics``, ``dead-letters``, ``schemas``, ``lists``, ``labels``) is added under its name, the others'
 commands go to the top level. Commands import models, Kafka clients and Faust
 inside their bodies, so ``sieve --help`` loads none of them.
 """
@@ -15,6 +15,7 @@ from sieve.cli import (
     dead_letters,
     demo,
     encoders,
+    labels,
     lists,
     messages,
     quality,
@@ -37,6 +38,7 @@ app.add_typer(messages.app)
 app.add_typer(dead_letters.app, name="dead-letters")
 app.add_typer(schemas.app, name="schemas")
 app.add_typer(lists.app, name="lists")
+app.add_typer(labels.app, name="labels")
 app.add_typer(demo.app)
 app.add_typer(quality.app)
 
