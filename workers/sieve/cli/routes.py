@@ -134,3 +134,95 @@ def routes_build(
         f"{len(bench.splits.train)} training examples -> {out}"
         + (" (+ head)" if result.head is not None else "")
     )
+
+
+# --------------------------------------------------------------------------- versions
+
+TopologyArg = Annotated[Path, typer.Option("--topology", help="The topology whose encoders name the space.")]
+SpaceOpt = Annotated[str, typer.Option(help="The encoder space: text or image.")]
+
+
+def _space_of(topology_path: Path, space: str) -> str:
+    """The encoder id of a topology's space (no model is loaded)."""
+    from sieve.topology import TopologyError, load_topology
+    from sieve.worker.compute import encoder_ids
+
+    try:
+        ids = encoder_ids(load_topology(topology_path))
+    except TopologyError as exc:
+        fail(str(exc))
+    if space not in ids:
+        fail(f"the topology has no {space} encoder")
+    return ids[space]  # type: ignore[index]
+
+
+@app.command("versions")
+def routes_versions(name: Annotated[str, typer.Argument(help="The route set's name.")],
+                    topology_path: TopologyArg, space: SpaceOpt = "text") -> None:
+    """List a route set's stored versions (the active one marked) and its promotion log."""
+    from sieve.store.qdrant import RouteStore, RouteStoreError
+
+    encoder_id = _space_of(topology_path, space)
+    store = RouteStore(get_settings().qdrant)
+    try:
+        versions, log = store.list_versions(name, encoder_id), store.promotions(name, encoder_id)
+    except RouteStoreError as exc:
+        fail(str(exc))
+    for stored in versions:
+        console.print(f"{'*' if stored.active else ' '} {stored.version}  {stored.points} points, "
+                      f"synced {stored.synced_at}")
+    for entry in log:
+        console.print(f"  {entry['at']}: {entry.get('previous') or '(none)'} -> {entry['version']} "
+                      f"{entry.get('evidence') or {}}")
+
+
+@app.command("promote")
+def routes_promote(
+    name: Annotated[str, typer.Argument(help="The route set's name.")],
+    version: Annotated[str, typer.Argument(help="The stored version to make active.")],
+    topology_path: TopologyArg,
+    space: SpaceOpt = "text",
+    reason: Annotated[str | None, typer.Option(help="Why: kept in the promotion log.")] = None,
+    evidence: Annotated[Path | None, typer.Option(
+        help="A JSON file of evidence (e.g. an eval comparison) kept in the promotion log.")] = None,
+) -> None:
+    """Make a stored version the active one: workers switch to it between batches."""
+    import json
+
+    from sieve.store.qdrant import RouteStore, RouteStoreError
+
+    encoder_id = _space_of(topology_path, space)
+    proof: dict[str, object] = {"via": "promote"}
+    if reason:
+        proof["reason"] = reason
+    if evidence is not None:
+        try:
+            proof["evidence"] = json.loads(evidence.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            fail(f"{evidence}: not readable JSON: {exc}")
+    try:
+        previous = RouteStore(get_settings().qdrant).set_active(name, encoder_id, version, proof)
+    except RouteStoreError as exc:
+        fail(str(exc))
+    console.print(f"{name}: {previous or '(none)'} -> {version} is active ({encoder_id})")
+
+
+@app.command("rollback")
+def routes_rollback(
+    name: Annotated[str, typer.Argument(help="The route set's name.")],
+    topology_path: TopologyArg,
+    space: SpaceOpt = "text",
+    reason: Annotated[str | None, typer.Option(help="Why: kept in the promotion log.")] = None,
+) -> None:
+    """Make the version that was active before the current one active again."""
+    from sieve.store.qdrant import RouteStore, RouteStoreError
+
+    encoder_id = _space_of(topology_path, space)
+    try:
+        store = RouteStore(get_settings().qdrant)
+        current = store.current_version(name, encoder_id)
+        proof = {"via": "rollback", **({"reason": reason} if reason else {})}
+        version = store.rollback(name, encoder_id, proof)
+    except RouteStoreError as exc:
+        fail(str(exc))
+    console.print(f"{name}: rolled back {current} -> {version} ({encoder_id})")

@@ -35,10 +35,12 @@ from sieve.settings import QdrantSettings
 from sieve.store.connect import RouteStoreError, open_local, open_server, store_failures, wait_for_server
 from sieve.store.versions import (
     ACTIVE,
+    PROMOTION,
     VERSION,
     StoredVersion,
     pointer_id,
     pointer_record,
+    promotion_record,
     route_set_of,
     space_name,
     version_points,
@@ -163,9 +165,10 @@ class RouteStore:
         return len(self._retrieve(client, collection, list(points), with_vectors=False)) == len(points)
 
     def sync(
-        self, route_set: RouteSet, encoder: TextEncoder | ImageEncoder, *, progress: Progress = SILENT
+        self, route_set: RouteSet, encoder: TextEncoder | ImageEncoder, *, progress: Progress = SILENT,
+        activate: bool = True,
     ) -> SyncReport:
-        """Make ``route_set``'s version complete in the encoder's space, then the active one.
+        """Make ``route_set``'s version complete in the encoder's space, then (``activate``) the active one.
 
         Writes the version's points (encoding only examples the previously active
         version lacks, skipping points an interrupted sync already wrote), then its
@@ -205,8 +208,9 @@ class RouteStore:
                 record = version_record(route_set, encoder.id, space, len(wanted))
                 self._write(client, version_record_id(route_set.name, encoder.id, version), record)
             assert record is not None
-            if previous_version != version or written or pointer is None or pointer.get("record") != ACTIVE:
-                self._write(client, pointer_id(route_set.name, encoder.id), pointer_record(record))
+            if activate and (previous_version != version or written or pointer is None
+                             or pointer.get("record") != ACTIVE):
+                self._activate(client, record, previous_version, {"via": "sync"})
         updated = sum(1 for e in after if e in before and before[e] != after[e])
         added = sum(1 for e in after if e not in before)
         return SyncReport(
@@ -263,15 +267,52 @@ class RouteStore:
                                   f"its {len(wanted)} points were stored in {collection}; sync again")
         return len(missing), len(to_encode)
 
-    def set_active(self, set_name: str, encoder_id: str, version: str) -> None:
-        """Point the set's active pointer at a complete stored version (what workers load next)."""
+    def _activate(self, client: QdrantClient, record: dict[str, Any], previous: str | None,
+                  evidence: dict[str, Any]) -> None:
+        """Switch the active pointer to ``record``'s version and log the promotion with its evidence."""
+        set_name, encoder_id = record["set"], record["encoder"]
+        log_id, entry = promotion_record(set_name, encoder_id, record["version"], previous, evidence)
+        self._write(client, log_id, entry)
+        self._write(client, pointer_id(set_name, encoder_id), pointer_record(record, previous))
+
+    def set_active(self, set_name: str, encoder_id: str, version: str,
+                   evidence: dict[str, Any] | None = None) -> str | None:
+        """Point the set's active pointer at a complete stored version (what workers load next).
+
+        Logged (:meth:`promotions`) with ``evidence``; returns the version that was active.
+        """
         with self.client() as client:
             record = self._read(client, version_record_id(set_name, encoder_id, version))
             points = version_points(route_set_of(record), record.get("space", "text")) if record else {}
             if record is None or not self._complete(client, self.collection(encoder_id), record, points):
                 raise RouteStoreError(f"route set {set_name!r} has no complete version {version} "
                                       f"for encoder {encoder_id!r}")
-            self._write(client, pointer_id(set_name, encoder_id), pointer_record(record))
+            pointer = self._read(client, pointer_id(set_name, encoder_id), ["version"]) or {}
+            previous = pointer.get("version")
+            self._activate(client, record, previous, evidence or {})
+        return previous
+
+    def rollback(self, set_name: str, encoder_id: str, evidence: dict[str, Any] | None = None) -> str:
+        """Make the version that was active before the current one active again; returns it."""
+        with self.client() as client:
+            pointer = self._read(client, pointer_id(set_name, encoder_id), ["version", "previous"]) or {}
+        if not pointer.get("previous"):
+            raise RouteStoreError(f"route set {set_name!r} has no earlier active version for encoder "
+                                  f"{encoder_id!r} to roll back to")
+        self.set_active(set_name, encoder_id, pointer["previous"],
+                        {"rollback_from": pointer["version"], **(evidence or {})})
+        return str(pointer["previous"])
+
+    def promotions(self, set_name: str, encoder_id: str) -> list[dict[str, Any]]:
+        """The promotion log of a set in one encoder space, oldest first."""
+        match: list[models.Condition] = [models.FieldCondition(key=key, match=models.MatchValue(value=value))
+                 for key, value in (("record", PROMOTION), ("set", set_name), ("encoder", encoder_id))]
+        with self.client() as client:
+            if not client.collection_exists(self.meta_collection):
+                return []
+            page, _ = client.scroll(self.meta_collection, scroll_filter=models.Filter(must=match),
+                                    limit=10_000, with_payload=True)
+        return sorted((dict(r.payload or {}) for r in page), key=lambda entry: entry["at"])
 
     def list_versions(self, set_name: str, encoder_id: str) -> list[StoredVersion]:
         """The set's stored versions in one encoder space (those with a record), oldest first."""

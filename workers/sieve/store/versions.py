@@ -93,9 +93,22 @@ def version_record(route_set: RouteSet, encoder_id: str, space: Space, points: i
     }
 
 
-def pointer_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The active pointer to a version: a copy of its record, marked active."""
-    return {**record, "record": ACTIVE, "activated_at": utcnow().isoformat()}
+PROMOTION = "promotion"  # the ``record`` field of an entry of the promotion log
+
+
+def pointer_record(record: dict[str, Any], previous: str | None = None) -> dict[str, Any]:
+    """The active pointer to a version: a copy of its record, marked active, naming the version before."""
+    return {**record, "record": ACTIVE, "activated_at": utcnow().isoformat(), "previous": previous}
+
+
+def promotion_record(set_name: str, encoder_id: str, version: str, previous: str | None,
+                     evidence: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An entry of the promotion log (its id and payload): which version became active, from which, why."""
+    at = utcnow().isoformat()
+    name = f"{PROMOTION}\x00{set_name}\x00{space_name(encoder_id)}\x00{at}"
+    record_id = str(uuid.uuid5(_META_NAMESPACE, name))
+    return record_id, {"record": PROMOTION, "set": set_name, "encoder": encoder_id, "version": version,
+                       "previous": previous, "evidence": evidence, "at": at}
 
 
 def route_set_of(record: dict[str, Any]) -> RouteSet:
