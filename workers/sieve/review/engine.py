@@ -41,6 +41,7 @@ from sieve.review.metrics import (
     REVIEWS,
     TOKENS,
 )
+from sieve.review.multi import is_multi
 from sieve.review.steps import (
     CHARS_PER_TOKEN,
     IMAGE_NOT_ACCEPTED,
@@ -52,6 +53,7 @@ from sieve.review.steps import (
     REQUEST_REJECTED,
     REVIEW_ERROR,
     ROUTE_SET_MISMATCH,
+    MultiReviewReply,
     ReplyError,
     ReviewCatalogue,
     ReviewReply,
@@ -116,7 +118,7 @@ class ReviewEngine:
     async def review(self, decision: Decision) -> Decision:
         """One decision's review. Returns the final decision; raises only when cancelled."""
         started = time.perf_counter()
-        state = _ReviewState(decision, self.llm.model, started)
+        state = _ReviewState(decision, self.llm.model, started, self.catalogue)
         try:
             final = await self._review(decision, state)
         except asyncio.CancelledError:
@@ -132,6 +134,12 @@ class ReviewEngine:
             return state.handoff(
                 ROUTE_SET_MISMATCH,
                 f"decided with route set {decision.route_set!r}; this reviewer knows {self.catalogue.name!r}",
+            )
+        if is_multi(decision) != self.catalogue.multi:
+            return state.handoff(
+                ROUTE_SET_MISMATCH,
+                f"decided in {decision.mode or 'single'} mode; this reviewer's route set "
+                f"{self.catalogue.name!r} is in {self.catalogue.mode} mode",
             )
         image_url = None
         if decision.modality == "image":
@@ -261,8 +269,9 @@ class ReviewEngine:
 class _ReviewState:
     """What one review has spent so far, and how to finish it."""
 
-    def __init__(self, decision: Decision, model: str, started: float) -> None:
+    def __init__(self, decision: Decision, model: str, started: float, catalogue: ReviewCatalogue) -> None:
         self.decision = decision
+        self.catalogue = catalogue
         self.model = model
         self.started = started
         self.attempts = 0
@@ -283,7 +292,7 @@ class _ReviewState:
     def verdict(self, reply: ReviewReply, *, reused: bool = False) -> Decision:
         review = self._review(verdict=reply.verdict, route=reply.route, confidence=reply.confidence,
                               rationale=reply.rationale, reused=reused or None)
-        return reviewed_decision(self.decision, reply, review, utcnow())
+        return reviewed_decision(self.decision, reply, review, utcnow(), self.catalogue)
 
     def handoff_only(self, reason: str, error: str, reply: ReviewReply | None = None
                      ) -> tuple[Decision, ReviewReply | None]:
@@ -295,5 +304,7 @@ class _ReviewState:
         if reply is not None:
             answer = {"verdict": reply.verdict, "route": reply.route, "confidence": reply.confidence,
                       "rationale": reply.rationale}
+            if isinstance(reply, MultiReviewReply):
+                answer["routes"] = reply.routes
         review = self._review(handoff_reason=reason, error=error[:2000], **answer)
         return handoff_decision(self.decision, review, utcnow())
