@@ -22,7 +22,9 @@ from sieve.cli.workbench import (
 )
 
 if TYPE_CHECKING:
+    from sieve.progress import Progress
     from sieve.quality.targets import Targets
+    from sieve.quality.workbench import Workbench
 
 app = typer.Typer()
 
@@ -46,6 +48,18 @@ def eval_command(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
+    folds: Annotated[
+        int | None,
+        typer.Option(help="Per category (data with category labels): K folds over all examples, per-category "
+                          "thresholds fitted on K-1, multi-label against top-1; writes OUT/categories.md."),
+    ] = None,
+    min_precision: Annotated[
+        list[str] | None,
+        typer.Option(help="With --folds: ROUTE=P, a category route's precision target (repeatable; "
+                          "others 0.9)."),
+    ] = None,
+    z: Annotated[float, typer.Option(help="With --folds: targets hold at the Wilson lower bound with this z "
+                                          "(0: the point estimate).")] = 1.0,
 ) -> None:
     """Run labelled data through the worker's batch functions; write a report (Markdown, JSON, PNG)."""
     from sieve.flow.head import HeadError
@@ -57,6 +71,10 @@ def eval_command(
         fail(f"--split must be test, calibration, train or all, not {split!r}")
     progress = progress_for(console, quiet=quiet)
     bench = open_bench(data, seed, sample, encoder, model, cache, resplit, backend, progress=progress)
+    if folds is not None:
+        _eval_categories(bench, routes, parse_targets(min_precision, None, z, default=0.9), folds, seed, out,
+                         progress)
+        return
     try:
         report = run_eval(bench, labelled([routes, *(compare or [])]), split=split,
                           command=command_line(), use_head=head, progress=progress)
@@ -74,8 +92,32 @@ def eval_command(
     )
 
 
-def parse_targets(min_precision: list[str] | None, min_accuracy: float | None, z: float) -> Targets:
-    """The fit's targets from ``--min-precision OUTCOME=P`` items and ``--min-accuracy`` (default 0.95)."""
+def _eval_categories(bench: Workbench, routes: Path, targets: Targets, folds: int, seed: int, out: Path,
+                     progress: Progress) -> None:
+    """``sieve eval --folds K``: per category, k-fold, multi-label against top-1."""
+    from sieve.quality.categories_report import write_category_report
+    from sieve.quality.categories_run import run_category_kfold
+    from sieve.routeset import RouteSetError
+
+    try:
+        report = run_category_kfold(bench, routes, targets, folds=folds, seed=seed, command=command_line(),
+                                    progress=progress)
+    except (RouteSetError, ValueError) as exc:
+        fail(str(exc))
+    paths = write_category_report(report, out)
+    for system in report.systems:
+        b = system.binary
+        console.print(f"{system.label}: auto {b.auto_share:.1%} at accuracy {b.accuracy or 0:.3f}")
+    console.print(f"report {paths['markdown']}")
+
+
+def parse_targets(min_precision: list[str] | None, min_accuracy: float | None, z: float,
+                  default: float = 0.95) -> Targets:
+    """The fit's targets from ``--min-precision OUTCOME=P`` items and ``--min-accuracy`` (default 0.95).
+
+    An item may name a route instead of an outcome (``hate=0.9``): a multi-mode set's fit
+    fits each category route to its own target.
+    """
     from sieve.quality.targets import Targets
 
     precision: dict[str, float] = {}
@@ -88,7 +130,7 @@ def parse_targets(min_precision: list[str] | None, min_accuracy: float | None, z
         if not sep or not outcome.strip():
             fail(f"--min-precision takes OUTCOME=P, e.g. violating=0.9; got {item!r}")
     if not precision and min_accuracy is None:
-        min_accuracy = 0.95
+        min_accuracy = default
     try:
         return Targets(precision=precision, accuracy=min_accuracy, z=z)
     except ValueError as exc:
@@ -154,6 +196,9 @@ def fit_command(
     if not bench.splits.calibration.examples or not bench.splits.test.examples:
         fail(f"{data}: no calibration or no test examples to fit on (a test-only set takes --resplit)")
     fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
+    if _is_multi(routes):
+        _fit_categories(bench, routes, targets, fitted_out, out, progress)
+        return
     try:
         report, fit = run_fit(bench, labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
                               min_support=min_support or None, novel_share=novel_share or None,
@@ -173,3 +218,32 @@ def fit_command(
         f"{s.auto_accuracy or 0:.3f}, review {s.review_share:.1%}. Route file {fitted_out}; report "
         f"{paths['markdown']}"
     )
+
+
+def _is_multi(routes: Path) -> bool:
+    """Whether the route file declares ``mode: multi`` (an unreadable file: not, the fit says why)."""
+    from sieve.routeset import RouteSetError, load_route_set
+
+    try:
+        return load_route_set(routes).mode == "multi"
+    except RouteSetError:
+        return False
+
+
+def _fit_categories(bench: Workbench, routes: Path, targets: Targets, fitted_out: Path, out: Path,
+                    progress: Progress) -> None:
+    """``sieve fit`` of a multi-mode set: each category route's accept fitted to its precision target."""
+    from sieve.quality.categories_report import write_category_report
+    from sieve.quality.categories_run import run_category_fit
+    from sieve.routeset import RouteSetError
+
+    try:
+        report, fit = run_category_fit(bench, routes, targets, fitted_out=fitted_out, command=command_line(),
+                                       progress=progress)
+    except (RouteSetError, ValueError) as exc:
+        fail(str(exc))
+    paths = write_category_report(report, out)
+    unmet = [name for name, ok in zip(report.targets, fit.met, strict=True) if not ok]
+    console.print(f"fitted {len(report.targets)} category routes on calibration"
+                  f"{'; targets NOT met: ' + ', '.join(unmet) if unmet else ''}. Route file {fitted_out}; "
+                  f"report {paths['markdown']}")
