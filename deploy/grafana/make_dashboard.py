@@ -23,6 +23,7 @@ TARGETS = [ROOT / "deploy/grafana/dashboards/sieve.json"]
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 T = 'topology=~"$topology"'
+TENANT = 'tenant=~"$tenant"'
 # The reviewer reports the same gauges (lag, heartbeat, partitions) for its needs-review topic;
 # the compose scrape config and the chart's ServiceMonitor name the jobs sieve-router / sieve-reviewer.
 ROUTER = f'job="sieve-router", {T}'
@@ -146,6 +147,18 @@ PANELS: list[dict[str, Any]] = [
                [q(f"sum by (stage) (rate(sieve_batch_retries_total{{{T}}}{RATE}))", "retry {{stage}}"),
                 q(f"sum(increase(sieve_route_set_reloads_total{{{T}}}{RATE}))", "route-set reloads")],
                "short"),
+
+    row("Tenants: decisions per tenant policy"),
+    timeseries("Decisions out /s by tenant", "Published decisions by the tenant policy that decided "
+               "them (the event's tenant when the topology has a policy of that name, else _default) "
+               "and outcome. docs/tenants.md.",
+               [q(f'sum by (tenant, outcome) (rate(sieve_tenant_decisions_total{{{T}, {TENANT}}}{RATE}))',
+                  "{{tenant}}: {{outcome}}")], "ops", width=12, stack=True),
+    timeseries("Review-tail share by tenant", "needs_review decisions over all decisions, per tenant policy.",
+               [q(f'sum by (tenant) (rate(sieve_tenant_decisions_total{{{T}, {TENANT}, '
+                  f'outcome="needs_review"}}{RATE})) / sum by (tenant) '
+                  f'(rate(sieve_tenant_decisions_total{{{T}, {TENANT}}}{RATE}))', "{{tenant}}")],
+               "percentunit", width=12),
 
     row("Drift: events far from everything the route set knows"),
     timeseries("Novel share (drift)", "Share of the decisions whose novelty was measured that were "
@@ -287,6 +300,11 @@ def dashboard() -> dict[str, Any]:
             {"name": "topology", "label": "Topology", "type": "query", "datasource": DS,
              "query": {"query": "label_values(sieve_events_in_total, topology)", "refId": "topology"},
              "definition": "label_values(sieve_events_in_total, topology)",
+             "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2,
+             "sort": 1, "hide": 0},
+            {"name": "tenant", "label": "Tenant", "type": "query", "datasource": DS,
+             "query": {"query": "label_values(sieve_tenant_decisions_total, tenant)", "refId": "tenant"},
+             "definition": "label_values(sieve_tenant_decisions_total, tenant)",
              "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "refresh": 2,
              "sort": 1, "hide": 0},
         ]},

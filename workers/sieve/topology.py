@@ -12,16 +12,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sieve.contracts import SCHEMA_VERSION_DOC
 from sieve.routeset import NAME_PATTERN, RouteSet, load_route_set
+from sieve.tenants import DEFAULT_TENANT_LABEL as DEFAULT_TENANT_LABEL  # re-exported
+from sieve.tenants import RouteSetRef as RouteSetRef
+from sieve.tenants import TenantPolicy as TenantPolicy
+from sieve.tenants import TenantsSpec as TenantsSpec
 from sieve.thresholds import ThresholdOverrides
 
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]
 # The topology file format's version: up by one with each additive change (a new optional field).
-TOPOLOGY_SCHEMA_VERSION = 1
+TOPOLOGY_SCHEMA_VERSION = 2  # 2: tenants
 
 
 class TopologyError(ValueError):
@@ -36,15 +40,6 @@ class InputSpec(BaseModel):
     topics: list[TopicName] = Field(min_length=1)
     partitions: int = Field(default=4, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=16)
-
-
-class RouteSetRef(BaseModel):
-    """Which route set to match against: its name in the store, and its file for syncing."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=NAME_PATTERN)
-    file: Path | None = None
 
 
 class EncoderSpec(BaseModel):
@@ -205,6 +200,8 @@ class Topology(BaseModel):
     output: OutputSpec
     # The LLM reviewer of the needs-review topic; null: `sieve review` runs with the defaults.
     review: ReviewSpec | None = None
+    # Per-tenant route sets and thresholds (docs/tenants.md); null: every event is decided alike.
+    tenants: TenantsSpec | None = None
 
     @property
     def modalities(self) -> frozenset[str]:
@@ -216,8 +213,50 @@ class Topology(BaseModel):
         """The Kafka consumer group (Faust app id) of this topology's workers."""
         return self.group_id or f"sieve-{self.name}"
 
-    def check_outcomes(self, route_set: RouteSet) -> None:
-        """Raise :class:`TopologyError` if some outcome of the set has no topic."""
+    @model_validator(mode="after")
+    def _one_file_per_route_set(self) -> Topology:
+        if self.tenants is not None:
+            self.tenants.check_files(self.route_set)
+        return self
+
+    def tenant_route_sets(self) -> list[RouteSetRef]:
+        """The distinct route sets this topology decides with: its own first, then each tenant's."""
+        if self.tenants is None:
+            return [self.route_set]
+        return self.tenants.distinct_route_sets(self.route_set)
+
+    def tenant_route_set(self, policy: str | None) -> RouteSetRef:
+        """The route set a tenant policy (None: the topology's own) matches against."""
+        return self.route_set if self.tenants is None else self.tenants.route_set_of(policy, self.route_set)
+
+    def tenants_using(self, set_name: str) -> list[str]:
+        """The tenant policies that match against the route set ``set_name``."""
+        policies = self.tenants.policies if self.tenants is not None else {}
+        return [name for name in policies if self.tenant_route_set(name).name == set_name]
+
+    def tenant_overrides(
+        self, policy: str | None
+    ) -> tuple[ThresholdOverrides | None, dict[str, ThresholdOverrides]]:
+        """A tenant policy's text-space overrides: set-wide (topology < tenant) and per route."""
+        if self.tenants is None:
+            return self.thresholds, {}
+        return self.tenants.overrides(policy, self.thresholds)
+
+    def check_tenant_routes(self, policy: str | None, route_set: RouteSet) -> None:
+        """Raise :class:`TopologyError` if a tenant's per-route thresholds name a route the set lacks."""
+        unknown = self.tenants.unknown_routes(policy, route_set) if self.tenants is not None else []
+        if unknown:
+            raise TopologyError(
+                f"topology {self.name!r}, field 'tenants.policies.{policy}.thresholds': route(s) "
+                f"{', '.join(unknown)} are not in route set {route_set.name!r}"
+            )
+
+    def check_outcomes(self, route_set: RouteSet, *more: RouteSet) -> None:
+        """Raise :class:`TopologyError` if some outcome of the sets (the tenants' too) has no topic."""
+        for one in (route_set, *more):
+            self._check_outcomes(one)
+
+    def _check_outcomes(self, route_set: RouteSet) -> None:
         missing = []
         for outcome in sorted(route_set.outcomes):
             try:
@@ -237,24 +276,32 @@ class Topology(BaseModel):
                 "output.outcome_topics or set output.outcome_topic_template"
             )
 
-    def output_topics(self, route_set: RouteSet, *, check: bool = True) -> list[str]:
-        """Every topic this topology may write to, for creating them up front."""
+    def output_topics(self, route_set: RouteSet, *more: RouteSet, check: bool = True) -> list[str]:
+        """Every topic this topology may write to, for creating them up front (``more``: tenants' sets)."""
         if check:
-            self.check_outcomes(route_set)
+            self.check_outcomes(route_set, *more)
         topics = set()
-        for outcome in route_set.outcomes:
-            try:
-                topics.add(self.output.topic_for(outcome))
-            except KeyError:
-                continue
-        if self.output.route_topic_prefix is not None:
-            topics |= {self.output.route_topic_prefix + r.name for r in route_set.routes}
+        for one in (route_set, *more):
+            for outcome in one.outcomes:
+                try:
+                    topics.add(self.output.topic_for(outcome))
+                except KeyError:
+                    continue
+            if self.output.route_topic_prefix is not None:
+                topics |= {self.output.route_topic_prefix + r.name for r in one.routes}
         topics.add(self.output.dead_letter_topic)
         return sorted(topics)
 
 
+def _resolved(ref: RouteSetRef, topology_file: Path) -> RouteSetRef:
+    """A route-set reference whose relative file is made absolute against the topology file."""
+    if ref.file is not None and not ref.file.is_absolute():
+        return ref.model_copy(update={"file": (topology_file.parent / ref.file).resolve()})
+    return ref
+
+
 def load_topology(path: str | Path) -> Topology:
-    """Read and validate a topology YAML; the route-set file path is made absolute."""
+    """Read and validate a topology YAML; the route-set file paths (tenants' too) are made absolute."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -272,10 +319,15 @@ def load_topology(path: str | Path) -> Topology:
             for err in exc.errors()
         ]
         raise TopologyError("\n".join(lines)) from None
-    ref = topology.route_set
-    if ref.file is not None and not ref.file.is_absolute():
-        ref = ref.model_copy(update={"file": (path.parent / ref.file).resolve()})
-        topology = topology.model_copy(update={"route_set": ref})
+    topology = topology.model_copy(update={"route_set": _resolved(topology.route_set, path)})
+    if topology.tenants is not None:
+        policies = {
+            name: policy if policy.route_set is None
+            else policy.model_copy(update={"route_set": _resolved(policy.route_set, path)})
+            for name, policy in topology.tenants.policies.items()
+        }
+        topology = topology.model_copy(update={"tenants": topology.tenants.model_copy(
+            update={"policies": policies})})
     spec = topology.image_encoder
     if spec is not None and spec.model.startswith("local-dir:"):
         local = Path(spec.model.removeprefix("local-dir:"))
@@ -296,4 +348,33 @@ def load_topology_route_set(topology: Topology) -> RouteSet:
             f"but {topology.route_set.file} defines {route_set.name!r}"
         )
     topology.check_outcomes(route_set)
+    for policy in topology.tenants_using(route_set.name):
+        topology.check_tenant_routes(policy, route_set)
     return route_set
+
+
+def load_tenant_route_sets(topology: Topology) -> list[RouteSet]:
+    """The tenants' route sets other than the topology's own, from their files, each checked.
+
+    A tenant set without a file, or whose file defines another name, is refused; so
+    is a tenant's per-route threshold naming a route its set lacks.
+    """
+    sets: list[RouteSet] = []
+    for ref in topology.tenant_route_sets()[1:]:
+        tenants = ", ".join(topology.tenants_using(ref.name))
+        if ref.file is None:
+            raise TopologyError(
+                f"topology {topology.name!r}: route set {ref.name!r} of tenant(s) {tenants} names no file"
+            )
+        route_set = load_route_set(ref.file)
+        if route_set.name != ref.name:
+            raise TopologyError(
+                f"topology {topology.name!r}: tenant(s) {tenants} expect route set {ref.name!r}, "
+                f"but {ref.file} defines {route_set.name!r}"
+            )
+        topology.check_outcomes(route_set)
+        for policy in topology.tenants_using(ref.name):
+            topology.check_tenant_routes(policy, route_set)
+        sets.append(route_set)
+    return sets
+

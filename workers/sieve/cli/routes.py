@@ -34,7 +34,7 @@ def routes_check(path: Path) -> None:
 
 @app.command("sync")
 def routes_sync(
-    path: Path,
+    path: Annotated[Path | None, typer.Argument(help="Route file; default: the --topology's own.")] = None,
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
@@ -53,32 +53,52 @@ def routes_sync(
     Only examples the active version lacks are encoded; earlier versions stay stored.
 
     Utterances go to the text encoder's collection; example images and CLIP prompts
-    to the image encoder's, when one is given (directly or by a topology).
+    to the image encoder's, when one is given (directly or by a topology). With
+    ``--topology``, its tenants' route sets are synced too (docs/tenants.md).
     """
     from sieve.encoders.factory import encoders_for
     from sieve.routeset import RouteSetError, load_route_set
     from sieve.store.qdrant import RouteStore, RouteStoreError
-    from sieve.topology import EncoderSpec, ImageEncoderSpec, TopologyError, load_topology
+    from sieve.topology import (
+        EncoderSpec,
+        ImageEncoderSpec,
+        TopologyError,
+        load_tenant_route_sets,
+        load_topology,
+        load_topology_route_set,
+    )
 
     settings = get_settings()
     progress = progress_for(console, quiet=quiet)
+    if path is None and topology_path is None:
+        fail("give a route file, or --topology to sync the topology's route sets")
     try:
-        route_set = load_route_set(path)
+        route_sets = [load_route_set(path)] if path is not None else []
         text_spec = EncoderSpec(kind=encoder, model=model, backend=backend)  # type: ignore[arg-type]
         image_spec = None
         if topology_path is not None:
             topology = load_topology(topology_path)
             text_spec, image_spec = topology.encoder, topology.image_encoder
+            if path is None:
+                route_sets.append(load_topology_route_set(topology))
+            names = {route_set.name for route_set in route_sets}
+            route_sets += [s for s in load_tenant_route_sets(topology) if s.name not in names]
         if image_model is not None:
             image_spec = ImageEncoderSpec(model=image_model, pretrained=image_pretrained)
-        if route_set.routes_in("image") and image_spec is None:
-            fail(f"{path} has image examples or prompts: give --image-model or --topology")
-        built = encoders_for(text_spec if route_set.routes_in("text") else None,
-                             image_spec if route_set.routes_in("image") else None, settings,
+        for route_set in route_sets:
+            if route_set.routes_in("image") and image_spec is None:
+                fail(f"route set {route_set.name} has image examples or prompts: give --image-model or "
+                     "--topology")
+        built = encoders_for(text_spec if any(s.routes_in("text") for s in route_sets) else None,
+                             image_spec if any(s.routes_in("image") for s in route_sets) else None, settings,
                              progress=progress)
-        encoders = [encoder for encoder in built if encoder is not None]
         store = RouteStore(settings.qdrant)
-        reports = [store.sync(route_set, text_or_image, progress=progress) for text_or_image in encoders]
+        reports = [
+            store.sync(route_set, text_or_image, progress=progress)
+            for route_set in route_sets
+            for space, text_or_image in zip(("text", "image"), built, strict=True)
+            if text_or_image is not None and route_set.routes_in(space)  # type: ignore[arg-type]
+        ]
     except (RouteSetError, RouteStoreError, TopologyError, ValueError) as exc:
         fail(str(exc))
     for report in reports:
@@ -153,7 +173,7 @@ def _space_of(topology_path: Path, space: str) -> str:
         fail(str(exc))
     if space not in ids:
         fail(f"the topology has no {space} encoder")
-    return ids[space]  # type: ignore[index]
+    return ids[space]
 
 
 @app.command("versions")

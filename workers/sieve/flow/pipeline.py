@@ -7,13 +7,18 @@ one batch by its own encoder and matched against the route set's index in that
 encoder's space; their decisions go to the same output topics. When the route-set
 version carries a learned head (:mod:`sieve.flow.head`), the policy decides on the
 scores combined with it, through the same function ``sieve eval`` measures with.
+
+A topology with ``tenants`` decides each event with its tenant's policy (route set and
+thresholds, :mod:`sieve.flow.tenant_groups`): a batch's events of every tenant are
+still encoded together, once; then matched once per distinct route index and decided
+per tenant policy. Decisions come back in the batch's order.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -24,15 +29,16 @@ import numpy as np
 from sieve.contracts import DeadLetter, Decision, ImageRef, utcnow
 from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.dead_letter import make_dead_letter
-from sieve.flow.decide import Policy, decision_rows, validate_decisions
+from sieve.flow.decide import decision_rows, validate_decisions
 from sieve.flow.decode import DecodedEvent, decode_batch
-from sieve.flow.dedup import DecisionCache
-from sieve.flow.head import LearnedHead, decision_scores, head_of
+from sieve.flow.dedup import DecisionCache, image_key, text_key
+from sieve.flow.head import LearnedHead, decision_scores
 from sieve.flow.images import ImageRejected, load_image
 from sieve.flow.lists import ListHit
 from sieve.flow.match import RouteIndex, match_batch
 from sieve.flow.prefilter import Prefilter, repeat_rows
 from sieve.flow.publish import plan_dead_letters, plan_decisions
+from sieve.flow.tenant_groups import TenantGroup, build_groups, positions_by, swap_groups, take_rows
 from sieve.kafka.records import Outbound
 from sieve.routeset import Space
 from sieve.settings import ImageFetchSettings
@@ -61,15 +67,12 @@ class BatchResult:
         return validate_decisions(self.rows)
 
 
-@dataclass(frozen=True)
-class _Active:
-    index: RouteIndex
-    policy: Policy
-    head: LearnedHead | None  # the version's own head (checked by head_of), or None
-
-
 class RouterPipeline:
-    """One topology's stages bound to its encoders and route indexes."""
+    """One topology's stages bound to its encoders and route indexes.
+
+    ``tenant_indexes``: the tenants' route sets' indexes by (set name, space), for a
+    topology with ``tenants`` (the topology's own set is ``index`` / ``image_index``).
+    """
 
     def __init__(
         self,
@@ -82,6 +85,7 @@ class RouterPipeline:
         image_index: RouteIndex | None = None,
         image_fetch: ImageFetchSettings | None = None,
         cache: DecisionCache | None = None,
+        tenant_indexes: Mapping[tuple[str, Space], RouteIndex] | None = None,
     ) -> None:
         self.topology = topology
         self.encoder = encoder
@@ -90,47 +94,53 @@ class RouterPipeline:
         self.image_fetch = image_fetch or ImageFetchSettings()
         if (image_encoder is None) != (image_index is None):
             raise ValueError("an image encoder and an image index go together")
-        self._active: dict[Space, _Active] = {"text": self._activate(index, "text")}
+        own: dict[Space, RouteIndex] = {"text": index}
         if image_index is not None:
-            self._active["image"] = self._activate(image_index, "image")
+            own["image"] = image_index
+        self._encoders: dict[Space, TextEncoder | ImageEncoder | None] = {"text": encoder,
+                                                                          "image": image_encoder}
+        self._groups = build_groups(topology, own, tenant_indexes or {}, self._encoders)
         self._fetchers = ThreadPoolExecutor(self.image_fetch.fetch_concurrency,
                                             thread_name_prefix="sieve-fetch")
         # Lists and repeats decide before the encoder (sieve.flow.prefilter).
         self.prefilter = Prefilter(topology.name, cache)
 
     def _encoder_for(self, space: Space) -> TextEncoder | ImageEncoder | None:
-        return self.encoder if space == "text" else self.image_encoder
-
-    def _activate(self, index: RouteIndex, space: Space) -> _Active:
-        encoder = self._encoder_for(space)
-        if index.space != space or encoder is None or index.encoder_id != encoder.id:
-            raise ValueError(
-                f"route index ({index.space} space, encoded with {index.encoder_id!r}) does not fit "
-                f"the worker's {space} encoder {getattr(encoder, 'id', None)!r}: sync the route set "
-                "with this encoder"
-            )
-        self.topology.check_outcomes(index.route_set)
-        overrides = self.topology.thresholds if space == "text" else self.topology.image_thresholds
-        return _Active(index, Policy.for_index(index, overrides), head_of(index))
+        return self._encoders[space]
 
     @property
     def index(self) -> RouteIndex:
-        """The text route index decisions are made against now."""
-        return self._active["text"].index
+        """The text route index decisions are made against now (the topology's own route set)."""
+        return self._groups[None].active["text"].index
 
     @property
     def indexes(self) -> dict[Space, RouteIndex]:
-        """Every space's current index."""
-        return {space: active.index for space, active in self._active.items()}
+        """Every space's current index of the topology's own route set."""
+        return {space: active.index for space, active in self._groups[None].active.items()}
+
+    @property
+    def tenant_indexes(self) -> dict[tuple[str, Space], RouteIndex]:
+        """Every route set's current index, the topology's own and its tenants', by (set name, space)."""
+        return {(active.index.route_set.name, space): active.index
+                for group in self._groups.values() for space, active in group.active.items()}
 
     @property
     def head(self) -> LearnedHead | None:
         """The learned head the text decisions are made with now (the text index's version's), or None."""
-        return self._active["text"].head
+        return self._groups[None].active["text"].head
+
+    def group_for(self, tenant: str | None) -> TenantGroup:
+        """The group an event's tenant is decided by (the default policy's for an unknown or invalid one)."""
+        tenants = self.topology.tenants
+        return self._groups[tenants.policy_for(tenant) if tenants is not None else None]
 
     def swap_index(self, index: RouteIndex) -> None:
-        """Use a new route-set version (in the index's space), and its head, from the next batch on."""
-        self._active = {**self._active, index.space: self._activate(index, index.space)}
+        """Use a new route-set version (in the index's space), and its head, from the next batch on.
+
+        Every tenant policy (and the topology itself) deciding with a set of that name
+        gets it; one that no policy uses replaces the topology's own.
+        """
+        self._groups = swap_groups(self.topology, self._groups, index, self._encoders)
 
     def _dead_letter(self, item: DecodedEvent, stage: str, reason: str, error: str) -> DeadLetter:
         return make_dead_letter(
@@ -190,63 +200,107 @@ class RouterPipeline:
                 refs.append(loaded.ref)
         return kept, pictures, refs, letters
 
-    def _decide_space(
-        self, space: Space, items: list[DecodedEvent], vectors: np.ndarray,
-        images: list[ImageRef | None] | None, seconds: dict[str, float],
-    ) -> list[dict[str, Any]]:
-        active = self._active[space]
-        started = time.perf_counter()
-        match = match_batch(vectors, active.index, active.index.aggregation)
-        match = replace(match, route_scores=decision_scores(match.route_scores, vectors, active.index,
-                                                            active.head))
-        matched = time.perf_counter()
-        decisions = decision_rows(
-            [d.event for d in items],
-            match,
-            active.index,
-            active.policy,
-            decided_at=utcnow(),
-            event_times=[d.record.timestamp for d in items],
-            source_topics=[d.record.topic for d in items],
-            images=images,
-        )
-        seconds["match"] = seconds.get("match", 0.0) + matched - started
-        seconds["decide"] = seconds.get("decide", 0.0) + time.perf_counter() - matched
-        return decisions
+    def _prefilter_group(
+        self, space: Space, group: TenantGroup, items: list[DecodedEvent], inputs: list[Any],
+        refs: list[ImageRef] | None, decided_at: Any, seconds: dict[str, float],
+    ) -> tuple[list[tuple[int, dict[str, Any]]], list[int], dict[int, int], list[bytes | None]]:
+        """One group's lists and repeats: rows by position, positions to encode, repeats, cache keys."""
+        index = group.active[space].index
+        matcher = self.prefilter.terms_for(index) if space == "text" else self.prefilter.hashes_for(index)
+        hits: list[list[ListHit]] = [[] for _ in items]
+        if matcher:
+            started = time.perf_counter()
+            hits = matcher.match_batch(inputs)
+            seconds["lists"] = seconds.get("lists", 0.0) + time.perf_counter() - started
+        keys: list[bytes | None] = [None] * len(items)
+        if self.prefilter.cache is not None:
+            policy, version = group.cache_policy, index.version
+            keys = ([text_key(policy, version, text) for text in inputs] if space == "text"
+                    else [image_key(policy, version, ref.sha256) for ref in refs or ()])
+        rows, todo, repeats = self.prefilter.split(items, keys, hits, index, decided_at, refs)
+        skipped = set(todo) | set(repeats)
+        done = [position for position in range(len(items)) if position not in skipped]
+        return list(zip(done, rows, strict=True)), todo, repeats, keys
+
+    def _decide_encoded(
+        self, space: Space, items: list[DecodedEvent], groups: list[TenantGroup], at: list[int],
+        vectors: np.ndarray, refs: list[ImageRef] | None, seconds: dict[str, float],
+    ) -> dict[int, dict[str, Any]]:
+        """Encoded events (``at``: their positions) matched once per distinct index, decided per group."""
+        decided: dict[int, dict[str, Any]] = {}
+        by_index = positions_by([id(groups[p].active[space].index) for p in at])
+        for rows in by_index.values():
+            first = groups[at[rows[0]]].active[space]
+            index = first.index
+            started = time.perf_counter()
+            some = vectors[rows]
+            match = match_batch(some, index, index.aggregation)
+            match = replace(match, route_scores=decision_scores(match.route_scores, some, index, first.head))
+            matched = time.perf_counter()
+            for members in positions_by([groups[at[r]].cache_policy for r in rows]).values():
+                positions = [at[rows[m]] for m in members]
+                policy = groups[positions[0]].active[space].policy
+                fresh = decision_rows(
+                    [items[p].event for p in positions], take_rows(match, members), index, policy,
+                    decided_at=utcnow(), event_times=[items[p].record.timestamp for p in positions],
+                    source_topics=[items[p].record.topic for p in positions],
+                    images=[refs[p] for p in positions] if refs is not None else None,
+                )
+                decided.update(zip(positions, fresh, strict=True))
+            seconds["match"] = seconds.get("match", 0.0) + matched - started
+            seconds["decide"] = seconds.get("decide", 0.0) + time.perf_counter() - matched
+        return decided
 
     def _encode_and_decide(
-        self, space: Space, items: list[DecodedEvent], inputs: Sequence[Any], keys: list[bytes | None],
-        hits: Sequence[list[ListHit]], refs: list[ImageRef] | None, seconds: dict[str, float],
+        self, space: Space, items: list[DecodedEvent], inputs: list[Any], refs: list[ImageRef] | None,
+        seconds: dict[str, float],
     ) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
-        """Lists and repeats first; the rest encoded once per distinct content, decided, remembered."""
-        index = self._active[space].index
+        """Lists and repeats first (per tenant group); the rest encoded together, decided, remembered."""
         decided_at = utcnow()
-        rows, todo, repeats = self.prefilter.split(items, keys, hits, index, decided_at, refs)
-        encoder = self._encoder_for(space)
-        assert encoder is not None
-        encode = encoder.encode if space == "text" else encoder.encode_images  # type: ignore[union-attr]
-        if not todo:  # every event decided by a list or a repeat
-            return rows, []
-        started = time.perf_counter()
-        kept, positions, vectors, letters = self._encode_isolating(
-            [items[p] for p in todo], [inputs[p] for p in todo], encode, encoder.dim
-        )
-        stage = "encode" if space == "text" else "image_encode"
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+        groups = [self.group_for(item.event.tenant) for item in items]
+        placed: list[tuple[int, dict[str, Any]]] = []
+        todo: list[int] = []
+        keys: list[bytes | None] = [None] * len(items)
+        repeats: list[tuple[TenantGroup, dict[int, int]]] = []
+        for positions in positions_by([group.cache_policy for group in groups]).values():
+            group = groups[positions[0]]
+            sub_refs = [refs[p] for p in positions] if refs is not None else None
+            rows, sub_todo, sub_repeats, sub_keys = self._prefilter_group(
+                space, group, [items[p] for p in positions], [inputs[p] for p in positions], sub_refs,
+                decided_at, seconds)
+            placed += [(positions[i], row) for i, row in rows]
+            todo += [positions[i] for i in sub_todo]
+            repeats.append((group, {positions[i]: positions[j] for i, j in sub_repeats.items()}))
+            for i, key in zip(positions, sub_keys, strict=True):
+                keys[i] = key
+        todo.sort()
+        letters: list[DeadLetter] = []
         decided: dict[int, dict[str, Any]] = {}
-        if kept:
-            kept_at = [todo[p] for p in positions]
-            kept_refs: list[ImageRef | None] | None = [refs[p] for p in kept_at] if refs is not None else None
-            fresh = self._decide_space(space, kept, vectors, kept_refs, seconds)
-            self.prefilter.remember([keys[p] for p in kept_at], fresh)
-            decided = dict(zip(kept_at, fresh, strict=True))
-            rows += fresh
-        rows += repeat_rows(items, repeats, decided, index.version, decided_at, refs)
-        for position, first in repeats.items():
-            if first not in decided:  # the same content failed to encode: so does the repeat
-                letters.append(self._dead_letter(items[position], "encode", "encode_error",
-                                                 "the same content failed to encode in this batch"))
-        return rows, letters
+        if todo:
+            encoder = self._encoder_for(space)
+            assert encoder is not None
+            encode = encoder.encode if space == "text" else encoder.encode_images  # type: ignore[union-attr]
+            started = time.perf_counter()
+            kept, kept_positions, vectors, letters = self._encode_isolating(
+                [items[p] for p in todo], [inputs[p] for p in todo], encode, encoder.dim
+            )
+            stage = "encode" if space == "text" else "image_encode"
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+            if kept:
+                at = [todo[p] for p in kept_positions]
+                decided = self._decide_encoded(space, items, groups, at, vectors, refs, seconds)
+                self.prefilter.remember([keys[p] for p in at], [decided[p] for p in at])
+                placed += decided.items()
+        for group, group_repeats in repeats:
+            version = group.active[space].index.version
+            copied = repeat_rows(items, group_repeats, decided, version, decided_at, refs)
+            placed += zip([p for p, first in group_repeats.items() if first in decided], copied, strict=True)
+            for position, first in group_repeats.items():
+                if first not in decided:  # the same content failed to encode: so does the repeat
+                    letters.append(self._dead_letter(items[position], "encode", "encode_error",
+                                                     "the same content failed to encode in this batch"))
+        placed.sort(key=lambda pair: pair[0])
+        return [row for _, row in placed], letters
 
     def process(self, records: Sequence[Any]) -> BatchResult:
         """Run one batch of raw records through every stage."""
@@ -260,35 +314,17 @@ class RouterPipeline:
         decisions: list[dict[str, Any]] = []
         texts = [d for d in decoded if d.event.modality == "text"]
         if texts:
-            index = self._active["text"].index
-            matcher = self.prefilter.terms_for(index)
-            hits: list[list[ListHit]] = [[] for _ in texts]
-            if matcher:
-                t1 = time.perf_counter()
-                hits = matcher.match_batch([d.event.text for d in texts])
-                seconds["lists"] = time.perf_counter() - t1
             rows, more_letters = self._encode_and_decide(
-                "text", texts, [d.event.text or "" for d in texts], self.prefilter.text_keys(texts, index),
-                hits, None, seconds,
-            )
+                "text", texts, [d.event.text or "" for d in texts], None, seconds)
             decisions += rows
             letters.extend(more_letters)
         images = [d for d in decoded if d.event.modality == "image"]
         if images and self.image_encoder is not None:
-            index = self._active["image"].index
             t2 = time.perf_counter()
             loaded, pictures, refs, failed = self._load_images(images)
             letters.extend(failed)
-            t3 = time.perf_counter()
-            seconds["image_load"] = t3 - t2
-            matcher_h = self.prefilter.hashes_for(index)
-            hits = [[] for _ in loaded]
-            if matcher_h:
-                hits = matcher_h.match_batch(pictures)
-                seconds["lists"] = seconds.get("lists", 0.0) + time.perf_counter() - t3
-            rows, more_letters = self._encode_and_decide(
-                "image", loaded, pictures, self.prefilter.image_keys(refs, index), hits, refs, seconds,
-            )
+            seconds["image_load"] = time.perf_counter() - t2
+            rows, more_letters = self._encode_and_decide("image", loaded, pictures, refs, seconds)
             decisions += rows
             letters.extend(more_letters)
         output = self.topology.output

@@ -42,7 +42,7 @@ from sieve.flow.pipeline import BatchResult, RouterPipeline
 from sieve.kafka.records import Outbound, RawRecord
 from sieve.routeset import Space
 from sieve.settings import Settings
-from sieve.topology import Topology
+from sieve.topology import DEFAULT_TENANT_LABEL, TenantsSpec, Topology
 
 
 def settle_heap(gen0_threshold: int = 50_000) -> None:
@@ -71,6 +71,8 @@ class Computed:
     ``novelty_measured`` counts, per route set, the decisions whose novelty was measured
     (``novel`` not None: the set has a novelty threshold in the event's space), and
     ``novel`` those of them that were novel: the novel share the drift alert watches.
+    ``tenants`` counts decisions by ``(tenant label, outcome)``: the tenant's policy name
+    when the topology has one of that name, else ``_default``.
     """
 
     outbound: list[Outbound]
@@ -82,6 +84,7 @@ class Computed:
     novel: dict[str, int] = field(default_factory=dict)
     from_cache: int = 0  # decisions taken from the repeat cache
     list_hits: dict[tuple[str, str], int] = field(default_factory=dict)  # (list, entry) -> hits
+    tenants: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant label, outcome) -> decisions
 
     def add(self, other: Computed) -> None:
         """Take ``other``'s messages and counts into this one (a batch computed record by record)."""
@@ -93,6 +96,7 @@ class Computed:
         _tally(self.novel, other.novel)
         self.from_cache += other.from_cache
         _tally(self.list_hits, other.list_hits)
+        _tally(self.tenants, other.tenants)
 
 
 def _tally(into: dict[Any, int], counts: dict[Any, int]) -> None:
@@ -100,15 +104,18 @@ def _tally(into: dict[Any, int], counts: dict[Any, int]) -> None:
         into[key] = into.get(key, 0) + count
 
 
-def summarise(result: BatchResult) -> Computed:
-    """A pipeline result reduced to what leaves the compute stage."""
+def summarise(result: BatchResult, tenants: TenantsSpec | None = None) -> Computed:
+    """A pipeline result reduced to what leaves the compute stage (``tenants``: the topology's)."""
     outcomes: dict[tuple[str, str, str], int] = {}
     event_times: list[float] = []
     measured: dict[str, int] = {}
     novel: dict[str, int] = {}
     from_cache = 0
     list_hits: dict[tuple[str, str], int] = {}
+    by_tenant: dict[tuple[str, str], int] = {}
     for row in result.rows:
+        tenant = tenants.label_for(row["event"]["tenant"]) if tenants is not None else DEFAULT_TENANT_LABEL
+        by_tenant[(tenant, row["outcome"])] = by_tenant.get((tenant, row["outcome"]), 0) + 1
         if row.get("from_cache"):
             from_cache += 1
         for hit in row.get("list_hits") or ():
@@ -126,7 +133,7 @@ def summarise(result: BatchResult) -> Computed:
                 novel[route_set] = novel.get(route_set, 0) + 1
     return Computed(
         result.outbound, result.dead_letters, result.seconds, outcomes, event_times, measured, novel,
-        from_cache, list_hits,
+        from_cache, list_hits, by_tenant,
     )
 
 
@@ -151,8 +158,9 @@ def encoder_ids(topology: Topology) -> dict[Space, str]:
 
 
 def build_pipeline(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
-                   encoders: tuple[TextEncoder, ImageEncoder | None] | None = None) -> RouterPipeline:
-    """The topology's pipeline over ``indexes``, with ``encoders`` or ones built here.
+                   encoders: tuple[TextEncoder, ImageEncoder | None] | None = None,
+                   tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None) -> RouterPipeline:
+    """The topology's pipeline over ``indexes`` and ``tenant_indexes``, with ``encoders`` or ones built here.
 
     The pipeline refuses an index whose encoder id is not its encoder's, so ids taken
     from :func:`encoder_ids` are checked once the models load.
@@ -163,7 +171,7 @@ def build_pipeline(topology: Topology, settings: Settings, indexes: dict[Space, 
         cache = DecisionCache(int(settings.dedup_cache_mb * 2**20), settings.dedup_ttl_s)
     return RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
                           image_encoder=image_encoder, image_index=indexes.get("image"),
-                          image_fetch=settings.images, cache=cache)
+                          image_fetch=settings.images, cache=cache, tenant_indexes=tenant_indexes)
 
 
 class Compute:
@@ -175,6 +183,11 @@ class Compute:
     def indexes(self) -> dict[Space, RouteIndex]:
         """Every space's current route index."""
         raise NotImplementedError
+
+    @property
+    def tenant_indexes(self) -> dict[tuple[str, Space], RouteIndex]:
+        """Every route set's current index (the topology's own and its tenants'), by (set name, space)."""
+        return {(index.route_set.name, space): index for space, index in self.indexes.items()}
 
     async def run(self, records: list[RawRecord]) -> Computed:
         """One batch through every stage."""
@@ -212,7 +225,7 @@ async def run_bounded(compute: Compute, records: list[RawRecord], timeout_s: flo
 
 def run_pipeline(pipeline: RouterPipeline, records: list[RawRecord]) -> Computed:
     """One batch through ``pipeline``, reduced to what leaves the compute stage."""
-    return summarise(pipeline.process(records))
+    return summarise(pipeline.process(records), pipeline.topology.tenants)
 
 
 class ThreadCompute(Compute):
@@ -228,6 +241,11 @@ class ThreadCompute(Compute):
     @override
     def indexes(self) -> dict[Space, RouteIndex]:
         return self.pipeline.indexes
+
+    @property
+    @override
+    def tenant_indexes(self) -> dict[tuple[str, Space], RouteIndex]:
+        return self.pipeline.tenant_indexes
 
     @override
     async def run(self, records: list[RawRecord]) -> Computed:

@@ -98,6 +98,7 @@ def _exit_with(parent: int, scratch: str) -> None:
 
 def _child_start(
     topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex], parent: int, scratch: str,
+    tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None,
 ) -> None:
     """In the child: build the encoders and the pipeline once; leave signals to the worker."""
     global _CHILD, _SCRATCH
@@ -109,7 +110,7 @@ def _child_start(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     limit_blas_threads(settings)
-    _CHILD = build_pipeline(topology, settings, indexes)
+    _CHILD = build_pipeline(topology, settings, indexes, tenant_indexes=tenant_indexes)
     settle_heap()
 
 
@@ -145,12 +146,16 @@ class ProcessCompute(Compute):
 
     mode = "process"
 
-    def __init__(self, topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex]) -> None:
-        for index in indexes.values():
+    def __init__(self, topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
+                 tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None) -> None:
+        for index in [*indexes.values(), *(tenant_indexes or {}).values()]:
             head_of(index)  # a head that does not fit its index fails the start here, not in the child
         self.topology = topology
         self.settings = settings
         self._indexes = dict(indexes)
+        # The tenants' route sets other than the topology's own, by (set name, space).
+        self._tenant_indexes = {key: index for key, index in (tenant_indexes or {}).items()
+                                if key not in {(i.route_set.name, s) for s, i in indexes.items()}}
         self.restarts = 0
         self.scratch = tempfile.mkdtemp(prefix="sieve-compute-", dir=_scratch_root())
         # removed by close(), at the worker's exit, or by the child if the worker is killed
@@ -160,7 +165,8 @@ class ProcessCompute(Compute):
     def _start(self) -> ProcessPoolExecutor:
         executor = ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_start,
-            initargs=(self.topology, self.settings, self._indexes, os.getpid(), self.scratch),
+            initargs=(self.topology, self.settings, self._indexes, os.getpid(), self.scratch,
+                      self._tenant_indexes),
         )
         try:
             self.pid = executor.submit(_child_ready).result()
@@ -174,6 +180,12 @@ class ProcessCompute(Compute):
     @override
     def indexes(self) -> dict[Space, RouteIndex]:
         return dict(self._indexes)
+
+    @property
+    @override
+    def tenant_indexes(self) -> dict[tuple[str, Space], RouteIndex]:
+        own = {(index.route_set.name, space): index for space, index in self._indexes.items()}
+        return {**own, **self._tenant_indexes}
 
     async def _call(self, function: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -205,15 +217,20 @@ class ProcessCompute(Compute):
     @override
     async def swap_index(self, index: RouteIndex) -> None:
         head_of(index)  # a head that does not fit the index is refused here, before any child has it
-        previous = self._indexes.get(index.space)
-        self._indexes[index.space] = index  # a restarted child starts with it
+        key = (index.route_set.name, index.space)
+        previous, previous_tenant = dict(self._indexes), dict(self._tenant_indexes)
+        # a restarted child starts with it (as the pipeline swaps: the sets of that name, else the own)
+        if key in self._tenant_indexes:
+            self._tenant_indexes[key] = index
+        own = self._indexes.get(index.space)
+        if key not in self._tenant_indexes or (own is not None and own.route_set.name == key[0]):
+            self._indexes[index.space] = index
         try:
             await self._call(_child_swap, index)
         except ChildDied:
             pass  # the new child was started with the new index
-        except Exception:
-            if previous is not None:  # the child refused it and kept the version it had
-                self._indexes[index.space] = previous
+        except Exception:  # the child refused it and kept the version it had
+            self._indexes, self._tenant_indexes = previous, previous_tenant
             raise
 
     @override

@@ -22,6 +22,12 @@ EVENTS_IN = Counter("sieve_events_in_total", "Records consumed from input topics
 DECISIONS = Counter(
     "sieve_decisions_total", "Decisions published.", ["topology", "outcome", "route", "decided_by"]
 )
+# Decisions per tenant: the label is the tenant's policy name when the topology has a policy of
+# that name, else "_default" (no tenant, an unknown or an invalid one), so it stays bounded.
+TENANT_DECISIONS = Counter(
+    "sieve_tenant_decisions_total", "Decisions published, by tenant policy.",
+    ["topology", "tenant", "outcome"],
+)
 DEAD_LETTERS = Counter(
     "sieve_dead_letters_total", "Inputs sent to the dead-letter topic.", ["topology", "stage", "reason"]
 )
@@ -46,8 +52,8 @@ ROUTE_SET_RELOADS = Counter(
     "sieve_route_set_reloads_total", "New route-set versions picked up.", ["topology"]
 )
 # The novel share (drift): novel / measured per route set, against the share fitted on
-# calibration data. Labelled by topology and route set; a tenant label joins them once
-# tenants exist (docs/production.md).
+# calibration data. Labelled by topology and route set: tenants deciding with their own
+# route sets (docs/tenants.md) have their own series.
 NOVELTY_MEASURED = Counter(
     "sieve_novelty_measured_events_total",
     "Decisions whose novelty was measured (the route set has a novelty threshold in the event's space).",
@@ -145,6 +151,8 @@ def record_batch(
     observe_many(latency, np.maximum(0.0, acked_at - np.asarray(result.event_times, dtype=np.float64)))
     for (outcome, route, decided_by), count in result.outcomes.items():
         DECISIONS.labels(topology, outcome, route, decided_by).inc(count)
+    for (tenant, outcome), count in result.tenants.items():
+        TENANT_DECISIONS.labels(topology, tenant, outcome).inc(count)
     letters = Tally((letter.stage, letter.reason) for letter in result.dead_letters)
     for (stage, reason), count in letters.items():
         DEAD_LETTERS.labels(topology, stage, reason).inc(count)
@@ -158,14 +166,17 @@ def record_batch(
         LIST_HITS.labels(topology, list_name, entry).inc(count)
 
 
-def record_route_set(topology: str, index: RouteIndex) -> None:
+def record_route_set(topology: str, index: RouteIndex, *, info: bool = True) -> None:
     """The route-set version in use (on start and on every reload): its info and novelty baseline.
+
+    ``info``: also the ``sieve_route_set`` info (the topology's own set; a tenant's has only its baseline).
 
     A version without a fitted baseline (no novelty, or a threshold set by hand) has no
     baseline series, so the drift alert has nothing stale to compare against.
     """
     route_set = index.route_set
-    ROUTE_SET.info({"route_set": route_set.name, "version": index.version, "encoder": index.encoder_id})
+    if info:
+        ROUTE_SET.info({"route_set": route_set.name, "version": index.version, "encoder": index.encoder_id})
     novelty = route_set.defaults.novelty
     if novelty is not None and novelty.baseline is not None:
         NOVEL_BASELINE.labels(topology, route_set.name).set(novelty.baseline)

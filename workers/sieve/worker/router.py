@@ -36,15 +36,37 @@ _MAX_PROCESS_ATTEMPTS = 3
 
 
 def build_compute(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
-                  encoders: tuple[TextEncoder, ImageEncoder | None] | None = None) -> Compute:
+                  encoders: tuple[TextEncoder, ImageEncoder | None] | None = None,
+                  tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None) -> Compute:
     """``settings.compute_mode``: a child that builds its own encoders, or the pipeline on a thread.
 
     On a thread the pipeline uses ``encoders`` when given (built here otherwise); a
     child always builds its own, so a worker in process mode need not load a model.
+    ``tenant_indexes``: the tenants' route sets by (set name, space) (docs/tenants.md).
     """
     if settings.compute_mode == "process":
-        return ProcessCompute(topology, settings, indexes)
-    return ThreadCompute(build_pipeline(topology, settings, indexes, encoders))
+        return ProcessCompute(topology, settings, indexes, tenant_indexes)
+    return ThreadCompute(build_pipeline(topology, settings, indexes, encoders, tenant_indexes))
+
+
+def load_tenant_indexes(topology: Topology, store: RouteStore,
+                        ids: dict[Space, str]) -> dict[tuple[str, Space], RouteIndex]:
+    """The tenants' route sets (other than the topology's own) from the store, by (set name, space).
+
+    A set missing from the store (or refused) is a :class:`RouteStoreError` naming its
+    tenants. Its image index is loaded only when the set has image routes; without
+    one the tenant's image events use the topology's (docs/tenants.md).
+    """
+    loaded: dict[tuple[str, Space], RouteIndex] = {}
+    for ref in topology.tenant_route_sets()[1:]:
+        tenants = ", ".join(topology.tenants_using(ref.name))
+        try:
+            text = loaded[(ref.name, "text")] = store.load(ref.name, ids["text"])
+            if "image" in ids and text.route_set.routes_in("image"):
+                loaded[(ref.name, "image")] = store.load(ref.name, ids["image"])
+        except RouteStoreError as exc:
+            raise RouteStoreError(f"tenant(s) {tenants}: route set {ref.name!r}: {exc}") from None
+    return loaded
 
 
 class RouterWorker(BatchWorker):
@@ -69,7 +91,8 @@ class RouterWorker(BatchWorker):
         if store is not None:
             self.app.timer(settings.route_refresh_s)(self._refresh_route_set)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="sieve-store")
-        self._refused: dict[Space, str] = {}  # per space: the version last refused (logged once)
+        # per (route set, space): the version last refused (logged once)
+        self._refused: dict[tuple[str, Space], str] = {}
 
     async def handle(self, records: list[RawRecord]) -> Computed:
         """Process one batch to the end: it returns only once every output is acknowledged."""
@@ -123,15 +146,17 @@ class RouterWorker(BatchWorker):
     # -- route-set refresh -------------------------------------------------------------------
 
     async def _refresh_route_set(self) -> None:
-        """Pick up a newly activated route-set version, and the head it carries, without a restart.
+        """Pick up newly activated route-set versions, and the heads they carry, without a restart.
 
-        Only a complete version loads (:meth:`RouteStore.load`); one the store refuses
-        leaves the running version in place, and is tried again at the next refresh.
+        Every route set the worker decides with is polled: the topology's own and each
+        tenant's. Only a complete version loads (:meth:`RouteStore.load`); one the store
+        or the pipeline refuses leaves the running version in place (``sieve_route_set_refused``
+        is 1 for its space), and is tried again at the next refresh.
         """
         assert self.store is not None
         loop = asyncio.get_running_loop()
-        name = self.topology.route_set.name
-        for space, current in self.compute.indexes.items():
+        own = self.topology.route_set.name
+        for (name, space), current in self.compute.tenant_indexes.items():
             encoder_id = current.encoder_id
             try:
                 version = await loop.run_in_executor(
@@ -141,19 +166,22 @@ class RouterWorker(BatchWorker):
                     continue
                 try:
                     index = await loop.run_in_executor(self._io, self.store.load, name, encoder_id, version)
-                except RouteStoreError as exc:
-                    level = logging.DEBUG if self._refused.get(space) == version else logging.ERROR
-                    self._refused[space] = version
+                    # the pipeline refuses a version that does not fit (ValueError: its encoder, its
+                    # outcomes' topics, its head, a tenant's per-route thresholds naming a lost route)
+                    await self.compute.swap_index(index)
+                except (RouteStoreError, ValueError) as exc:
+                    level = logging.DEBUG if self._refused.get((name, space)) == version else logging.ERROR
+                    self._refused[(name, space)] = version
                     log.log(level, "route set %s (%s space): version %s refused, keeping version %s: %s",
                             name, space, version, current.version, exc)
                     metrics.ROUTE_SET_REFUSED.labels(self.topology.name, space).set(1)
                     continue
-                self._refused.pop(space, None)
-                metrics.ROUTE_SET_REFUSED.labels(self.topology.name, space).set(0)
-                await self.compute.swap_index(index)
+                self._refused.pop((name, space), None)
+                if not any(refused_space == space for _, refused_space in self._refused):
+                    metrics.ROUTE_SET_REFUSED.labels(self.topology.name, space).set(0)
                 metrics.ROUTE_SET_RELOADS.labels(self.topology.name).inc()
-                metrics.record_route_set(self.topology.name, index)
+                metrics.record_route_set(self.topology.name, index, info=name == own)
                 head = " with its learned head" if space == "text" and index.route_set.head_bytes else ""
                 log.info("route set %s (%s space): now at version %s%s", name, space, index.version, head)
             except Exception:
-                log.exception("route-set refresh failed; keeping version %s", current.version)
+                log.exception("route-set %s refresh failed; keeping version %s", name, current.version)
