@@ -139,3 +139,34 @@ def test_the_settings_size_the_workers_cache(tmp_path: Path) -> None:
     off = build_pipeline(pipeline.topology, Settings(dedup_cache_mb=0), indexes, (encoder, None))
     assert on.prefilter.cache is not None and on.prefilter.cache.max_bytes == 1 << 20
     assert off.prefilter.cache is None
+
+
+MULTI_ROUTES = """\
+name: moderation
+default_outcome: clean
+mode: multi
+lists: [lists/threats.yaml]
+routes:
+  - {name: violence, outcome: violating, utterances: ["I will hurt you", "you will pay for this"]}
+  - {name: spam, outcome: queue, utterances: ["I will K1LL you with these deals"]}
+  - {name: smalltalk, outcome: clean, utterances: ["hello there", "how are you"]}
+"""
+
+
+def test_in_a_multi_set_a_hit_accepts_its_route_and_the_event_is_still_scored(tmp_path: Path) -> None:
+    topology = load_topology(REPO / "topologies" / "moderation.yaml")
+    topology = topology.model_copy(update={"output": topology.output.model_copy(
+        update={"outcome_topic_template": "t.{outcome}"})})
+    encoder = CountingEncoder()
+    index = RouteIndex.build(load_route_set(route_file(tmp_path, routes=MULTI_ROUTES)), encoder)
+    encoder.texts.clear()
+    pipeline = RouterPipeline(topology, encoder, index, "t")
+    text = "I will K1LL you with these deals"  # a threats-list hit, and spam's own example
+    [decision] = pipeline.process([record(0, "a", text)]).decisions
+    assert encoder.texts == [text]  # scored, not decided by the list alone
+    assert (decision.outcome, decision.route, decision.mode) == ("violating", "violence", "multi")
+    assert decision.routes is not None
+    assert {(r.route, r.band) for r in decision.routes} == {("violence", "accept"), ("spam", "accept")}
+    assert decision.list_hits is not None and decision.list_hits[0].entry == "kill"
+    routed = {m.topic for m in pipeline.process([record(1, "b", text)]).outbound}
+    assert {"route.violence", "route.spam"} <= routed

@@ -203,8 +203,13 @@ class RouterPipeline:
     def _prefilter_group(
         self, space: Space, group: TenantGroup, items: list[DecodedEvent], inputs: list[Any],
         refs: list[ImageRef] | None, decided_at: Any, seconds: dict[str, float],
-    ) -> tuple[list[tuple[int, dict[str, Any]]], list[int], dict[int, int], list[bytes | None]]:
-        """One group's lists and repeats: rows by position, positions to encode, repeats, cache keys."""
+    ) -> tuple[list[tuple[int, dict[str, Any]]], list[int], dict[int, int], list[bytes | None],
+               list[list[ListHit]]]:
+        """One group's lists and repeats: rows by position, positions to encode, repeats, cache keys, hits.
+
+        In a multi-mode set a list hit does not decide: its event is encoded, and its hits go
+        with it to :func:`~sieve.flow.decide.decision_rows`.
+        """
         index = group.active[space].index
         matcher = self.prefilter.terms_for(index) if space == "text" else self.prefilter.hashes_for(index)
         hits: list[list[ListHit]] = [[] for _ in items]
@@ -220,11 +225,12 @@ class RouterPipeline:
         rows, todo, repeats = self.prefilter.split(items, keys, hits, index, decided_at, refs)
         skipped = set(todo) | set(repeats)
         done = [position for position in range(len(items)) if position not in skipped]
-        return list(zip(done, rows, strict=True)), todo, repeats, keys
+        return list(zip(done, rows, strict=True)), todo, repeats, keys, hits
 
     def _decide_encoded(
         self, space: Space, items: list[DecodedEvent], groups: list[TenantGroup], at: list[int],
         vectors: np.ndarray, refs: list[ImageRef] | None, seconds: dict[str, float],
+        hits: dict[int, list[ListHit]] | None = None,
     ) -> dict[int, dict[str, Any]]:
         """Encoded events (``at``: their positions) matched once per distinct index, decided per group."""
         decided: dict[int, dict[str, Any]] = {}
@@ -245,6 +251,7 @@ class RouterPipeline:
                     decided_at=utcnow(), event_times=[items[p].record.timestamp for p in positions],
                     source_topics=[items[p].record.topic for p in positions],
                     images=[refs[p] for p in positions] if refs is not None else None,
+                    list_hits=[hits.get(p, []) for p in positions] if hits else None,
                 )
                 decided.update(zip(positions, fresh, strict=True))
             seconds["match"] = seconds.get("match", 0.0) + matched - started
@@ -262,14 +269,16 @@ class RouterPipeline:
         todo: list[int] = []
         keys: list[bytes | None] = [None] * len(items)
         repeats: list[tuple[TenantGroup, dict[int, int]]] = []
+        hits: dict[int, list[ListHit]] = {}  # events still to encode that a list fired on (multi sets)
         for positions in positions_by([group.cache_policy for group in groups]).values():
             group = groups[positions[0]]
             sub_refs = [refs[p] for p in positions] if refs is not None else None
-            rows, sub_todo, sub_repeats, sub_keys = self._prefilter_group(
+            rows, sub_todo, sub_repeats, sub_keys, sub_hits = self._prefilter_group(
                 space, group, [items[p] for p in positions], [inputs[p] for p in positions], sub_refs,
                 decided_at, seconds)
             placed += [(positions[i], row) for i, row in rows]
             todo += [positions[i] for i in sub_todo]
+            hits.update((positions[i], sub_hits[i]) for i in sub_todo if sub_hits[i])
             repeats.append((group, {positions[i]: positions[j] for i, j in sub_repeats.items()}))
             for i, key in zip(positions, sub_keys, strict=True):
                 keys[i] = key
@@ -288,7 +297,7 @@ class RouterPipeline:
             seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
             if kept:
                 at = [todo[p] for p in kept_positions]
-                decided = self._decide_encoded(space, items, groups, at, vectors, refs, seconds)
+                decided = self._decide_encoded(space, items, groups, at, vectors, refs, seconds, hits)
                 self.prefilter.remember([keys[p] for p in at], [decided[p] for p in at])
                 placed += decided.items()
         for group, group_repeats in repeats:
