@@ -9,7 +9,7 @@ from email.utils import format_datetime
 import pytest
 from pydantic import SecretStr
 
-from sieve.contracts import Review
+from sieve.contracts import Label, Review
 from sieve.kafka.records import RawRecord
 from sieve.review.llm import CircuitBreaker, RateLimiter, TokenBudget, backoff_delay, parse_retry_after
 from sieve.review.redact import Redactor
@@ -163,6 +163,13 @@ def test_reviewed_decision_keeps_router_scores_and_goes_to_outcome_and_route_top
     topics = [m.topic for m in plan_review([final], OUTPUT, "t.human")]
     assert topics == ["t.violating", "t.route.insult"]
     assert json.loads(plan_review([final], OUTPUT, "t.human")[0].value)["review"]["route"] == "insult"
+    # with a labels topic, the verdict is also a label of what the router should have decided
+    *_, labelled = plan_review([final], OUTPUT, "t.human", "t.labels", [decision])
+    label = Label.model_validate_json(labelled.value)
+    assert (labelled.topic, labelled.key) == ("t.labels", b"a")
+    assert (label.outcome, label.routes, label.labeller, label.router_decision_id) == (
+        "violating", ["insult"], final.review.model, decision.id)
+    assert label.route_set_version == decision.route_set_version and label.decision_id == final.id
 
 
 def test_intent_routing_verdicts_are_intents_or_unrouted(support_set) -> None:
@@ -187,7 +194,7 @@ def test_handoff_goes_only_to_human_review_with_its_reason() -> None:
     final = handoff_decision(decision, _review(handoff_reason=MALFORMED_REPLY, error="not JSON"),
                              decision.decided_at)
     assert final.outcome == "needs_review" and final.decided_by == "router"
-    [message] = plan_review([final], OUTPUT, "t.human")
+    [message] = plan_review([final], OUTPUT, "t.human", "t.labels", [decision])  # a hand-off is no label
     assert message.topic == "t.human" and message.key == b"a"
     assert ("sieve-handoff-reason", b"malformed_reply") in message.headers
     with pytest.raises(ValueError):

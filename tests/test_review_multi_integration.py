@@ -22,7 +22,8 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from sieve.kafka.client import ensure_topics, produce
+from sieve.contracts import Label
+from sieve.kafka.client import ensure_topics, produce, read_topic
 from sieve.settings import KafkaSettings
 
 from .conftest import worker_env
@@ -63,7 +64,7 @@ def test_a_reviewer_process_publishes_confirmed_and_rejected_routes(
     route_file = tmp_path / "routes.yaml"
     route_file.write_text(yaml.safe_dump(MULTI))
     topic = {name: f"{prefix}.{name}" for name in ("in", "clean", "violating", "queue", "needs-review",
-                                                   "human-review", "dead-letter")}
+                                                   "human-review", "dead-letter", "labels")}
     topology = tmp_path / "topology.yaml"
     topology.write_text(yaml.safe_dump({
         "name": prefix, "group_id": f"{prefix}-group",
@@ -74,7 +75,8 @@ def test_a_reviewer_process_publishes_confirmed_and_rejected_routes(
                    | {"needs_review": topic["needs-review"]},
                    "route_topic_prefix": f"{prefix}.route.", "dead_letter_topic": topic["dead-letter"],
                    "partitions": 1},
-        "review": {"human_review_topic": topic["human-review"], "max_reviews_per_s": 100,
+        "review": {"human_review_topic": topic["human-review"], "labels_topic": topic["labels"],
+                   "max_reviews_per_s": 100,
                    "batching": {"max_events": 8, "max_wait_s": 0.2}},
     }))
     # the router's decisions: spam accepted, hate in its review band; the LLM confirms hate only
@@ -94,6 +96,7 @@ def test_a_reviewer_process_publishes_confirmed_and_rejected_routes(
     try:
         wanted = [topic["violating"], f"{prefix}.route.spam", f"{prefix}.route.hate", topic["human-review"]]
         got = asyncio.run(read_with_headers(kafka, wanted, want=6, timeout_s=90))
+        labels = asyncio.run(read_labels(kafka, topic["labels"]))
     finally:
         process.kill()
         process.wait(10)
@@ -106,3 +109,15 @@ def test_a_reviewer_process_publishes_confirmed_and_rejected_routes(
         assert {r["route"]: r["confirmed"] for r in decision["routes"]} == {"spam": False, "hate": True}
         assert (decision["review"]["routes"], decision["review"]["rejected_routes"]) == (["hate"], ["spam"])
     assert by_topic == {name: {"m0", "m1"} for name in wanted[:3]}
+    # every verdict is also a label on the labels topic: what the router should have decided
+    assert sorted(label.event_id for label in labels) == ["m0", "m1"]
+    for label in labels:
+        assert (label.outcome, label.routes, label.labeller_kind, label.labeller) == (
+            "violating", ["hate"], "llm", "scripted")
+        assert label.router_outcome == "needs_review" and label.route_set == "mod"
+
+
+async def read_labels(kafka: KafkaSettings, topic: str) -> list[Label]:
+    """The labels on ``topic`` (read until it has been idle for a few seconds)."""
+    return [Label.model_validate_json(record.value)
+            async for record in read_topic(kafka, [topic], idle_timeout_s=5.0)]

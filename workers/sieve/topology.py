@@ -163,6 +163,8 @@ class ReviewSpec(BaseModel):
     # Null: "<the topology's consumer group>-review".
     group_id: str | None = None
     human_review_topic: TopicName = "sieve.human-review"
+    # Every final verdict as a labelled example (sieve.contracts.Label); null: none published.
+    labels_topic: TopicName | None = "sieve.labels"
     batching: BatchingSpec = BatchingSpec(max_events=32, max_wait_s=0.5)
     max_concurrency: int = Field(default=8, ge=1, le=1024)
     max_reviews_per_s: float = Field(default=10.0, gt=0)

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sieve.contracts import NEEDS_REVIEW, Decision, Review
+from sieve.contracts import NEEDS_REVIEW, Decision, Label, Review
 from sieve.flow.dead_letter import make_dead_letter
 from sieve.flow.publish import plan_dead_letters, plan_decisions
 from sieve.kafka.records import Outbound, RawRecord
@@ -250,13 +250,23 @@ def handoff_decision(decision: Decision, review: Review, now: datetime) -> Decis
     )
 
 
-def plan_review(decisions: list[Decision], output: OutputSpec, human_review_topic: str) -> list[Outbound]:
-    """Verdicts to their outcome's (and route's) topics like the router's; hand-offs to human review."""
+def plan_review(decisions: list[Decision], output: OutputSpec, human_review_topic: str,
+                labels_topic: str | None = None, reviewed: list[Decision] | None = None) -> list[Outbound]:
+    """Verdicts to their outcome's (and route's) topics like the router's; hand-offs to human review.
+
+    With ``labels_topic`` and the router decisions ``reviewed`` (in the same order), each
+    verdict also goes there as a :class:`~sieve.contracts.Label`, keyed by its event id.
+    """
     messages: list[Outbound] = []
-    for decision in decisions:
+    for position, decision in enumerate(decisions):
         reason = decision.review.handoff_reason if decision.review is not None else None
         if reason is None:
             messages += plan_decisions([decision], output)
+            if labels_topic is not None and reviewed is not None:
+                label = Label.of_verdict(decision, reviewed[position])
+                headers = (("sieve-label-id", label.id.encode()),)
+                messages.append(Outbound(labels_topic, decision.event_id.encode(),
+                                         label.model_dump_json().encode(), headers))
             continue
         messages.append(
             Outbound(

@@ -73,7 +73,8 @@ class ReviewerWorker(BatchWorker):
             max_payload_bytes=self.topology.limits.max_dead_letter_payload_bytes,
         )
         finals = await self.engine.review_many(decisions)
-        outbound += plan_review(finals, self.topology.output, self.spec.human_review_topic)
+        outbound += plan_review(finals, self.topology.output, self.spec.human_review_topic,
+                                self.spec.labels_topic, decisions)
         await self._publish(outbound)
         return finals
 
@@ -84,6 +85,8 @@ def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]
     output = topology.output
     topics = {review_input_topic(topology): output.partitions, spec.human_review_topic: output.partitions,
               output.dead_letter_topic: output.partitions}
+    if spec.labels_topic is not None:
+        topics[spec.labels_topic] = output.partitions
     for outcome in outcomes:
         topics[output.topic_for(outcome)] = output.partitions
     if output.route_topic_prefix is not None:
