@@ -63,7 +63,6 @@ def test_the_cli_promotes_with_evidence_and_rolls_back(tmp_path: Path, monkeypat
     store = RouteStore(QdrantSettings(path=qdrant, lock_wait_s=5))
     active, candidate = small_set(), with_route(small_set(), "greet", utterances=["hey", "howdy"])
     store.sync(active, trivial_encoder)
-    store.sync(candidate, trivial_encoder, activate=False)
     topology = tmp_path / "t.yaml"
     topology.write_text(yaml.safe_dump({
         "name": "promo", "input": {"topics": ["t.in"]}, "route_set": {"name": "tiny"},
@@ -76,6 +75,12 @@ def test_the_cli_promotes_with_evidence_and_rolls_back(tmp_path: Path, monkeypat
     get_settings.cache_clear()
     try:
         runner = CliRunner()
+        routes = tmp_path / "candidate.yaml"
+        routes.write_text(yaml.safe_dump(candidate.model_dump(mode="json")), encoding="utf-8")
+        staged = runner.invoke(app, ["routes", "sync", str(routes), "--topology", str(topology),
+                                     "--no-activate"], terminal_width=200)
+        assert staged.exit_code == 0 and "not active" in staged.output, staged.output
+        assert store.current_version("tiny", trivial_encoder.id) == active.version
         promoted = runner.invoke(app, ["routes", "promote", "tiny", candidate.version, "--topology",
                                        str(topology), "--evidence", str(proof), "--reason", "shadow agreed"])
         assert promoted.exit_code == 0, promoted.output

@@ -46,6 +46,9 @@ def routes_sync(
     topology_path: Annotated[
         Path | None, typer.Option("--topology", help="Take the encoders from this topology.")
     ] = None,
+    activate: Annotated[bool, typer.Option(
+        "--activate/--no-activate", help="Make the version active (default), or only store it as a "
+        "candidate for `sieve routes promote`.")] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Store a route file's version complete in the route store, then make it the active one.
@@ -94,7 +97,7 @@ def routes_sync(
                              progress=progress)
         store = RouteStore(settings.qdrant)
         reports = [
-            store.sync(route_set, text_or_image, progress=progress)
+            store.sync(route_set, text_or_image, progress=progress, activate=activate)
             for route_set in route_sets
             for space, text_or_image in zip(("text", "image"), built, strict=True)
             if text_or_image is not None and route_set.routes_in(space)  # type: ignore[arg-type]
@@ -107,6 +110,7 @@ def routes_sync(
             f"synced {report.route_set} {report.previous_version or '(new)'} -> {report.version} "
             f"in {report.collection}: +{report.added} ~{report.updated} -{report.deleted} "
             f"={report.unchanged} ({report.points} points, {state}, {report.encoded} encoded)"
+            + ("" if activate else "; stored as a candidate, not active")
         )
 
 
