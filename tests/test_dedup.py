@@ -88,3 +88,12 @@ def test_needs_review_messages_are_keyed_by_content_so_repeats_meet_in_one_revie
     assert [m.key for m in review] == [review_key("v1", "buy now", None).encode()] * 2 + [
         review_key("v1", "something else", None).encode()]
     assert {m.key for m in messages if m.topic != "r"} == {b"a", b"b", b"c", b"d"}  # elsewhere: event id
+
+
+def test_a_multi_label_entry_counts_its_fired_routes_and_categories():
+    from sieve.flow.dedup import estimated_bytes
+
+    single = {"scores": [{"route": "a"}] * 3, "nearest": []}
+    fired = [{"route": "a"}, {"route": "b"}]
+    multi = {**single, "routes": fired, "categories": dict.fromkeys("abcdefgh", False)}
+    assert estimated_bytes(multi) == estimated_bytes(single) + 2 * 200 + 8 * 150

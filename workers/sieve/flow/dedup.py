@@ -98,9 +98,15 @@ class DecisionCache:
 
 
 def estimated_bytes(decided: dict[str, Any]) -> int:
-    """A cheap estimate of an entry's memory: fixed fields, each route score, each nearest example."""
+    """A cheap estimate of an entry's memory.
+
+    Fixed fields, each route score, each nearest example, and a multi-label decision's fired
+    routes and categories.
+    """
     nearest = decided.get("nearest") or ()
-    return 1024 + 200 * len(decided.get("scores") or ()) + sum(300 + 2 * len(n["text"]) for n in nearest)
+    multi = 200 * len(decided.get("routes") or ()) + 150 * len(decided.get("categories") or ())
+    return (1024 + 200 * len(decided.get("scores") or ()) + multi
+            + sum(300 + 2 * len(n["text"]) for n in nearest))
 
 
 def repeat_row(decided: dict[str, Any], per_event: dict[str, Any]) -> dict[str, Any]:
