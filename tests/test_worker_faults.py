@@ -345,7 +345,7 @@ async def test_an_unknown_route_topic_is_created_then_published(trivial_encoder,
 async def test_not_authorised_to_publish_fails_the_worker_at_once(trivial_encoder, moderation_set) -> None:
     router, producer, exits = _router("publish-acl", trivial_encoder, moderation_set)
     producer.error = lambda messages: TopicAuthorizationFailedError()
-    with pytest.raises(WorkerFailure, match="not authorised to publish to f.review, f.route."):
+    with pytest.raises(WorkerFailure, match="not authorised to publish to f.review"):
         await asyncio.wait_for(router.handle(_batch(0)), DEADLINE_S)
     assert producer.calls == 1 and producer.sent == []  # no retry loop
     assert len(exits.failures) == 1 and "Write" in str(exits.failures[0])
