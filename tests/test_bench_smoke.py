@@ -126,6 +126,12 @@ def test_bench_waves_runs_and_prints_its_table() -> None:
     assert "LLM calls" in stdout  # the script exits non-zero when calls exceed distinct texts
 
 
+def test_bench_tenants_runs_and_prints_its_table() -> None:
+    stdout, _ = run_bench("bench_tenants.py", "--events", "300", "--runs", "1", "--quick")
+    assert "| one set |" in stdout and "| 3 tenants, 3 sets |" in stdout
+    assert "median ratio (3 tenants / one set):" in stdout
+
+
 def test_peak_rss_counts_the_workers_child_processes() -> None:
     # compute=process: a worker's memory is its own plus its compute child's
     sys.path.insert(0, str(REPO / "load-tests"))
