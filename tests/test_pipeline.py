@@ -106,7 +106,8 @@ def test_process_mixed_batch(pipeline, topology, index):
         if decision.outcome == NEEDS_REVIEW:  # keyed by content, so repeats meet in one reviewer
             key = review_key(decision.route_set_version, decision.event.text, None) or key
         expected.append((output.topic_for(decision.outcome), key))
-        expected += [(f"route.{r.route}", decision.event_id) for r in decision.routes or [] if r.band == "accept"]
+        accepted = [r.route for r in decision.routes or [] if r.band == "accept"]
+        expected += [(f"route.{route}", decision.event_id) for route in accepted]
     expected += [("sieve.dead-letter", (d.event_id or d.id)) for d in result.dead_letters]
     assert [(m.topic, m.key.decode()) for m in result.outbound] == expected
 
