@@ -12,6 +12,12 @@ apart the two kinds of repeat:
 :class:`OutputWatch` reads the outcome topics, the dead-letter topic and the input topic on a
 thread from the beginning, feeds the ledger and keeps the arrival time of every record, so
 the run can show that output stopped while the workers' path to the broker was cut.
+
+With reviewers in the run, it reads the human-review topic too, and :meth:`Ledger.settlement`
+proves every router decision sent to review (outcome ``needs_review``) was settled: an LLM
+verdict (``decided_by: llm``, ``review.router_decision_id`` naming it) on an outcome topic,
+or a hand-off on the human-review topic. A verdict repeated under its id is allowed; two
+verdict ids for one router decision, or one verdict id with two fates, are defects.
 """
 
 from __future__ import annotations
@@ -32,6 +38,43 @@ from sieve.settings import KafkaSettings
 
 
 @dataclass
+class Settlement:
+    """The reviewers' figures: what became of every router decision sent to review."""
+
+    needs_review: int  # router decisions (distinct ids) of produced events with outcome needs_review
+    verdicts: int  # of those, settled by an LLM verdict on an outcome topic
+    handoffs: int  # settled by a hand-off on the human-review topic
+    unsettled: list[str]  # router decision ids with neither (a defect)
+    repeats: int  # verdict and hand-off records beyond the first under the same id (allowed)
+    two_ids: list[str]  # router decisions with two different verdict ids (a defect)
+    two_fates: list[str]  # verdict ids with two outcomes, or both a verdict and a hand-off (a defect)
+    orphans: int  # verdicts and hand-offs of no router decision seen
+    handoff_reasons: dict[str, int] = field(default_factory=dict)  # hand-off records by reason
+
+    @property
+    def ok(self) -> bool:
+        """Every review settled, one verdict id per router decision, one fate per verdict id."""
+        return not self.unsettled and not self.two_ids and not self.two_fates
+
+    def rows(self) -> list[tuple[str, int]]:
+        """The table rows."""
+        return [
+            ("needs_review decisions (router)", self.needs_review),
+            ("settled by an LLM verdict", self.verdicts),
+            ("settled by a hand-off to human review", self.handoffs),
+            ("**unsettled** (neither)", len(self.unsettled)),
+            ("repeated verdicts or hand-offs under one id (allowed)", self.repeats),
+            ("**two verdict ids for one router decision**", len(self.two_ids)),
+            ("**one verdict id, two fates**", len(self.two_fates)),
+            ("verdicts or hand-offs of no router decision seen", self.orphans),
+        ]
+
+    def reasons(self) -> str:
+        """The hand-off reasons, one line."""
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.handoff_reasons.items())) or "none"
+
+
+@dataclass
 class Verdict:
     """The checker's figures for one run."""
 
@@ -47,11 +90,13 @@ class Verdict:
     outcome_mismatches: list[str]  # one decision id with two different outcomes (defect)
     dead_letter_reasons: dict[str, int]
     unmatched: int
+    review: Settlement | None = None  # None: the run had no reviewers
 
     @property
     def ok(self) -> bool:
-        """Nothing lost, no conflicting decision ids, no outcome mismatch."""
-        return not self.lost and not self.conflicting and not self.outcome_mismatches
+        """Nothing lost, no conflicting decision ids, no outcome mismatch, every review settled."""
+        return (not self.lost and not self.conflicting and not self.outcome_mismatches
+                and (self.review is None or self.review.ok))
 
     def table(self) -> str:
         """The figures as a Markdown table."""
@@ -67,10 +112,13 @@ class Verdict:
             ("two decision ids after a route-set version change (allowed)", self.version_changes),
             ("**one decision id, two outcomes**", len(self.outcome_mismatches)),
             ("outputs of no produced event", self.unmatched),
+            *(self.review.rows() if self.review is not None else []),
         ]
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dead_letter_reasons.items())) or "none"
         lines = ["| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
         lines.append(f"| dead-letter reasons | {reasons} |")
+        if self.review is not None:
+            lines.append(f"| hand-off reasons (records) | {self.review.reasons()} |")
         return "\n".join(lines)
 
 
@@ -83,16 +131,72 @@ class Ledger:
     outcomes: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # decision id -> outcomes
     dead: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # event -> reason -> n
     unmatched_outputs: list[str] = field(default_factory=list)
+    to_review: dict[str, str] = field(default_factory=dict)  # router needs_review decision id -> event
+    # router decision id -> verdict id -> n, for LLM verdicts and for hand-offs
+    verdicts: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    handoffs: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    fates: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # verdict id -> fates
+    handoff_reasons: Counter = field(default_factory=Counter)
 
     def add_decision(self, body: dict) -> str | None:
-        """One decision record; its event id, or None when it is not a decision."""
+        """One decision record; its event id, or None when it is not a decision.
+
+        An LLM's verdict (``decided_by: llm``) is kept apart, under the router decision it
+        settles; a router decision with outcome ``needs_review`` is noted as awaiting one.
+        """
         event_id, decision_id = body.get("event_id"), body.get("id")
         if not isinstance(event_id, str) or not isinstance(decision_id, str):
             return None
+        if body.get("decided_by") == "llm":
+            return self._add_review(body, self.verdicts, str(body.get("outcome")))
+        if body.get("outcome") == "needs_review":
+            self.to_review[decision_id] = event_id
         self.decisions[event_id][decision_id] += 1
         self.versions[decision_id] = str(body.get("route_set_version"))
         self.outcomes[decision_id].add(str(body.get("outcome")))
         return event_id
+
+    def add_handoff(self, body: dict) -> str | None:
+        """One record of the human-review topic; its event id, or None when it is not a hand-off."""
+        if not isinstance(body.get("event_id"), str) or not isinstance(body.get("id"), str):
+            return None
+        review = body.get("review")
+        self.handoff_reasons[str(review.get("handoff_reason") if isinstance(review, dict) else None)] += 1
+        return self._add_review(body, self.handoffs, "handoff")
+
+    def _add_review(self, body: dict, where: dict[str, Counter], fate: str) -> str | None:
+        review = body.get("review")
+        router_id = review.get("router_decision_id") if isinstance(review, dict) else None
+        if not isinstance(router_id, str):
+            self.unmatched_outputs.append(str(body.get("id")))
+            return None
+        where[router_id][body["id"]] += 1
+        self.fates[body["id"]].add(fate)
+        return str(body["event_id"])
+
+    def settled(self, router_decision_id: str) -> bool:
+        """Whether a router decision sent to review has a verdict or a hand-off."""
+        return router_decision_id in self.verdicts or router_decision_id in self.handoffs
+
+    def settlement(self, produced: set[str]) -> Settlement:
+        """What became of the router decisions of produced events that were sent to review."""
+        asked = {d for d, e in self.to_review.items() if e in produced}
+        by_verdict = {d for d in asked if d in self.verdicts}
+        repeats = sum(n - 1 for c in (*self.verdicts.values(), *self.handoffs.values()) for n in c.values())
+        two_ids = sorted(d for d in asked
+                         if len(set(self.verdicts.get(d, ())) | set(self.handoffs.get(d, ()))) > 1)
+        return Settlement(
+            needs_review=len(asked),
+            verdicts=len(by_verdict),
+            handoffs=len({d for d in asked if d in self.handoffs} - by_verdict),
+            unsettled=sorted(d for d in asked if not self.settled(d)),
+            repeats=repeats,
+            two_ids=two_ids,
+            two_fates=sorted({v for d in asked for v in (*self.verdicts.get(d, ()), *self.handoffs.get(d, ()))
+                              if len(self.fates[v]) > 1}),
+            orphans=len((set(self.verdicts) | set(self.handoffs)) - set(self.to_review)),
+            handoff_reasons=dict(self.handoff_reasons),
+        )
 
     def add_dead_letter(self, body: dict) -> str | None:
         """One dead letter; its event id (the letter's, else its record key, else the payload's id)."""
@@ -111,8 +215,8 @@ class Ledger:
         """Whether the event has a decision or a dead letter."""
         return event_id in self.decisions or event_id in self.dead
 
-    def verdict(self, produced: set[str]) -> Verdict:
-        """Account for every produced id."""
+    def verdict(self, produced: set[str], reviewed: bool = False) -> Verdict:
+        """Account for every produced id (and, when ``reviewed``, for every review)."""
         decided = {e for e in produced if e in self.decisions}
         dead = {e for e in produced if e in self.dead}
         repeats = repeated = version_changes = 0
@@ -147,6 +251,7 @@ class Ledger:
             outcome_mismatches=mismatches,
             dead_letter_reasons=dict(reasons),
             unmatched=len(others),
+            review=self.settlement(produced) if reviewed else None,
         )
 
 
@@ -154,12 +259,15 @@ class OutputWatch:
     """Reads the outputs (and the input, for the record of where each event went) on a thread."""
 
     def __init__(
-        self, kafka: KafkaSettings, outcome_topics: list[str], dead_letter_topic: str, input_topic: str
+        self, kafka: KafkaSettings, outcome_topics: list[str], dead_letter_topic: str, input_topic: str,
+        human_review_topic: str | None = None,
     ) -> None:
         self.kafka, self.outcome_topics = kafka, outcome_topics
         self.dead_letter_topic, self.input_topic = dead_letter_topic, input_topic
+        self.human_review_topic = human_review_topic  # None: no reviewers in the run
         self.ledger = Ledger()
         self.output_times: list[float] = []  # monotonic arrival of each output record, sorted
+        self.review_times: list[float] = []  # of each reviewer output (verdict or hand-off)
         self.input_times: list[float] = []
         self.where: dict[str, tuple[int, int]] = {}  # event id -> first input (partition, offset)
         self.lock = threading.Lock()
@@ -188,6 +296,7 @@ class OutputWatch:
     async def _read(self) -> None:
         consumer = AIOKafkaConsumer(
             *self.outcome_topics, self.dead_letter_topic, self.input_topic,
+            *([self.human_review_topic] if self.human_review_topic else []),
             **client_kwargs(self.kafka), auto_offset_reset="earliest", enable_auto_commit=False,
             group_id=None, metadata_max_age_ms=2000,
         )
@@ -216,14 +325,20 @@ class OutputWatch:
             return
         if record.topic == self.dead_letter_topic:
             self.ledger.add_dead_letter(body)
+        elif record.topic == self.human_review_topic:
+            self.ledger.add_handoff(body)
+            self.review_times.append(now)
         else:
             self.ledger.add_decision(body)
+            if body.get("decided_by") == "llm":
+                self.review_times.append(now)
         self.output_times.append(now)
 
-    def outputs_between(self, start: float, end: float) -> int:
-        """Output records that arrived in ``[start, end]`` (monotonic seconds)."""
+    def outputs_between(self, start: float, end: float, reviews: bool = False) -> int:
+        """Output records (``reviews``: reviewer outputs only) that arrived in ``[start, end]``."""
         with self.lock:
-            return bisect.bisect_right(self.output_times, end) - bisect.bisect_left(self.output_times, start)
+            times = self.review_times if reviews else self.output_times
+            return bisect.bisect_right(times, end) - bisect.bisect_left(times, start)
 
     def inputs_between(self, start: float, end: float) -> int:
         """Input records that arrived in ``[start, end]``."""
@@ -237,9 +352,12 @@ class OutputWatch:
             return self.output_times[i] if i < len(self.output_times) else None
 
     def pending(self, produced: set[str]) -> int:
-        """Produced events with no output yet."""
+        """Produced events with no output yet, and (with reviewers) router decisions not yet settled."""
         with self.lock:
-            return sum(not self.ledger.accounted(e) for e in produced)
+            waiting = sum(not self.ledger.accounted(e) for e in produced)
+            if self.human_review_topic is not None:
+                waiting += sum(not self.ledger.settled(d) for d in self.ledger.to_review)
+            return waiting
 
     def last_output(self) -> float:
         """Arrival of the latest output record (0 when none)."""

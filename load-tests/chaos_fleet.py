@@ -1,5 +1,6 @@
 """The chaos run's processes: the dev broker advertising the proxy, the harness's direct path to
-it, and the fleet of ``sieve worker`` processes that chaos.py kills, restarts, adds and removes.
+it, and the fleets of ``sieve worker`` (router) and ``sieve review`` (reviewer) processes that
+chaos.py kills, restarts, adds and removes.
 """
 
 from __future__ import annotations
@@ -58,10 +59,17 @@ def bypass(proxy_port: int, broker_port: int) -> Iterator[None]:
 
 
 class Fleet:
-    """The ``sieve worker`` processes, by slot; restarts what dies unless it was told to leave."""
+    """The ``sieve <command>`` processes, by slot; restarts what dies unless it was told to leave.
 
-    def __init__(self, tmp: Path, topology: Path, env: dict[str, str], restart_delay_s: float) -> None:
+    ``command`` is ``worker`` (routers, called "worker N" in the log) or ``review``
+    (reviewers, "reviewer N"); two fleets can share one action log.
+    """
+
+    def __init__(self, tmp: Path, topology: Path, env: dict[str, str], restart_delay_s: float,
+                 command: str = "worker", log: list[tuple[float, str]] | None = None) -> None:
         self.tmp, self.topology, self.env, self.restart_delay_s = tmp, topology, env, restart_delay_s
+        self.command = command
+        self.kind = "reviewer" if command == "review" else "worker"
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.every: list[subprocess.Popen[bytes]] = []  # all ever started (a leaver may outlive its slot)
         self.ports: dict[int, int] = {}
@@ -69,7 +77,7 @@ class Fleet:
         self.restart_at: dict[int, float] = {}
         self.starts = 0
         self.counts: Counter = Counter()
-        self.log: list[tuple[float, str]] = []
+        self.log: list[tuple[float, str]] = log if log is not None else []
         self.t0 = time.monotonic()
 
     def note(self, text: str) -> None:
@@ -78,17 +86,18 @@ class Fleet:
         print(f"[{time.monotonic() - self.t0:7.1f} s] {text}", flush=True)
 
     def start(self, slot: int) -> None:
-        """Start (or restart) the worker of ``slot``."""
+        """Start (or restart) the process of ``slot``."""
         self.starts += 1
         port = free_port()
-        folder = self.tmp / f"w{slot}"
+        folder = self.tmp / f"{self.kind[0]}{slot}"
         folder.mkdir(exist_ok=True)
         self.ports[slot] = port
         self.procs[slot] = subprocess.Popen(
-            [sys.executable, "-m", "sieve", "worker", str(self.topology)],
+            [sys.executable, "-m", "sieve", self.command, str(self.topology)],
             env={**self.env, "SIEVE_METRICS_PORT": str(port),
-                 "SIEVE_WORKER_NAME": f"chaos-w{slot}-{self.starts}"},
-            stdout=open(folder / "worker.log", "ab"), stderr=subprocess.STDOUT, cwd=folder,  # noqa: SIM115
+                 "SIEVE_WORKER_NAME": f"chaos-{self.kind[0]}{slot}-{self.starts}"},
+            stdout=open(folder / f"{self.kind}.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            cwd=folder,
         )
         self.every.append(self.procs[slot])
 
@@ -97,17 +106,17 @@ class Fleet:
         return [s for s, p in self.procs.items() if p.poll() is None]
 
     def kill(self, rng: random.Random) -> None:
-        """SIGKILL a random running worker; it is restarted after the delay."""
+        """SIGKILL a random running process; it is restarted after the delay."""
         alive = [s for s in self.running() if s not in self.leaving]
         if not alive:
-            self.note("kill: no worker running")
+            self.note(f"kill: no {self.kind} running")
             return
         slot = rng.choice(alive)
         self.procs[slot].send_signal(signal.SIGKILL)
         self.procs[slot].wait(10)
         self.counts["SIGKILL"] += 1
         self.restart_at[slot] = time.monotonic() + self.restart_delay_s
-        self.note(f"SIGKILL worker {slot} (pid {self.procs[slot].pid})")
+        self.note(f"SIGKILL {self.kind} {slot} (pid {self.procs[slot].pid})")
 
     def join(self, slot: int) -> None:
         """A new worker joins the group."""
@@ -133,7 +142,7 @@ class Fleet:
                 continue
             if slot not in self.restart_at:
                 self.counts["exited on its own"] += 1
-                self.note(f"worker {slot} exited on its own with {proc.returncode}; restarting")
+                self.note(f"{self.kind} {slot} exited on its own with {proc.returncode}; restarting")
                 self.restart_at[slot] = now + self.restart_delay_s
             if now >= self.restart_at[slot]:
                 del self.restart_at[slot]
@@ -170,4 +179,24 @@ def worker_env(args: argparse.Namespace, bootstrap: str, qdrant: Path) -> dict[s
         "SIEVE_TORCH_THREADS": "1",
         "SIEVE_LOG_LEVEL": "INFO",
         "SIEVE_ONNX_CACHE_DIR": str(Path(get_settings().onnx_cache_dir).resolve()),
+    }
+
+
+def reviewer_env(env: dict[str, str], llm_base_url: str) -> dict[str, str]:
+    """Environment of the reviewers: the workers' (the proxy as bootstrap) and the scripted endpoint.
+
+    Short LLM timeouts and backoffs, so the endpoint's scripted 503s and hung requests cost
+    retries of a second or two, not minutes.
+    """
+    return {
+        **env,
+        "SIEVE_LLM__BASE_URL": llm_base_url,
+        "SIEVE_LLM__MODEL": "scripted",
+        "SIEVE_LLM__TIMEOUT_S": "2",
+        "SIEVE_LLM__MAX_RETRIES": "3",
+        "SIEVE_LLM__BACKOFF_BASE_S": "0.2",
+        "SIEVE_LLM__BACKOFF_MAX_S": "2",
+        "SIEVE_LLM__BREAKER_FAILURES": "5",
+        "SIEVE_LLM__BREAKER_OPEN_S": "2",
+        "SIEVE_SHUTDOWN_GRACE_S": "5",
     }

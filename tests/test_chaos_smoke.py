@@ -1,8 +1,10 @@
 """The chaos run (load-tests/chaos.py) at CI size, its TCP proxy and its checker.
 
 The proxy tests run it between a socket and a local echo server; the checker tests feed it
-output records; the run itself starts two real workers behind the proxy, SIGKILLs them three
-times, cuts their path to the broker for 10 s, and must account for every event.
+output records; the run itself starts two real workers and one reviewer (asking the scripted
+LLM endpoint, load-tests/llm_script.py) behind the proxy, SIGKILLs the workers three times and
+the reviewer once, cuts their path to the broker for 10 s, and must account for every event
+and settle every review.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import argparse  # noqa: E402
 
 from chaos import plan  # noqa: E402
 from chaos_check import Ledger  # noqa: E402
+from llm_script import ScriptedEndpoint  # noqa: E402
 from tcp_proxy import ChaosProxy  # noqa: E402
 
 
@@ -173,6 +177,77 @@ def test_checker_counts_repeats_apart_from_conflicting_ids_and_finds_the_lost() 
     assert "| **lost** (neither) | 1 |" in verdict.table()
 
 
+def reviewed(event_id: str, router_id: str, verdict_id: str, outcome: str = "clean") -> dict:
+    reason = "malformed_reply" if outcome == "needs_review" else None
+    return {"event_id": event_id, "id": verdict_id, "route_set_version": "v1", "outcome": outcome,
+            "decided_by": "llm", "review": {"router_decision_id": router_id, "handoff_reason": reason}}
+
+
+def test_checker_settles_each_review_by_a_verdict_or_a_hand_off_and_finds_the_unsettled() -> None:
+    ledger = Ledger()
+    for n in range(1, 7):
+        ledger.add_decision({**decision(f"r{n}", f"d{n}", outcome="needs_review"), "decided_by": "router"})
+    ledger.add_decision(reviewed("r1", "d1", "v1"))
+    ledger.add_decision(reviewed("r1", "d1", "v1"))  # repeated after a reviewer was killed: allowed
+    ledger.add_handoff({**reviewed("r2", "d2", "v2", "needs_review"), "decided_by": "router"})
+    ledger.add_decision(reviewed("r3", "d3", "v3"))
+    ledger.add_decision(reviewed("r3", "d3", "v3b"))  # two verdict ids for one router decision
+    ledger.add_decision(reviewed("r4", "d4", "v4", "violating"))
+    ledger.add_handoff(reviewed("r4", "d4", "v4", "needs_review"))  # one verdict id, two fates
+    ledger.add_decision(reviewed("r5", "d5", "v5"))
+    ledger.add_decision(reviewed("r5", "d5", "v5", "violating"))  # one verdict id, two outcomes
+    ledger.add_decision(reviewed("zz", "dz", "vz"))  # a review of no router decision seen
+    verdict = ledger.verdict({f"r{n}" for n in range(1, 7)}, reviewed=True)
+    review = verdict.review
+    assert review is not None
+    assert verdict.lost == [] and verdict.conflicting == [], "LLM verdicts are not router decisions"
+    assert (review.needs_review, review.verdicts, review.handoffs) == (6, 4, 1)
+    assert review.unsettled == ["d6"] and not review.ok and not verdict.ok
+    assert review.repeats == 2 and review.two_ids == ["d3"]
+    assert review.two_fates == ["v4", "v5"] and review.orphans == 1
+    assert review.handoff_reasons == {"malformed_reply": 2}
+    assert "| **unsettled** (neither) | 1 |" in verdict.table()
+    ledger.add_handoff(reviewed("r6", "d6", "v6", "needs_review"))
+    assert ledger.settlement({"r6"}).ok and ledger.settled("d6")
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+@pytest.mark.parametrize("response_format", ["json_schema", "json_object"])
+def test_scripted_endpoint_answers_valid_verdicts_fixed_by_the_text_and_some_malformed(
+    mode: str, response_format: str
+) -> None:
+    from dataclasses import replace
+
+    from sieve.review.catalogue import ReplyError, ReviewCatalogue
+    from sieve.review.steps import build_messages, parse_reply
+    from sieve.routeset import load_route_set
+
+    from .review_helpers import make_decision
+
+    catalogue = replace(ReviewCatalogue.from_route_set(load_route_set(REPO / "routes" / "moderation.yaml")),
+                        mode=mode, severity=("violating", "clean") if mode == "multi" else ())
+    endpoint = ScriptedEndpoint(malformed_share=0.1, violating_share=0.3)
+    fates: Counter = Counter()
+    for i in range(300):
+        messages = build_messages(make_decision(f"e{i}", f"message number {i}", route_set="moderation"),
+                                  catalogue, nonce=f"{i:08x}", max_examples=4)
+        body: dict = {"model": "scripted", "messages": messages}
+        body["response_format"] = ({"type": "json_schema", "json_schema": {
+            "name": "sieve_review", "strict": True, "schema": catalogue.reply_schema()}}
+            if response_format == "json_schema" else {"type": "json_object"})
+        content = endpoint.answer(body)
+        assert endpoint.answer(body) == content, "a repeated review gets the same answer"
+        try:
+            reply = parse_reply(content, catalogue)
+        except ReplyError:
+            fates["malformed"] += 1
+            continue
+        fates[reply.verdict] += 1
+        assert (reply.route is None) == (reply.verdict == "clean")
+    assert set(fates) == {"malformed", "violating", "clean"}, fates
+    assert 10 <= fates["malformed"] <= 60 and 50 <= fates["violating"] <= 150, fates
+
+
 def test_plan_of_the_full_run_spreads_partitions_without_overlap() -> None:
     import random
 
@@ -191,10 +266,11 @@ def test_plan_of_the_full_run_spreads_partitions_without_overlap() -> None:
 
 
 @pytest.mark.integration
-def test_chaos_run_small_loses_nothing_and_output_stops_while_cut(tmp_path: Path) -> None:
+def test_chaos_run_small_loses_nothing_settles_reviews_and_output_stops_while_cut(tmp_path: Path) -> None:
     figures = tmp_path / "chaos.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "load-tests" / "chaos.py"), "--workers", "2", "--kills", "3",
+         "--reviewers", "1", "--reviewer-kills", "1",
          "--rebalances", "2", "--partition-s", "10", "--rate", "15", "--duration", "80",
          "--idle", "90", "--json", str(figures), "--keep", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=900, cwd=REPO,
@@ -205,6 +281,13 @@ def test_chaos_run_small_loses_nothing_and_output_stops_while_cut(tmp_path: Path
     assert r["decided"] + r["dead_lettered_only"] == 1200
     assert r["conflicting"] == [] and r["outcome_mismatches"] == []
     assert r["actions"]["SIGKILL"] == 3 and r["actions"]["restart"] >= 3
+    assert r["reviewer_actions"]["SIGKILL"] == 1 and r["reviewer_actions"]["restart"] >= 1
+    review = r["review"]
+    assert review["needs_review"] > 0 and review["unsettled"] == [], review["unsettled"][:20]
+    assert review["verdicts"] > 0 and review["handoffs"] > 0, "the endpoint's malformed share is handed off"
+    assert review["verdicts"] + review["handoffs"] == review["needs_review"]
+    assert review["two_ids"] == [] and review["two_fates"] == []
+    assert r["llm"].get("503", 0) > 0, "the scripted endpoint failed some requests; they were retried"
     [cut] = r["partitions"]
     assert cut["seconds"] >= 10
     assert cut["inputs_during"] > 0, "events kept arriving while the workers were cut off"
@@ -212,3 +295,4 @@ def test_chaos_run_small_loses_nothing_and_output_stops_while_cut(tmp_path: Path
     assert cut["resumed_after_s"] is not None, "output resumed after the heal"
     assert r["proxy"]["accepted"] > 0 and r["broker_alive"]
     assert "| **lost** (neither) | 0 |" in result.stdout
+    assert "| **unsettled** (neither) | 0 |" in result.stdout
