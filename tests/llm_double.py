@@ -14,6 +14,9 @@ step per request), from an outage window (503s for a while), or, by default,
 * ``[unsure]`` → a valid reply with confidence 0.2;
 * anything else → ``clean``, no route, confidence 0.9.
 
+When the request's reply schema has ``routes`` (a multi-label set's review), the default
+answers carry ``routes`` too: the marked route, or none.
+
 It records every request body so tests can look at what the reviewer sent.
 """
 
@@ -71,9 +74,13 @@ def default_answer(body: dict[str, Any]) -> Step:
     if "[unsure]" in text:
         return Step(content=review_json("clean", None, 0.2))
     mark = _MARK.search(text)
+    multi = "routes" in ((body.get("response_format") or {}).get("json_schema") or {}).get(
+        "schema", {}).get("properties", {})
     if mark:
-        return Step(content=review_json("violating", mark.group(1), 0.95, "scripted: marked violating"))
-    return Step(content=review_json("clean", None, 0.9))
+        routes = {"routes": [mark.group(1)]} if multi else {}
+        return Step(content=review_json("violating", mark.group(1), 0.95, "scripted: marked violating",
+                                        **routes))
+    return Step(content=review_json("clean", None, 0.9, **({"routes": []} if multi else {})))
 
 
 class ScriptedLLM:
