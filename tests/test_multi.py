@@ -10,11 +10,12 @@ import pytest
 from sieve.contracts import NEEDS_REVIEW, Decision, Event
 from sieve.flow.decide import Policy, decide_scores, decision_rows, validate_decisions
 from sieve.flow.lists import ListHit
-from sieve.flow.match import MatchResult, RouteIndex, example_id
+from sieve.flow.match import MatchResult, RouteIndex
 from sieve.flow.publish import plan_decisions, route_targets
 from sieve.routeset import RouteSet, RouteSetError, parse_route_set
 from sieve.topology import OutputSpec
 from tests.test_contract_compat import assert_valid
+from tests.test_match_decide import policy_index
 
 NOW = datetime(2026, 12, 3, 2, 0, tzinfo=UTC)
 
@@ -44,18 +45,7 @@ def multi_set(**changes: object) -> RouteSet:
     return parse_route_set({**BASE, **changes})
 
 
-def onehot_index(route_set: RouteSet) -> RouteIndex:
-    eye = np.eye(len(route_set.routes), dtype=np.float32)
-    examples = {
-        route.name: [
-            (example_id(route_set.name, route.name, route.utterances[0]), route.utterances[0], eye[i])
-        ]
-        for i, route in enumerate(route_set.routes)
-    }
-    return RouteIndex.from_examples(route_set, route_set.version, "onehot", examples)
-
-
-INDEX = onehot_index(multi_set())
+INDEX = policy_index(multi_set())
 POLICY = Policy.for_index(INDEX)
 
 
@@ -99,7 +89,7 @@ def test_every_accepted_category_fires_and_the_most_severe_outcome_wins():
 
 
 def test_the_severity_order_is_configurable():
-    policy = Policy.for_index(onehot_index(multi_set(severity=["queue", "violating", "clean"])))
+    policy = Policy.for_index(policy_index(multi_set(severity=["queue", "violating", "clean"])))
     v = decide([0.70, 0.75, 0.90, 0.10, 0.0], policy)
     assert (v.outcome, v.route) == ("queue", SPAM)
 
@@ -153,14 +143,14 @@ def test_a_benign_route_decides_only_when_no_category_fired():
     v = decide([0.10, 0.10, 0.10, 0.10, 0.0])
     assert (v.outcome, v.reason, v.route, v.fired) == ("clean", "no_match", None, ())
     strict = Policy.for_index(
-        onehot_index(multi_set(defaults={**BASE["defaults"], "no_match": "needs_review"}))
+        policy_index(multi_set(defaults={**BASE["defaults"], "no_match": "needs_review"}))
     )
     assert decide([0.10, 0.10, 0.10, 0.10, 0.0], strict).outcome == NEEDS_REVIEW
 
 
 def test_a_novel_event_is_never_clean_automatically_in_multi_mode():
     data = {**BASE, "defaults": {**BASE["defaults"], "novelty": {"threshold": 0.5}}}
-    policy = Policy.for_index(onehot_index(parse_route_set(data)))
+    policy = Policy.for_index(policy_index(parse_route_set(data)))
     scores = np.array([[0.1, 0.1, 0.1, 0.9, 0.0], [0.9, 0.1, 0.1, 0.1, 0.0]], dtype=np.float32)
     novel, claimed = decide_scores(scores, policy, np.array([0.8, 0.8], dtype=np.float32))
     assert (novel.outcome, novel.novel, novel.route) == (NEEDS_REVIEW, True, NEWS)
@@ -207,7 +197,7 @@ def test_a_decision_waiting_for_review_is_not_final():
 
 def test_single_mode_decisions_carry_no_multi_fields():
     single = parse_route_set({k: v for k, v in BASE.items() if k != "mode"})
-    index = onehot_index(single)
+    index = policy_index(single)
     [row] = rows([[0.70, 0.75, 0.10, 0.10, 0.0]], index, Policy.for_index(index))
     assert (row["mode"], row["routes"], row["categories"], row["category_scores"]) == (
         "single",
@@ -311,7 +301,7 @@ def test_a_list_hit_on_a_less_severe_route_leaves_a_severe_review_band_to_review
 
 def test_in_single_mode_hits_are_not_applied_to_scores():
     single = parse_route_set({k: v for k, v in BASE.items() if k != "mode"})
-    index = onehot_index(single)
+    index = policy_index(single)
     hit = ListHit(list="slurs", entry="t1", route="hate")
     [row] = rows_with_hits([[0.10, 0.75, 0.10, 0.10, 0.0]], [[hit]], index, Policy.for_index(index))
     assert row["route"] == "violence"  # single sets decide hits before the encoder (sieve.flow.prefilter)

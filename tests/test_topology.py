@@ -175,7 +175,7 @@ def test_load_topology_route_set_needs_a_file(tmp_path):
     data = minimal_topology()
     data["route_set"] = {"name": "moderation"}
     topology = load_topology(write_topology(tmp_path / "t.yaml", data))
-    with pytest.raises(TopologyError, match="names no route_set.file"):
+    with pytest.raises(TopologyError, match="names no file"):
         load_topology_route_set(topology)
 
 

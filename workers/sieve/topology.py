@@ -339,20 +339,26 @@ def load_topology(path: str | Path) -> Topology:
     return topology
 
 
-def load_topology_route_set(topology: Topology) -> RouteSet:
-    """The route set named by the topology's file, checked against its outputs."""
-    if topology.route_set.file is None:
-        raise TopologyError(f"topology {topology.name!r} names no route_set.file")
-    route_set = load_route_set(topology.route_set.file)
-    if route_set.name != topology.route_set.name:
+def _load_checked(topology: Topology, ref: RouteSetRef, whose: str) -> RouteSet:
+    """The set ``ref`` names, from its file, checked against the outputs and its tenants' overrides."""
+    if ref.file is None:
+        raise TopologyError(f"topology {topology.name!r}: route set {ref.name!r} of {whose} names no file "
+                            "(route_set.file)")
+    route_set = load_route_set(ref.file)
+    if route_set.name != ref.name:
         raise TopologyError(
-            f"topology {topology.name!r} expects route set {topology.route_set.name!r}, "
-            f"but {topology.route_set.file} defines {route_set.name!r}"
+            f"topology {topology.name!r}: {whose} expects route set {ref.name!r}, "
+            f"but {ref.file} defines {route_set.name!r}"
         )
     topology.check_outcomes(route_set)
     for policy in topology.tenants_using(route_set.name):
         topology.check_tenant_routes(policy, route_set)
     return route_set
+
+
+def load_topology_route_set(topology: Topology) -> RouteSet:
+    """The route set named by the topology's file, checked against its outputs."""
+    return _load_checked(topology, topology.route_set, "the topology")
 
 
 def load_tenant_route_sets(topology: Topology) -> list[RouteSet]:
@@ -361,22 +367,6 @@ def load_tenant_route_sets(topology: Topology) -> list[RouteSet]:
     A tenant set without a file, or whose file defines another name, is refused; so
     is a tenant's per-route threshold naming a route its set lacks.
     """
-    sets: list[RouteSet] = []
-    for ref in topology.tenant_route_sets()[1:]:
-        tenants = ", ".join(topology.tenants_using(ref.name))
-        if ref.file is None:
-            raise TopologyError(
-                f"topology {topology.name!r}: route set {ref.name!r} of tenant(s) {tenants} names no file"
-            )
-        route_set = load_route_set(ref.file)
-        if route_set.name != ref.name:
-            raise TopologyError(
-                f"topology {topology.name!r}: tenant(s) {tenants} expect route set {ref.name!r}, "
-                f"but {ref.file} defines {route_set.name!r}"
-            )
-        topology.check_outcomes(route_set)
-        for policy in topology.tenants_using(ref.name):
-            topology.check_tenant_routes(policy, route_set)
-        sets.append(route_set)
-    return sets
+    return [_load_checked(topology, ref, "tenant(s) " + ", ".join(topology.tenants_using(ref.name)))
+            for ref in topology.tenant_route_sets()[1:]]
 

@@ -193,25 +193,25 @@ def _decide_multi(scores: np.ndarray, policy: Policy) -> list[Verdict]:
     review_rank, review_best = multi.best_of_rank(scores, fired.review, rank)
     benign_accepted = benign[None, :] & (scores >= policy.accept[None, :])
     benign_best = np.where(benign_accepted, scores, -np.inf).argmax(axis=1)
-    any_fired = fired.accept | fired.review
     no_match = NEEDS_REVIEW if policy.no_match_review else policy.default_outcome
     verdicts: list[Verdict] = []
-    for i in range(scores.shape[0]):
-        routes = np.flatnonzero(any_fired[i])
-        listed = tuple(
-            (int(r), "accept" if fired.accept[i, r] else "review", bool(fired.ambiguous[i, r]))
-            for r in routes[np.argsort(-scores[i, routes], kind="stable")]
-        )
-        if accept_best[i] >= 0 and accept_rank[i] <= review_rank[i]:
-            top = int(accept_best[i])
-            verdicts.append(Verdict(outcomes[top], "accept", top, fired=listed))
-        elif review_best[i] >= 0:
-            top = int(review_best[i])
-            reason: DecisionReason = "ambiguous" if fired.ambiguous[i, top] else "review_band"
-            verdicts.append(Verdict(NEEDS_REVIEW, reason, top, fired=listed))
-        elif benign_accepted[i].any():
-            top = int(benign_best[i])
-            verdicts.append(Verdict(outcomes[top], "accept", top, fired=((top, "accept", False),)))
+    fired_any = (fired.accept | fired.review).tolist()
+    benign_any_rows: list[bool] = np.asarray(benign_accepted.any(axis=1), dtype=bool).tolist()
+    # per event in plain Python over lists made once per batch (no numpy call per event)
+    for row, accepted, ambiguous, any_fired, a_rank, a_best, r_rank, r_best, benign_any, b_best in zip(
+        scores.tolist(), fired.accept.tolist(), fired.ambiguous.tolist(), fired_any,
+        accept_rank.tolist(), accept_best.tolist(), review_rank.tolist(), review_best.tolist(),
+        benign_any_rows, benign_best.tolist(), strict=True,
+    ):
+        routes = sorted((r for r, on in enumerate(any_fired) if on), key=row.__getitem__, reverse=True)
+        listed = tuple((r, "accept" if accepted[r] else "review", ambiguous[r]) for r in routes)
+        if a_best >= 0 and a_rank <= r_rank:
+            verdicts.append(Verdict(outcomes[a_best], "accept", a_best, fired=listed))
+        elif r_best >= 0:
+            reason: DecisionReason = "ambiguous" if ambiguous[r_best] else "review_band"
+            verdicts.append(Verdict(NEEDS_REVIEW, reason, r_best, fired=listed))
+        elif benign_any:
+            verdicts.append(Verdict(outcomes[b_best], "accept", b_best, fired=((b_best, "accept", False),)))
         else:
             verdicts.append(Verdict(no_match, "no_match", None, fired=()))
     return verdicts

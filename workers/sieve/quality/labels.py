@@ -70,7 +70,7 @@ def parse_labels(lines: Iterable[bytes | str], report: LabelReport) -> list[Labe
     """Labels from JSON messages (one per item); what is not a label is counted, not raised."""
     labels = []
     for line in lines:
-        if not (line.strip() if isinstance(line, str) else line.strip()):
+        if not line.strip():
             continue
         report.read += 1
         try:
