@@ -29,6 +29,20 @@ DATASETS = REPO / "data"  # the public labelled data sets (data/README.md)
 os.environ.setdefault("SIEVE_ONNX_CACHE_DIR", str(REPO / ".sieve" / "cache" / "onnx"))
 
 
+def copy_shipped_routes(name: str, folder: Path) -> Path:
+    """A shipped route file copied into ``folder`` with the list files it names (they resolve beside it)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    shutil.copy(REPO / "routes" / name, path)
+    for listed in load_route_set(REPO / "routes" / name).lists:
+        target = folder / listed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "routes" / listed, target)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -175,7 +175,16 @@ def test_configmaps_carry_the_repository_topologies_and_route_sets() -> None:
     topologies = one(objects, "ConfigMap", "-topologies")["data"]
     routes = one(objects, "ConfigMap", "-routes")["data"]
     assert topologies == {p.name: p.read_text() for p in (REPO / "topologies").glob("*.yaml")}
-    assert routes == {p.name: p.read_text() for p in (REPO / "routes").glob("*.yaml")}
+    lists = {f"list.{p.name}": p.read_text() for p in (REPO / "routes" / "lists").glob("*.yaml")}
+    assert lists and routes == {p.name: p.read_text() for p in (REPO / "routes").glob("*.yaml")} | lists
+    # Every pod sees a route set's lists where its `lists` names them (relative to the route file).
+    router = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
+    volume = next(v for v in router["volumes"] if v["name"] == "routes")
+    paths = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
+    assert set(paths) == set(routes)
+    for text in routes.values():
+        for name in (yaml.safe_load(text) or {}).get("lists") or []:
+            assert name in paths.values()
     # The route file a topology names (relative to itself) is where the ConfigMaps put it.
     for text in topologies.values():
         route_file = (Path("/app/topologies") / yaml.safe_load(text)["route_set"]["file"]).resolve()
@@ -196,6 +205,7 @@ def test_the_init_hook_creates_topics_and_syncs_routes_before_the_workers() -> N
     items = {i["path"]: i["key"] for i in job["spec"]["template"]["spec"]["volumes"][0]["configMap"]["items"]}
     assert items["topologies/moderation.yaml"] == "topology.moderation.yaml"
     assert items["routes/moderation.yaml"] == "route.moderation.yaml"
+    assert items["routes/lists/profanity.yaml"] == "list.profanity.yaml"
     assert set(items.values()) == set(config["data"])
     # The Job's pods are not picked by the metrics Service.
     service = one(objects, "Service", "-metrics")

@@ -14,6 +14,7 @@ from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
 from sieve.encoders.cache import CachedEncoder
 from sieve.flow.decide import Policy, decide_scores, novelty_scores
+from sieve.flow.list_policy import decide_with_lists
 from sieve.flow.match import MatchResult, RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.quality.datasets import (
@@ -333,10 +334,18 @@ def test_eval_decides_as_the_worker_pipeline(minilm, moderation_index, moderatio
     assert [d.outcome for d in result.decisions] == list(run.outcomes)
     assert [d.reason for d in result.decisions] == list(run.reasons)
     policy = Policy.for_index(moderation_index, topology.thresholds)
-    verdicts = decide_scores(scored.match.route_scores, policy, novelty_scores(scored.match.nearest_score))
+    novelty = novelty_scores(scored.match.nearest_score)
+    _, verdicts = decide_with_lists(scored.match.route_scores, policy, novelty, scored.list_hits,
+                                    moderation_index)
     assert [v.outcome for v in verdicts] == list(run.outcomes)
     assert [d.novel for d in result.decisions] == [v.novel for v in verdicts]
     assert policy.novelty_threshold is not None  # the shipped set has one
+    # the shipped profanity list holds some of these prompts: the worker names the same hits
+    assert scored.list_hits is not None and any(scored.list_hits)
+    assert [[h.entry for h in d.list_hits or []] for d in result.decisions] == [
+        [h.entry for h in hits] for hits in scored.list_hits]
+    plain = decide_scores(scored.match.route_scores, policy, novelty)
+    assert [v.outcome for v in plain] != list(run.outcomes)  # the holds changed some decisions
 
 
 def test_eval_report_has_every_section(moderation_bench, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from sieve.topology import Topology
 from sieve.worker.compute import ThreadCompute
 from sieve.worker.compute_child import ProcessCompute
 from sieve.worker.router import RouterWorker
+
+from .conftest import copy_shipped_routes
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["buy cheap pills now", "what a lovely morning", "i will hurt you", "let's get lunch",
@@ -48,9 +49,7 @@ def with_head_bytes(route_set: RouteSet, head: bytes | None) -> RouteSet:
 
 def route_file_with_head(folder: Path, encoder: TextEncoder, weight: float = 0.5) -> Path:
     """A copy of the shipped moderation routes with a head beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "moderation.yaml"
-    shutil.copy(REPO / "routes" / "moderation.yaml", path)
+    path = copy_shipped_routes("moderation.yaml", folder)
     example_head(load_route_set(path), encoder, weight).save(head_path_for(path))
     return path
 
@@ -173,7 +172,7 @@ def test_the_store_keeps_the_head_with_its_version_and_refuses_a_swapped_one(tmp
         meta_id = store._meta_id("moderation", trivial_encoder.id)
         older = base64.b64encode(route_set.head_bytes or b"").decode()
         client.set_payload(store.meta_collection, {"head": older}, points=[meta_id])
-    with pytest.raises(RouteStoreError, match="its stored head hashes to version"):
+    with pytest.raises(RouteStoreError, match="its stored head (and lists )?hashes to version"):
         store.load("moderation", trivial_encoder.id)
 
 

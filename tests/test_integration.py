@@ -31,7 +31,7 @@ from sieve.routeset_dump import dump_route_set
 from sieve.settings import KafkaSettings, QdrantSettings
 from sieve.store.qdrant import RouteStore
 
-from .conftest import REPO, free_port, worker_env
+from .conftest import REPO, copy_shipped_routes, free_port, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -407,8 +407,7 @@ def test_route_set_synced_mid_stream_is_picked_up_without_restart(stack: Stack, 
                                                                   compute: str) -> None:
     stack.encoder = "trivial"
     stack.compute = compute
-    route_file = stack.tmp / "moderation.yaml"
-    route_file.write_text((REPO / "routes" / "moderation.yaml").read_text())
+    route_file = copy_shipped_routes("moderation.yaml", stack.tmp)
     v1 = sync_routes(stack, trivial_encoder, route_file)
     topology = stack.write_topology(route_file)
     worker = stack.start_worker(topology)

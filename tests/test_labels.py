@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from sieve.cli import app
 from sieve.contracts import Decision, Event, Label, Review
-from sieve.flow.decide import decision_rows, validate_decisions
 from sieve.flow.match import MatchResult
+from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.kafka.client import ensure_topics, produce
 from sieve.quality.datasets import load_jsonl
 from sieve.quality.labels import LabelReport, export_rows, parse_labels

@@ -239,6 +239,15 @@ def test_a_letter_repeated_less_than_in_the_term_is_another_word() -> None:
     assert fired(matcher, "gooo to HELLLL") == ["hell"]
 
 
+def test_a_doubled_letter_is_spelling_and_three_are_a_stretch() -> None:
+    matcher = TermMatcher([parse_list({"name": "p", "kind": "block", "route": "r", "entries": [
+        {"id": "god", "term": "god"}, {"id": "kill", "term": "kill"}]}, "p")])
+    assert fired(matcher, "a good recipe for banana bread") == []  # good is a word, not a stretched god
+    assert fired(matcher, "oh my gooood") == ["god"]
+    assert fired(matcher, "I will kiiill you") == ["kill"]
+    assert fired(matcher, "I will kiill you") == []  # two i's: neither the term nor a stretch of it
+
+
 # -- lists belong to their route set's version ---------------------------------------------------------
 
 ROUTES = """\

@@ -14,8 +14,9 @@ from hypothesis.extra.numpy import arrays
 from pydantic_core import to_json
 
 from sieve.contracts import DECISION_SCHEMA_VERSION, NEEDS_REVIEW, Decision, Event, EventView
-from sieve.flow.decide import Policy, decide_scores, decision_rows, novelty_scores, validate_decisions
+from sieve.flow.decide import Policy, decide_scores, novelty_scores
 from sieve.flow.match import RouteIndex, aggregate, example_id, match_batch, top_columns
+from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.routeset import RouteSet, parse_route_set
 from sieve.thresholds import Aggregation, ThresholdOverrides
 

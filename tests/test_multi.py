@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from sieve.contracts import NEEDS_REVIEW, Decision, Event
-from sieve.flow.decide import Policy, decide_scores, decision_rows, validate_decisions
+from sieve.flow.decide import Policy, decide_scores
 from sieve.flow.lists import ListHit
 from sieve.flow.match import MatchResult, RouteIndex
 from sieve.flow.publish import plan_decisions, route_targets
+from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.routeset import RouteSet, RouteSetError, parse_route_set
 from sieve.topology import OutputSpec
 from tests.test_contract_compat import assert_valid
@@ -299,12 +300,16 @@ def test_a_list_hit_on_a_less_severe_route_leaves_a_severe_review_band_to_review
     assert row["categories"]["spam"] is True
 
 
-def test_in_single_mode_hits_are_not_applied_to_scores():
+def test_in_single_mode_a_block_hit_decides_by_its_route_as_the_prefilter_does():
+    # the worker decides these before encoding (sieve.flow.prefilter.list_row); eval scores every
+    # event and decides them through the same list policy, so both give the hit's route
     single = parse_route_set({k: v for k, v in BASE.items() if k != "mode"})
     index = policy_index(single)
     hit = ListHit(list="slurs", entry="t1", route="hate")
     [row] = rows_with_hits([[0.10, 0.75, 0.10, 0.10, 0.0]], [[hit]], index, Policy.for_index(index))
-    assert row["route"] == "violence"  # single sets decide hits before the encoder (sieve.flow.prefilter)
+    assert (row["outcome"], row["reason"], row["route"]) == ("violating", "accept", "hate")
+    [plain] = rows_with_hits([[0.10, 0.75, 0.10, 0.10, 0.0]], [[]], index, Policy.for_index(index))
+    assert plain["route"] == "violence"
 
 
 def rows_with_hits(score_rows, hits, index: RouteIndex = INDEX, policy: Policy = POLICY):

@@ -1,6 +1,6 @@
 """The LLM reviewer on multi-mode route sets: it sees every fired route, confirms some, rejects others.
 
-The router's decisions are real ones (:func:`sieve.flow.decide.decision_rows` over a one-hot
+The router's decisions are real ones (:func:`sieve.flow.rows.decision_rows` over a one-hot
 index, as tests/test_multi.py makes them). The engine tests talk to ScriptedLLM
 (tests/llm_double.py), a test double of an OpenAI-compatible endpoint on 127.0.0.1 that
 answers from a script; no judge model is installed for the tests.
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from sieve.contracts import Decision, Event, Review
-from sieve.flow.decide import Policy, decision_rows, validate_decisions
+from sieve.flow.decide import Policy
 from sieve.flow.match import MatchResult
+from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.review.engine import ReviewEngine
 from sieve.review.memo import ReviewMemo
 from sieve.review.steps import (

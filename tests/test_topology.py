@@ -19,6 +19,8 @@ from sieve.topology import (
     load_topology_route_set,
 )
 
+from .conftest import copy_shipped_routes
+
 REPO = Path(__file__).resolve().parents[1]
 TOPOLOGIES = REPO / "topologies"
 
@@ -157,8 +159,7 @@ def test_load_topology_route_set_checks_outcomes(tmp_path):
     del data["output"]["outcome_topics"][NEEDS_REVIEW]
     topology = load_topology(write_topology(tmp_path / "topologies" / "t.yaml", data))
     # the file is resolved against tmp_path/topologies, where there is no ../routes: copy one
-    (tmp_path / "routes").mkdir()
-    shutil.copy(REPO / "routes" / "moderation.yaml", tmp_path / "routes" / "moderation.yaml")
+    copy_shipped_routes("moderation.yaml", tmp_path / "routes")
     with pytest.raises(TopologyError, match=NEEDS_REVIEW):
         load_topology_route_set(topology)
 

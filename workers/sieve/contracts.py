@@ -36,8 +36,9 @@ EventId = Annotated[str, Field(min_length=1, max_length=256)]
 # field); a reader accepts any version, and ignores what it does not know where it may.
 EVENT_SCHEMA_VERSION = 1
 # 2: novel, novelty; 3: list_hits, from_cache, review.reused;
-# 4: mode, routes, categories, category_scores, final, review.routes, review.rejected_routes
-DECISION_SCHEMA_VERSION = 4
+# 4: mode, routes, categories, category_scores, final, review.routes, review.rejected_routes;
+# 5: list_hits[].action
+DECISION_SCHEMA_VERSION = 5
 DEAD_LETTER_SCHEMA_VERSION = 1
 LABEL_SCHEMA_VERSION = 1
 SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
@@ -197,6 +198,9 @@ class ListHitRef(BaseModel):
     entry: str = Field(description="The entry's id.")
     route: str | None = Field(default=None, description="The route the entry adds.")
     distance: int | None = Field(default=None, description="Image hash lists: the Hamming distance in bits.")
+    action: Literal["accept", "review"] | None = Field(
+        default=None, description="accept: the hit accepted its route; review: it held its route for review "
+        "(a block list with `action: review`: the event never gets the default outcome automatically).")
 
 
 class FiredRoute(BaseModel):

@@ -6,6 +6,8 @@ A term list (YAML, ``schemas/term-list.schema.json``)::
     name: slurs
     kind: block              # block: a hit adds ``route``; allow: its spans mask block hits
     route: hate              # block lists only: the route a hit adds (a route of the set)
+    action: accept           # block lists: accept (a hit accepts ``route``, the default) or
+                             # review (a hit puts ``route`` in its review band)
     entries:
       - {id: s1, term: "some slur"}             # words, matched at word boundaries, evasions folded
       - {id: p1, pattern: "k[i1]ll +all"}       # RE2 syntax: linear time, no lookaround
@@ -39,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sieve.contracts import SCHEMA_VERSION_DOC
 
-LIST_SCHEMA_VERSION = 1
+# 2: action (review)
+LIST_SCHEMA_VERSION = 2
 ENTRY_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 LIST_NAME = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 HASH_BITS = {"phash": 64}
@@ -67,7 +70,7 @@ class TermEntry(BaseModel):
 
 
 class TermList(BaseModel):
-    """A block list (hits add ``route``) or an allow list (its spans mask block hits)."""
+    """A block list (a hit accepts ``route`` or holds it for review) or an allow list (masks block hits)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -75,6 +78,9 @@ class TermList(BaseModel):
     name: str = Field(pattern=LIST_NAME)
     kind: Literal["block", "allow"]
     route: str | None = Field(default=None, description="Block lists: the route a hit adds.")
+    action: Literal["accept", "review"] | None = Field(default=None, description=(
+        "Block lists: what a hit does. accept (the default): it accepts `route`. review: it puts "
+        "`route` in its review band, so the event never gets the set's default outcome automatically."))
     description: str | None = None
     entries: list[TermEntry] = Field(min_length=1)
 
@@ -82,8 +88,8 @@ class TermList(BaseModel):
     def _route_and_ids(self) -> TermList:
         if self.kind == "block" and self.route is None:
             raise ValueError("a block list names the route its hits add ('route')")
-        if self.kind == "allow" and self.route is not None:
-            raise ValueError("an allow list decides nothing by itself: it has no 'route'")
+        if self.kind == "allow" and (self.route is not None or self.action is not None):
+            raise ValueError("an allow list decides nothing by itself: it has no 'route' and no 'action'")
         _unique_ids([e.id for e in self.entries])
         return self
 

@@ -204,10 +204,12 @@ class RouteSet(BaseModel):
     def version(self) -> str:
         """Content hash: any change to routes, examples (image bytes too), thresholds or the head changes it.
 
-        The file format's ``schema_version`` is not content: it does not count. A set
-        without a learned head hashes exactly as before heads counted.
+        The file format's ``schema_version`` is not content: it does not count, nor do the
+        paths of loaded list files (their content does). A set without a learned head
+        hashes exactly as before heads counted.
         """
-        content = {"set": self.model_dump(mode="json", exclude=_NOT_CONTENT), "images": self._image_digests}
+        content = {"set": self.model_dump(mode="json", exclude=self._not_content()),
+                   "images": self._image_digests}
         if self._head_bytes is not None:
             content["head"] = hashlib.sha256(self._head_bytes).hexdigest()  # type: ignore[assignment]
         if self._lists:
@@ -225,17 +227,28 @@ class RouteSet(BaseModel):
         """The learned head's file (``<routes>.head.npz``) as bytes, when the set has one."""
         return self._head_bytes
 
+    def _not_content(self) -> set[str]:
+        return _NOT_CONTENT | {"lists"} if self._lists else _NOT_CONTENT
+
     def __eq__(self, other: object) -> bool:
-        """Equal content (where the file was read from, and the file format's version, do not count)."""
-        return isinstance(other, RouteSet) and (
-            self.model_dump(exclude=_NOT_CONTENT) == other.model_dump(exclude=_NOT_CONTENT)
+        """Equal content: where the file and its lists were read from, and the format version, don't count."""
+        return isinstance(other, RouteSet) and self._lists == other._lists and (
+            self.model_dump(exclude=self._not_content()) == other.model_dump(exclude=other._not_content())
         )
 
     def __hash__(self) -> int:
         return hash(self.version)
 
+    def list_path(self, relative: str) -> Path:
+        """Where a list file named in ``lists`` lies (relative paths resolve against the route file)."""
+        return self.file_path(relative)
+
     def image_path(self, relative: str) -> Path:
         """Where an example image lies (relative paths resolve against the route file)."""
+        return self.file_path(relative)
+
+    def file_path(self, relative: str) -> Path:
+        """Where a file the set names lies: relative paths resolve against the route file."""
         path = Path(relative)
         if path.is_absolute() or self._base_dir is None:
             return path

@@ -1,4 +1,4 @@
-"""``sieve lists ...``: check term and hash list files, and hash a folder of known images."""
+"""``sieve lists ...``: check list files, turn a word file into a term list, hash known images."""
 
 from __future__ import annotations
 
@@ -26,8 +26,44 @@ def lists_check(files: Annotated[list[Path], typer.Argument(help="List files (YA
             loaded = load_list(path)
         except ListError as exc:
             fail(str(exc))
-        target = f" -> route {loaded.route}" if loaded.route else ""
+        action = getattr(loaded, "action", None)
+        target = f" -> route {loaded.route}" + (f" ({action})" if action else "") if loaded.route else ""
         console.print(f"{path}: {loaded.kind} list {loaded.name!r}, {len(loaded.entries)} entries{target}")
+
+
+@app.command("from-words")
+def lists_from_words(
+    words: Annotated[Path, typer.Argument(help="A text file: one term a line; blank lines and # comments "
+                                                "are skipped.")],
+    out: Annotated[Path, typer.Option("--out", help="The term list to write.")],
+    route: Annotated[str, typer.Option(help="The route a hit adds.")],
+    action: Annotated[str, typer.Option(help="accept (a hit accepts the route) or review (a hit holds it "
+                                             "for review).")] = "accept",
+    name: Annotated[str | None, typer.Option(help="The list's name (default: the file's stem).")] = None,
+    description: Annotated[str | None, typer.Option(help="Where the words come from, their licence.")] = None,
+) -> None:
+    """Write a block list with one term entry per line of WORDS (ids ``w0001``, ... in file order)."""
+    import yaml
+
+    from sieve.lists import ListError, parse_list
+
+    try:
+        lines = words.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        fail(f"{words}: cannot read: {exc.strerror or exc}")
+    terms = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    data: dict = {"schema_version": 2, "name": name or out.stem, "kind": "block", "route": route,
+                  "action": action}
+    if description:
+        data["description"] = description
+    data["entries"] = [{"id": f"w{i:04d}", "term": term} for i, term in enumerate(terms, 1)]
+    try:
+        parse_list(data, str(out))
+    except ListError as exc:
+        fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False, width=120, allow_unicode=True), encoding="utf-8")
+    console.print(f"{out}: {len(terms)} terms -> route {route} ({action})")
 
 
 @app.command("add-images")

@@ -128,6 +128,9 @@ def routes_build(
     head_weight: Annotated[float, typer.Option(help="Weight of the head's probability in a route's "
                                                    "score.")] = 0.5,
     head_c: Annotated[float, typer.Option(help="Inverse regularisation strength of the head.")] = 1.0,
+    lists: Annotated[list[Path] | None, typer.Option(
+        "--lists", help="A list file the built set names (repeatable), e.g. routes/lists/profanity.yaml; "
+        "its route must be one the data builds.")] = None,
     seed: SeedOpt = 0,
     sample: SampleOpt = None,
     resplit: ResplitOpt = False,
@@ -149,7 +152,8 @@ def routes_build(
     try:
         result = run_build(bench, out, name=name, max_examples=max_examples, seed=seed,
                            default_outcome=default_outcome, head=head, head_c=head_c,
-                           head_weight=head_weight, command=command_line(), progress=progress)
+                           head_weight=head_weight, lists=lists or (), command=command_line(),
+                           progress=progress)
     except ValueError as exc:
         fail(str(exc))
     kept = sum(result.kept.values())

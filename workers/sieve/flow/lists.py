@@ -43,9 +43,10 @@ class ListHit:
 
     list: str
     entry: str
-    route: str | None  # the route a block hit adds; None for an allow hit
+    route: str | None  # the route a block or review hit adds; None for an allow hit
     span: tuple[int, int] | None = None  # a term or pattern hit: where, in the folded text
     distance: int | None = None  # an image hash hit: the Hamming distance in bits
+    action: str = "accept"  # a block or image hash hit: accept; a block list with action review: review
 
 
 @functools.cache
@@ -142,7 +143,8 @@ def term_words(term: str) -> tuple[tuple[str, ...], Profile]:
     """A term as the word sequence it matches (letters collapsed) and its letter runs.
 
     A text matches where its words are the same once collapsed *and* each run of a letter is
-    at least as long as the term's: ``kiiill`` matches ``kill``, ``as`` does not match ``ass``.
+    as long as the term's or stretched past it to three or more: ``kiiill`` matches ``kill``;
+    ``as`` does not match ``ass``, nor ``good`` ``god`` (a doubled letter is spelling).
     """
     normalised = normalise(fold(term))
     return tuple(_WORD.findall(normalised.text)), letter_runs(normalised.substituted)
@@ -155,15 +157,20 @@ def _words(text: str) -> set[str]:
     return set(_WORD.findall(text))
 
 
+STRETCHED = 3  # a run of a letter this long stands for any shorter one: ``kiiill`` is ``kill``
+
+
 def _long_enough(found: Profile, wanted: Profile) -> bool:
+    """Each run as long as the term's, or stretched (3 or more): ``good`` is not ``god``, ``goood`` is."""
     return len(found) == len(wanted) and all(
-        a == b and m >= n for (a, m), (b, n) in zip(found, wanted, strict=True))
+        a == b and (m == n or m >= max(n, STRETCHED)) for (a, m), (b, n) in zip(found, wanted, strict=True))
 
 
 class _TermIndex:
-    """Every term of some lists, by first word: one dictionary look-up per word of a text."""
+    """Every term of some lists (all with one action), by first word: one dictionary look-up per word."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: str) -> None:
+        self.action = action
         self.by_first: dict[str, list[tuple[tuple[str, ...], Profile, str, str, str | None]]] = {}
 
     def add(self, term: str, list_name: str, entry: str, route: str | None) -> None:
@@ -172,6 +179,8 @@ class _TermIndex:
             self.by_first.setdefault(words[0], []).append((words, profile, list_name, entry, route))
 
     def hits(self, normalised: Normalised) -> list[ListHit]:
+        if not self.by_first:
+            return []
         words = _words(normalised.text)
         firsts = self.by_first.keys() & words
         candidates = [term for first in firsts for term in self.by_first[first]
@@ -189,14 +198,15 @@ class _TermIndex:
                 if tuple(w for w, _, _ in spans[i:i + n]) == words_:
                     span = normalised.folded_span(spans[i][1], spans[i + n - 1][2])
                     if _long_enough(letter_runs(normalised.substituted[span[0]:span[1]]), profile):
-                        found.append(ListHit(list_name, entry, route, span))
+                        found.append(ListHit(list_name, entry, route, span, action=self.action))
         return found
 
 
 class _PatternIndex:
-    """Every pattern of some lists: one RE2 set pass per text, then spans for those that hit."""
+    """Every pattern of some lists (all with one action): one RE2 set pass per text, then spans."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: str) -> None:
+        self.action = action
         self._entries: list[tuple[re2._Regexp, str, str, str | None]] = []
         self._set = re2.Set.SearchSet(re2_options())
 
@@ -220,12 +230,12 @@ class _PatternIndex:
         for index in self._set.Match(folded) or ():
             regexp, list_name, entry, route = self._entries[index]
             if allowed is None:
-                found.append(ListHit(list_name, entry, route))
+                found.append(ListHit(list_name, entry, route, action=self.action))
                 continue
             for match in regexp.finditer(folded):
                 start, end = match.span()
                 if not any(a <= start and end <= b for a, b in allowed):
-                    found.append(ListHit(list_name, entry, route, (start, end)))
+                    found.append(ListHit(list_name, entry, route, (start, end), action=self.action))
                     break
         return found
 
@@ -235,16 +245,18 @@ class TermMatcher:
 
     def __init__(self, lists: Sequence[TermList]) -> None:
         self.lists = tuple(lists)
-        self._terms = {"block": _TermIndex(), "allow": _TermIndex()}
-        self._patterns = {"block": _PatternIndex(), "allow": _PatternIndex()}
+        # by action: accept and review (block lists), allow (allow lists)
+        actions = ("accept", "review", "allow")
+        self._terms = {action: _TermIndex(action) for action in actions}
+        self._patterns = {action: _PatternIndex(action) for action in actions}
         for term_list in self.lists:
+            action = "allow" if term_list.kind == "allow" else term_list.action or "accept"
             for entry in term_list.entries:
                 if entry.term is not None:
-                    self._terms[term_list.kind].add(entry.term, term_list.name, entry.id, term_list.route)
+                    self._terms[action].add(entry.term, term_list.name, entry.id, term_list.route)
                 else:
                     assert entry.pattern is not None
-                    self._patterns[term_list.kind].add(entry.pattern, term_list.name, entry.id,
-                                                       term_list.route)
+                    self._patterns[action].add(entry.pattern, term_list.name, entry.id, term_list.route)
         for patterns in self._patterns.values():
             patterns.compile()
         self._allows = any(term_list.kind == "allow" for term_list in self.lists)
@@ -253,14 +265,15 @@ class TermMatcher:
         return bool(self.lists)
 
     def match(self, text: str) -> list[ListHit]:
-        """The block hits of one text that no allowed span masks, one per (list, entry)."""
+        """The block hits (either action) of one text that no allowed span masks, one per (list, entry)."""
         folded = fold(text)
         normalised = normalise(folded)
         allowed: list[tuple[int, int]] | None = None
         if self._allows:
             allowed = [h.span for h in self._terms["allow"].hits(normalised)
                        + self._patterns["allow"].hits(folded, []) if h.span is not None]
-        blocks = self._terms["block"].hits(normalised) + self._patterns["block"].hits(folded, allowed)
+        blocks = [hit for action in ("accept", "review") for hit in
+                  self._terms[action].hits(normalised) + self._patterns[action].hits(folded, allowed)]
         kept: dict[tuple[str, str], ListHit] = {}
         for hit in blocks:
             start, end = hit.span or (0, 0)

@@ -29,7 +29,6 @@ import numpy as np
 from sieve.contracts import DeadLetter, Decision, ImageRef, utcnow
 from sieve.encoders.base import ImageEncoder, TextEncoder
 from sieve.flow.dead_letter import make_dead_letter
-from sieve.flow.decide import decision_rows, validate_decisions
 from sieve.flow.decode import DecodedEvent, decode_batch
 from sieve.flow.dedup import DecisionCache, image_key, text_key
 from sieve.flow.head import LearnedHead, decision_scores
@@ -38,6 +37,7 @@ from sieve.flow.lists import ListHit
 from sieve.flow.match import RouteIndex, match_batch
 from sieve.flow.prefilter import Prefilter, repeat_rows
 from sieve.flow.publish import plan_dead_letters, plan_decisions
+from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.flow.tenant_groups import TenantGroup, build_groups, positions_by, swap_groups, take_rows
 from sieve.kafka.records import Outbound
 from sieve.routeset import Space
@@ -52,7 +52,7 @@ class BatchResult:
     """Everything one batch produced.
 
     ``rows`` are the decisions as the worker publishes them (plain dicts shaped
-    like :class:`Decision`, see :func:`sieve.flow.decide.decision_rows`); ``decisions``
+    like :class:`Decision`, see :func:`sieve.flow.rows.decision_rows`); ``decisions``
     validates them into models on first use (tests, tools), never on the hot path.
     """
 
@@ -208,7 +208,7 @@ class RouterPipeline:
         """One group's lists and repeats: rows by position, positions to encode, repeats, cache keys, hits.
 
         In a multi-mode set a list hit does not decide: its event is encoded, and its hits go
-        with it to :func:`~sieve.flow.decide.decision_rows`.
+        with it to :func:`~sieve.flow.rows.decision_rows`.
         """
         index = group.active[space].index
         matcher = self.prefilter.terms_for(index) if space == "text" else self.prefilter.hashes_for(index)

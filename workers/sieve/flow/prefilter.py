@@ -6,7 +6,9 @@ Order, per event of a batch (documented in docs/lists.md):
    (image events, once the image is loaded) run first. A block or hash-list hit decides the
    event by its route (``reason: accept``, score 1, the entry in ``list_hits``) and the event
    skips the encoder. In a ``multi`` set a hit accepts its route and the event is still
-   scored (:func:`sieve.flow.decide.with_list_hits`): another route may fire beside it.
+   scored (:func:`sieve.flow.list_policy.with_list_hits`): another route may fire beside it.
+   A hit of a block list with ``action: review`` never decides here: the event is encoded,
+   and the hit holds its route for review (:func:`sieve.flow.list_policy.decide_with_lists`).
 2. **Repeats.** With a :class:`~sieve.flow.dedup.DecisionCache`, an event whose content was
    decided under the same policy and route-set version within the cache's time to live gets
    that decision (``from_cache: true``), with its own id, event and times. Repeats within one
@@ -21,12 +23,12 @@ from datetime import datetime
 from typing import Any
 
 from sieve.contracts import DECISION_SCHEMA_VERSION, Decision, ImageRef
-from sieve.flow.decide import event_view_row, list_hit_rows
 from sieve.flow.decode import DecodedEvent
 from sieve.flow.dedup import DecisionCache, image_key, repeat_row, text_key
 from sieve.flow.image_hashes import HashMatcher
 from sieve.flow.lists import ListHit, TermMatcher
 from sieve.flow.match import RouteIndex
+from sieve.flow.rows import event_view_row, list_hit_rows
 from sieve.lists import HashList, TermList
 
 
@@ -47,8 +49,8 @@ def per_event_fields(item: DecodedEvent, version: str, decided_at: datetime,
 
 def list_row(item: DecodedEvent, hits: list[ListHit], index: RouteIndex, decided_at: datetime,
              image: ImageRef | None = None) -> dict[str, Any]:
-    """The decision of an event a list entry decided: the first hit's route, with every hit named."""
-    route = hits[0].route
+    """The decision of an event a block-list entry decided: the first block hit's route, every hit named."""
+    route = next(hit.route for hit in hits if hit.action == "accept")
     assert route is not None
     outcome = index.route_set.route(route).outcome
     return {
@@ -112,7 +114,7 @@ class Prefilter:
 
         ``keys`` are the events' cache keys (None: not cached); ``hits`` their list hits. In a
         ``multi`` set a hit does not decide: the event is still scored, and the caller hands its
-        hits to :func:`sieve.flow.decide.decision_rows`.
+        hits to :func:`sieve.flow.rows.decision_rows`.
         """
         decides = index.route_set.mode != "multi"
         rows: list[dict[str, Any]] = []
@@ -121,7 +123,7 @@ class Prefilter:
         first_of: dict[bytes, int] = {}
         for position, item in enumerate(items):
             image = images[position] if images is not None else None
-            if hits[position] and decides:
+            if decides and any(hit.action == "accept" for hit in hits[position]):
                 rows.append(list_row(item, hits[position], index, decided_at, image))
                 continue
             key = keys[position]

@@ -46,7 +46,7 @@ def plan_decisions(decisions: Sequence[Decision | dict[str, Any]], output: Outpu
     carries the decision id and outcome in headers, and ``sieve-final`` when the decision
     says whether it is final.
 
-    Decisions come as models or as the worker's rows (:func:`sieve.flow.decide.decision_rows`,
+    Decisions come as models or as the worker's rows (:func:`sieve.flow.rows.decision_rows`,
     plain dicts shaped like :class:`Decision`, serialised by the same pydantic-core).
     Runs per decision at stream rates: the topic and header of each outcome are looked
     up once per batch, and the messages are made with ``tuple.__new__`` (as

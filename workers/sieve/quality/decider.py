@@ -180,12 +180,20 @@ class GroupDecider:
 
 
 def check_agrees_with_worker(
-    decider: FastDecider, params: Params, policy: Policy, novelty: np.ndarray | None = None
+    decider: FastDecider, params: Params, policy: Policy, novelty: np.ndarray | None = None,
+    held: np.ndarray | None = None,
 ) -> None:
-    """The vectorised decider must agree with decide_scores on every calibration event."""
+    """The vectorised decider must agree with decide_scores on every calibration event.
+
+    ``held``: events a review-list hit holds, whose default outcome becomes ``needs_review``
+    (:func:`sieve.flow.list_policy.decide_with_lists`).
+    """
     fast = decider.decide(params)
     names = decider.outcome_names
     worker = [v.outcome for v in decide_scores(decider.scores, policy, novelty)]
+    if held is not None:
+        worker = [NEEDS_REVIEW if hold and outcome == policy.default_outcome else outcome
+                  for outcome, hold in zip(worker, held.tolist(), strict=True)]
     expected = [REVIEW if o == NEEDS_REVIEW else decider.code[o] for o in worker]
     mismatched = int((fast != np.array(expected)).sum())
     if mismatched:

@@ -208,6 +208,7 @@ def fit_thresholds(
     sweeps: int = 4,
     novelty: np.ndarray | None = None,
     novel_share: float | None = NOVEL_SHARE,
+    held: np.ndarray | None = None,
     progress: Progress = SILENT,
 ) -> FitResult:
     """Fit on a calibration split's ``(n, routes)`` scores (``routes``: the index's routes, in order).
@@ -215,14 +216,17 @@ def fit_thresholds(
     ``min_support``: a route gets thresholds of its own only when it is the top route
     of at least this many calibration events (``None``: only the outcome groups move).
     ``novelty``: the calibration events' novelty; with ``novel_share`` (None: no
-    threshold) the set gets a novelty threshold, fitted first.
+    threshold) the set gets a novelty threshold, fitted first. ``held``: per event, a list
+    hit holds it for review (a block list with ``action: review``): like a novel event, it
+    never gets the default outcome automatically, and the search sees it so.
     """
     outcomes = tuple(route.outcome for route in routes)
     fitted_novelty = novel = None
     if novelty is not None and novel_share is not None:
         fitted_novelty = fit_novelty(novelty, novel_share)
         novel = is_novel(novelty, fitted_novelty.threshold)
-    decider = FastDecider(route_scores, outcomes, route_set.default_outcome, novel)
+    never_default = novel if held is None else held if novel is None else novel | held
+    decider = FastDecider(route_scores, outcomes, route_set.default_outcome, never_default)
     objective = Objective(decider, gold, targets)
     params, current, global_params = _global_search(objective, len(routes), progress)
     start = params
@@ -239,7 +243,7 @@ def fit_thresholds(
     fitted = apply_thresholds(route_set, routes, params, global_params, fitted_novelty)
     threshold = fitted_novelty.threshold if fitted_novelty is not None else None
     check_agrees_with_worker(
-        decider, params, params.policy(outcomes, route_set.default_outcome, threshold), novelty
+        decider, params, params.policy(outcomes, route_set.default_outcome, threshold), novelty, held
     )
     refined = tuple(
         route.name

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from sieve.quality.build import BuildResult, build_route_set, with_head
 from sieve.quality.datasets import LabelledData
 from sieve.quality.fit import NOVEL_SHARE, FitResult, declare_novel_default, fit_thresholds
 from sieve.quality.report_data import Report, SystemEntry, describe_route_set
-from sieve.quality.scoring import score_split, three_way_run
+from sieve.quality.scoring import held_by_lists, score_split, three_way_run
 from sieve.quality.semantic_router import (
     SEMANTIC_ROUTER_SCORING,
     SEMANTIC_ROUTER_THRESHOLD,
@@ -56,10 +58,14 @@ def run_build(
     head: bool = False,
     head_c: float = 1.0,
     head_weight: float = 0.5,
+    lists: Sequence[Path] = (),
     command: str = "",
     progress: Progress = SILENT,
 ) -> BuildResult:
-    """Build a route set from the training split and write it (and the head) next to ``out``."""
+    """Build a route set from the training split and write it (and the head) next to ``out``.
+
+    ``lists``: list files the written set names (:mod:`sieve.lists`), e.g. a shipped profanity list.
+    """
     train = bench.splits.train
     default = default_outcome or bench.data.default_outcome or "unrouted"
     record = bench.splits.record
@@ -82,19 +88,12 @@ def run_build(
         progress=progress,
     )
     if head:
-        result = with_head(
-            result,
-            train,
-            vectors,
-            bench.encoder.id,
-            c=head_c,
-            weight=head_weight,
-            seed=seed,
-            progress=progress,
-        )
+        result = with_head(result, train, vectors, bench.encoder.id, c=head_c, weight=head_weight, seed=seed,
+                           progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dump_route_set(result.route_set), encoding="utf-8")
-    load_route_set(out)  # what was written is an ordinary, valid route file
+    named = [os.path.relpath(Path(p).resolve(), out.parent.resolve()) for p in lists]  # relative to the file
+    out.write_text(dump_route_set(result.route_set.model_copy(update={"lists": named})), encoding="utf-8")
+    load_route_set(out)  # what was written is an ordinary, valid route file (its lists name its routes)
     if result.head is not None:
         result.head.save(head_path_for(out))
     summary = {
@@ -336,7 +335,7 @@ def _fit_on(
     index = candidate.index
     fitted = fit_thresholds(cal_scores, list(cal.gold), candidate.route_set, index.routes, targets,
                             min_support=min_support, novelty=novelty_scores(cal.match.nearest_score),
-                            novel_share=novel_share, progress=progress)
+                            novel_share=novel_share, held=held_by_lists(cal), progress=progress)
     if novel_default:
         fitted = declare_novel_default(fitted, Policy.for_index(index), test_scores,
                                        novelty_scores(scored.match.nearest_score), list(scored.gold))
@@ -351,7 +350,7 @@ def _check_written_fit(
     With a head the fit is the head's: the worker decides on the head's combined ``scores``.
     """
     fitted_out.parent.mkdir(parents=True, exist_ok=True)
-    fitted_out.write_text(dump_route_set(fit.route_set), encoding="utf-8")
+    fitted_out.write_text(dump_route_set(fit.route_set, fitted_out.parent), encoding="utf-8")
     head_out = head_path_for(fitted_out)
     if candidate.head is not None:
         head_out.write_bytes(head_path_for(candidate.path).read_bytes())

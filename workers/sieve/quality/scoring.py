@@ -1,8 +1,9 @@
 """Sieve's decisions on labelled data, with the worker's own batch functions.
 
-A labelled split goes through exactly what a worker runs on a batch: the text
-encoder, :func:`~sieve.flow.match.match_batch`, then :func:`~sieve.flow.decide.decide_scores`
-(the core of :func:`~sieve.flow.decide.decide`), optionally on scores combined with a
+A labelled split goes through exactly what a worker runs on a batch: the route set's
+term lists (:class:`~sieve.flow.lists.TermMatcher`), the text encoder,
+:func:`~sieve.flow.match.match_batch`, then the policy with the list hits
+(:func:`~sieve.flow.list_policy.decide_with_lists`), optionally on scores combined with a
 learned head. Gold labels then say how good the decisions were (:mod:`sieve.quality.tables`).
 
 The confidence of an event is the smallest change of a route score that would
@@ -15,9 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from sieve.encoders.base import TextEncoder
-from sieve.flow.decide import Policy, decide_scores, novelty_scores
+from sieve.flow.decide import Policy, novelty_scores
 from sieve.flow.head import LearnedHead, decision_scores
+from sieve.flow.list_policy import decide_with_lists
+from sieve.flow.lists import TermMatcher
 from sieve.flow.match import RouteIndex, match_batch
+from sieve.lists import TermList
 from sieve.quality.datasets import LabelledData
 from sieve.quality.semantic_router import SEMANTIC_ROUTER_TOP_K
 from sieve.quality.systems import ScoredSplit, SystemRun
@@ -37,7 +41,7 @@ def text_of(data: LabelledData) -> list[str]:
 def score_split(
     data: LabelledData, index: RouteIndex, encoder: TextEncoder, vectors: np.ndarray | None = None
 ) -> ScoredSplit:
-    """Encode (unless ``vectors`` are given) and match: the worker's encode and match stages.
+    """Lists, encode (unless ``vectors`` are given) and match: the worker's stages before the policy.
 
     The match also keeps the nearest examples semantic-router looks at, for its side of the comparison.
     """
@@ -47,7 +51,16 @@ def score_split(
         raise ValueError(f"index encoded with {index.encoder_id!r}, events with {encoder.id!r}")
     match = match_batch(vectors, index, index.aggregation, nearest_k=SEMANTIC_ROUTER_TOP_K)
     default = index.route_set.default_outcome
-    return ScoredSplit(data, index, vectors, match, tuple(ex.gold(default) for ex in data.examples))
+    term_lists = [item for item in index.route_set.loaded_lists if isinstance(item, TermList)]
+    hits = tuple(TermMatcher(term_lists).match_batch(text_of(data))) if term_lists else None
+    return ScoredSplit(data, index, vectors, match, tuple(ex.gold(default) for ex in data.examples), hits)
+
+
+def held_by_lists(scored: ScoredSplit) -> np.ndarray | None:
+    """Per event, whether a review-list hit holds it for review (None: the set has no term lists)."""
+    if scored.list_hits is None:
+        return None
+    return np.array([any(hit.action == "review" for hit in hits) for hits in scored.list_hits], dtype=bool)
 
 
 def forced_answers(route_scores: np.ndarray, policy: Policy) -> tuple[list[str], np.ndarray]:
@@ -102,7 +115,7 @@ def three_way_run(
     policy = policy or Policy.for_index(index)
     route_scores = decision_scores(scored.match.route_scores, scored.vectors, index, head)  # as the worker
     novelty = novelty_scores(scored.match.nearest_score)
-    verdicts = decide_scores(route_scores, policy, novelty)
+    route_scores, verdicts = decide_with_lists(route_scores, policy, novelty, scored.list_hits, index)
     forced, confidence = forced_answers(route_scores, policy)
     return SystemRun(
         name=name,

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from sieve.flow.lists import ListHit
 from sieve.flow.match import MatchResult, RouteIndex
 from sieve.quality.datasets import LabelledData
 from sieve.routeset import RouteSet
@@ -29,6 +30,8 @@ class ScoredSplit:
     vectors: np.ndarray
     match: MatchResult  # with the nearest examples semantic-router looks at
     gold: tuple[str, ...]  # gold outcomes, "matches nothing" resolved to the set's default
+    # per event, the route set's term-list hits (None: the set has no term lists), as the worker finds them
+    list_hits: tuple[list[ListHit], ...] | None = None
 
     @property
     def route_set(self) -> RouteSet:

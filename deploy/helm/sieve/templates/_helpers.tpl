@@ -56,6 +56,15 @@ app.kubernetes.io/part-of: sieve
 {{- toJson $files }}
 {{- end }}
 
+{{/* The list files beside the shipped route sets (routes/lists/*.yaml), by file name. */}}
+{{- define "sieve.listFiles" -}}
+{{- $files := dict }}
+{{- range $path, $_ := .Files.Glob "files/routes/lists/*.yaml" }}
+{{- $_ := set $files (base $path) ($.Files.Get $path) }}
+{{- end }}
+{{- toJson $files }}
+{{- end }}
+
 {{- define "sieve.routeFiles" -}}
 {{- $files := dict }}
 {{- range $path, $_ := .Files.Glob "files/routes/*.yaml" }}
@@ -161,7 +170,15 @@ app.kubernetes.io/part-of: sieve
 - name: topologies
   configMap: {name: {{ include "sieve.fullname" . }}-topologies}
 - name: routes
-  configMap: {name: {{ include "sieve.fullname" . }}-routes}
+  configMap:
+    name: {{ include "sieve.fullname" . }}-routes
+    items:
+      {{- range $name, $_ := include "sieve.routeFiles" . | fromJson }}
+      - {key: {{ $name | quote }}, path: {{ $name | quote }}}
+      {{- end }}
+      {{- range $name, $_ := include "sieve.listFiles" . | fromJson }}
+      - {key: {{ printf "list.%s" $name | quote }}, path: {{ printf "lists/%s" $name | quote }}}
+      {{- end }}
 - name: tmp
   emptyDir: {}
 {{- with .Values.kafka.tls.existingSecret }}
