@@ -67,7 +67,9 @@ def category_markdown(report: CategoryReport) -> str:
     lines += ["## Any category (binary: violating or clean)", "",
               "Automatic: not needs_review. At the common share: each system keeps automatic only its "
               "most confident decisions, as many as the system with the fewest automatic decisions has "
-              "(within each pair).", "", *binary_table(systems), ""]
+              "(within each pair); most confident: the highest accuracy estimated, per outcome, from how "
+              "far the decision is from changing (an isotonic fit on the events the thresholds were "
+              "fitted on, or the other folds, never on the events ranked).", "", *binary_table(systems), ""]
     if report.thresholds:
         lines += ["## Fitted accept thresholds", "", "| category | accept (per fold) |", "|---|---|"]
         lines += [f"| {name} | {', '.join(f'{a:g}' for a in values)} |"

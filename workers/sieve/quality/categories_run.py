@@ -4,20 +4,27 @@ Both decide the same score matrix twice with the same thresholds: in multi mode 
 category route judged on its own) and in single mode (top-1), and measure each category
 (:mod:`sieve.quality.categories`). The route examples are the route file's, not the
 data's, so folds matter only for the thresholds: per fold they are fitted on the other
-folds, and the held-out decisions of all folds are pooled before measuring.
+folds, and the held-out decisions of all folds are pooled before measuring. Each system's
+binary accuracy is also read at the pair's common automatic share, keeping its most
+confident decisions (:mod:`sieve.quality.categories_rank`, calibrated on the same events
+the thresholds were fitted on).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.decide import Policy, Verdict, decide_scores, novelty_scores
+from sieve.flow.list_policy import decide_with_lists
+from sieve.flow.lists import ListHit
+from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Progress
 from sieve.quality import categories as cat
+from sieve.quality import categories_rank as rank
 from sieve.quality.runner import load_candidate
 from sieve.quality.scoring import score_split
 from sieve.quality.targets import Targets
@@ -58,51 +65,69 @@ class CategoryReport:
 
 
 def decide_both(
-    scores: np.ndarray, novelty: np.ndarray, policy: Policy
+    scores: np.ndarray, novelty: np.ndarray, policy: Policy, hits: Sequence[list[ListHit]] | None = None,
+    index: RouteIndex | None = None,
 ) -> tuple[list[Verdict], list[Verdict]]:
-    """The same thresholds decided in multi mode and in single (top-1) mode."""
-    return (decide_scores(scores, replace(policy, multi=True), novelty),
-            decide_scores(scores, replace(policy, multi=False), novelty))
+    """The same thresholds decided in multi mode and in single (top-1) mode, with the list hits applied."""
+    if hits is None or index is None:
+        return (decide_scores(scores, replace(policy, multi=True), novelty),
+                decide_scores(scores, replace(policy, multi=False), novelty))
+    return (decide_with_lists(scores, replace(policy, multi=True), novelty, hits, index)[1],
+            decide_with_lists(scores, replace(policy, multi=False), novelty, hits, index)[1])
 
 
-def confidence(
-    verdicts: list[Verdict], scores: np.ndarray, policy: Policy, positions: list[int]
-) -> np.ndarray:
-    """How far each decision is from changing (the most confident automatic decisions are kept first).
+@dataclass(frozen=True)
+class Decided:
+    """One system's decisions of some events and how confident each is (:mod:`categories_rank`)."""
 
-    An accepted route's lead over its accept threshold; for the default outcome, how far
-    every category route is below its review threshold.
-    """
-    pos = np.array(positions, dtype=np.int64)
-    below = (policy.review[pos][None, :] - scores[:, pos]).min(axis=1) if positions else np.ones(len(scores))
-    out = np.empty(len(verdicts))
-    for i, v in enumerate(verdicts):
-        if v.outcome != policy.default_outcome and v.route is not None:
-            out[i] = float(scores[i, v.route]) - float(policy.accept[v.route])
-        else:
-            out[i] = float(below[i])
-    return out
+    verdicts: list[Verdict]
+    accuracy: np.ndarray  # estimated, by the calibrator fitted on other events
+    distance: np.ndarray
 
 
-def matched_binary(outcomes: list[str], gold: list[str], conf: np.ndarray, keep: int) -> cat.BinaryMeasure:
-    """Binary measures when only the ``keep`` most confident automatic decisions stay automatic."""
-    auto = np.flatnonzero(np.array([o != NEEDS_REVIEW for o in outcomes]))
-    kept = set(auto[np.argsort(-conf[auto], kind="stable")][:keep].tolist())
-    return cat.binary_measures([o if i in kept else NEEDS_REVIEW for i, o in enumerate(outcomes)], gold)
+def decide_ranked(scores: np.ndarray, novelty: np.ndarray, gold: list[str], policy: Policy,
+                  positions: list[int], fitted_on: np.ndarray, ranked: np.ndarray,
+                  hits: Sequence[list[ListHit]] | None = None, index: RouteIndex | None = None,
+                  ) -> tuple[Decided, Decided]:
+    """Decide ``ranked`` events both ways; confidence calibrated on the ``fitted_on`` events' decisions."""
+    systems = []
+    fit_hits = [hits[i] for i in fitted_on.tolist()] if hits is not None else None
+    ranked_hits = [hits[i] for i in ranked.tolist()] if hits is not None else None
+    fit_verdicts = decide_both(scores[fitted_on], novelty[fitted_on], policy, fit_hits, index)
+    verdicts = decide_both(scores[ranked], novelty[ranked], policy, ranked_hits, index)
+    fit_gold = [gold[i] for i in fitted_on.tolist()]
+    for multi, fit_v, v in zip((True, False), fit_verdicts, verdicts, strict=True):
+        fit_d = rank.distance(fit_v, scores[fitted_on], policy, positions, multi=multi)
+        calibrator = rank.Calibrator.fit([x.outcome for x in fit_v], fit_gold, fit_d)
+        d = rank.distance(v, scores[ranked], policy, positions, multi=multi)
+        systems.append(Decided(v, calibrator.accuracy([x.outcome for x in v], d), d))
+    return systems[0], systems[1]
 
 
-def _systems(pairs: list[tuple[str, list[Verdict], np.ndarray]], labels: cat.CategoryLabels, gold: list[str],
+def pooled(parts: list[tuple[np.ndarray, Decided]], n: int) -> Decided:
+    """Per-fold decisions put back in event order."""
+    verdicts: list[Verdict | None] = [None] * n
+    accuracy, dist = np.zeros(n), np.zeros(n)
+    for held, decided in parts:
+        for k, i in enumerate(held.tolist()):
+            verdicts[i] = decided.verdicts[k]
+        accuracy[held], dist[held] = decided.accuracy, decided.distance
+    return Decided([v for v in verdicts if v is not None], accuracy, dist)
+
+
+def _systems(pairs: list[tuple[str, Decided]], labels: cat.CategoryLabels, gold: list[str],
              positions: list[int]) -> list[SystemCategories]:
     """Measured systems; each with its binary accuracy at the smallest automatic share among them."""
     systems = []
-    binaries = [cat.binary_measures([v.outcome for v in verdicts], gold) for _, verdicts, _ in pairs]
+    binaries = [cat.binary_measures([v.outcome for v in d.verdicts], gold) for _, d in pairs]
     keep = min(b.auto for b in binaries)
-    for (label, verdicts, conf), binary in zip(pairs, binaries, strict=True):
+    for (label, decided), binary in zip(pairs, binaries, strict=True):
         flagger = cat.multi_flags if "multi" in label else cat.top1_flags
-        flags = flagger(verdicts, positions)
-        outcomes = [v.outcome for v in verdicts]
+        flags = flagger(decided.verdicts, positions)
+        outcomes = [v.outcome for v in decided.verdicts]
+        kept = rank.ranked_keep(outcomes, decided.accuracy, decided.distance, keep)
         systems.append(SystemCategories(label, cat.category_measures(flags, labels), binary,
-                                        matched_binary(outcomes, gold, conf, keep)))
+                                        cat.binary_measures(kept, gold)))
     return systems
 
 
@@ -127,9 +152,9 @@ def run_category_kfold(
     base = Policy.for_index(index)
     goals = cat.category_targets(routes, positions, targets)
     parts = cat.kfold(cat.strata_of(data.examples, names), folds, seed)
-    multi: list[Verdict | None] = [None] * len(data)
-    single: list[Verdict | None] = [None] * len(data)
-    conf_multi, conf_single = np.zeros(len(data)), np.zeros(len(data))
+    gold = list(scored.gold)
+    # multi and top-1 with the fitted thresholds, then with the file's
+    own: tuple[list[tuple[np.ndarray, Decided]], ...] = ([], [], [], [])
     accepts: dict[str, list[float]] = {name: [] for name in names}
     with progress.task(f"{folds}-fold: fitting and deciding", total=folds) as advance:
         for held in parts:
@@ -137,32 +162,27 @@ def run_category_kfold(
             fit = cat.fit_category_thresholds(scores[train], labels.rows(train), positions, base, goals,
                                               z=targets.z)
             cat.check_fit_agrees_with_worker(scores[train], labels.rows(train), positions, base, fit)
-            policy = fit.policy(base)
-            m, s = decide_both(scores[held], novelty[held], policy)
-            cm = confidence(m, scores[held], policy, positions)
-            cs = confidence(s, scores[held], policy, positions)
-            for k, i in enumerate(held.tolist()):
-                multi[i], single[i] = m[k], s[k]
-                conf_multi[i], conf_single[i] = cm[k], cs[k]
+            for k, policy in enumerate((fit.policy(base), base)):
+                m, s = decide_ranked(scores, novelty, gold, policy, positions, train, held,
+                                     scored.list_hits, index)
+                own[2 * k].append((held, m))
+                own[2 * k + 1].append((held, s))
             for name, p in zip(names, positions, strict=True):
                 accepts[name].append(float(fit.accept[p]))
             advance(1)
-    own_m, own_s = decide_both(scores, novelty, base)
-    gold = list(scored.gold)
-    pooled = [v for v in multi if v is not None], [v for v in single if v is not None]
-    systems = _systems([("multi-label, fitted per fold", pooled[0], conf_multi),
-                        ("top-1, fitted per fold", pooled[1], conf_single)], labels, gold, positions)
-    systems += _systems(
-        [("multi-label, the file's thresholds", own_m, confidence(own_m, scores, base, positions)),
-         ("top-1, the file's thresholds", own_s, confidence(own_s, scores, base, positions))],
-        labels, gold, positions)
+    n = len(data)
+    systems = _systems([("multi-label, fitted per fold", pooled(own[0], n)),
+                        ("top-1, fitted per fold", pooled(own[1], n))], labels, gold, positions)
+    systems += _systems([("multi-label, the file's thresholds", pooled(own[2], n)),
+                         ("top-1, the file's thresholds", pooled(own[3], n))], labels, gold, positions)
     sizes = ", ".join(str(len(p)) for p in parts)
     return CategoryReport(
         title=f"Sieve per-category evaluation: {data.name}, {folds}-fold",
         command=command, data=data.name, source=data.source, encoder_id=bench.encoder.id,
         route_file=str(route_file),
         method=(f"{folds} folds over all {len(data)} events (seed {seed}, stratified by rarest category; "
-                f"sizes {sizes}); per fold, accept thresholds fitted on the other folds, decisions pooled"),
+                f"sizes {sizes}); per fold, accept thresholds and the confidence ranking fitted on the other "
+                f"folds, decisions pooled"),
         events=len(data), z_target=targets.z, targets=dict(zip(names, goals, strict=True)),
         systems=systems, thresholds=accepts,
     )
@@ -207,20 +227,25 @@ def run_category_fit(
     cat.check_fit_agrees_with_worker(cal.match.route_scores, cal_labels, positions, base, fit)
     fitted_set = apply_category_fit(candidate.route_set, routes, fit, positions)
     fitted_out.parent.mkdir(parents=True, exist_ok=True)
-    fitted_out.write_text(dump_route_set(fitted_set), encoding="utf-8")
+    fitted_out.write_text(dump_route_set(fitted_set, fitted_out.parent), encoding="utf-8")
     load_route_set(fitted_out)  # what was written is an ordinary, valid route file
     test = score_split(bench.splits.test, index, bench.encoder, bench.vectors("test"))
-    scores = test.match.route_scores
-    policy = fit.policy(base)
-    m, s = decide_both(scores, novelty_scores(test.match.nearest_score), policy)
+    gold = list(cal.gold) + list(test.gold)
+    both = np.concatenate([cal.match.route_scores, test.match.route_scores])
+    novelty = np.concatenate([novelty_scores(cal.match.nearest_score),
+                              novelty_scores(test.match.nearest_score)])
+    n_cal = len(cal.gold)
+    hits = (list(cal.list_hits) + list(test.list_hits)
+            if cal.list_hits is not None and test.list_hits is not None else None)
+    m, s = decide_ranked(both, novelty, gold, fit.policy(base), positions, np.arange(n_cal),
+                         np.arange(n_cal, len(gold)), hits, index)
     labels = cat.category_labels(bench.splits.test.examples, names)
-    systems = _systems([("multi-label, fitted", m, confidence(m, scores, policy, positions)),
-                        ("top-1, fitted", s, confidence(s, scores, policy, positions))],
-                       labels, list(test.gold), positions)
+    systems = _systems([("multi-label, fitted", m), ("top-1, fitted", s)], labels, list(test.gold), positions)
     report = CategoryReport(
         title=f"Sieve per-category fit: {bench.data.name}, fitted on calibration, measured on test",
         command=command, data=bench.data.name, source=bench.data.source, encoder_id=bench.encoder.id,
-        route_file=str(route_file), method=f"accept thresholds fitted on calibration "
+        route_file=str(route_file),
+        method=f"accept thresholds and the confidence ranking fitted on calibration "
         f"({len(bench.splits.calibration)} events), measured on test ({len(bench.splits.test)})",
         events=len(bench.splits.test), z_target=targets.z, targets=dict(zip(names, goals, strict=True)),
         systems=systems,
