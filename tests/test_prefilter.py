@@ -170,3 +170,28 @@ def test_in_a_multi_set_a_hit_accepts_its_route_and_the_event_is_still_scored(tm
     assert decision.list_hits is not None and decision.list_hits[0].entry == "kill"
     routed = {m.topic for m in pipeline.process([record(1, "b", text)]).outbound}
     assert {"route.violence", "route.spam"} <= routed
+
+
+def test_repeats_are_answered_before_the_lists_run(tmp_path: Path) -> None:
+    pipeline, encoder = pipeline_for(tmp_path, DecisionCache(1 << 20, ttl_s=60))
+    matcher = pipeline.prefilter.terms_for(pipeline.index)
+    matched: list[str | None] = []
+    plain_match = matcher.match_batch
+
+    def counting(texts: list[str | None]) -> list:  # instrumentation: which texts the lists saw
+        matched.extend(texts)
+        return plain_match(texts)
+
+    matcher.match_batch = counting  # type: ignore[method-assign]
+    first = pipeline.process([record(0, "a", "hello there friend"), record(1, "b", "hello there friend"),
+                              record(2, "c", "I will kill you"), record(3, "d", "I will kill you")])
+    assert matched == ["hello there friend", "I will kill you", "I will kill you"]
+    by_id = {d.event_id: d for d in first.decisions}
+    assert not first.dead_letters and by_id["b"].from_cache  # the in-batch repeat, not matched again
+    # a block hit decides each copy (list decisions are never cached), the repeat its own way
+    assert [(by_id[e].reason, by_id[e].route) for e in "cd"] == [("accept", "violence")] * 2
+    matched.clear()
+    second = pipeline.process([record(4, "e", "hello there friend"), record(5, "f", "I will kill you")])
+    assert matched == ["I will kill you"]  # the cached text skipped the lists
+    assert [d.from_cache for d in second.decisions] == [True, None]
+    assert encoder.texts == ["hello there friend"]

@@ -205,24 +205,28 @@ class RouterPipeline:
         refs: list[ImageRef] | None, decided_at: Any, seconds: dict[str, float],
     ) -> tuple[list[tuple[int, dict[str, Any]]], list[int], dict[int, int], list[bytes | None],
                list[list[ListHit]]]:
-        """One group's lists and repeats: rows by position, positions to encode, repeats, cache keys, hits.
+        """One group's repeats and lists: rows by position, positions to encode, repeats, cache keys, hits.
 
         In a multi-mode set a list hit does not decide: its event is encoded, and its hits go
         with it to :func:`~sieve.flow.rows.decision_rows`.
         """
         index = group.active[space].index
         matcher = self.prefilter.terms_for(index) if space == "text" else self.prefilter.hashes_for(index)
-        hits: list[list[ListHit]] = [[] for _ in items]
-        if matcher:
+
+        def hits_of(position: int) -> list[ListHit]:
+            if not matcher:
+                return []
             started = time.perf_counter()
-            hits = matcher.match_batch(inputs)
+            found = matcher.match_batch([inputs[position]])[0]
             seconds["lists"] = seconds.get("lists", 0.0) + time.perf_counter() - started
+            return found
+
         keys: list[bytes | None] = [None] * len(items)
         if self.prefilter.cache is not None:
             policy, version = group.cache_policy, index.version
             keys = ([text_key(policy, version, text) for text in inputs] if space == "text"
                     else [image_key(policy, version, ref.sha256) for ref in refs or ()])
-        rows, todo, repeats = self.prefilter.split(items, keys, hits, index, decided_at, refs)
+        rows, todo, repeats, hits = self.prefilter.split(items, keys, hits_of, index, decided_at, refs)
         skipped = set(todo) | set(repeats)
         done = [position for position in range(len(items)) if position not in skipped]
         return list(zip(done, rows, strict=True)), todo, repeats, keys, hits

@@ -1,24 +1,24 @@
-"""What decides before the encoder: list hits, and repeats of content already decided.
+"""What decides before the encoder: repeats of content already decided, and list hits.
 
 Order, per event of a batch (documented in docs/lists.md):
 
-1. **Lists.** The route set's term and pattern lists (text events) and image hash lists
-   (image events, once the image is loaded) run first. A block or hash-list hit decides the
+1. **Repeats.** With a :class:`~sieve.flow.dedup.DecisionCache`, an event whose content was
+   decided under the same policy and route-set version within the cache's time to live gets
+   that decision (``from_cache: true``), with its own id, event and times; it already holds
+   its content's list hits. Repeats within one batch are encoded once.
+2. **Lists**, on the rest. The route set's term and pattern lists (text events) and image
+   hash lists (image events, once the image is loaded). A block or hash-list hit decides the
    event by its route (``reason: accept``, score 1, the entry in ``list_hits``) and the event
    skips the encoder. In a ``multi`` set a hit accepts its route and the event is still
    scored (:func:`sieve.flow.list_policy.with_list_hits`): another route may fire beside it.
    A hit of a block list with ``action: review`` never decides here: the event is encoded,
    and the hit holds its route for review (:func:`sieve.flow.list_policy.decide_with_lists`).
-2. **Repeats.** With a :class:`~sieve.flow.dedup.DecisionCache`, an event whose content was
-   decided under the same policy and route-set version within the cache's time to live gets
-   that decision (``from_cache: true``), with its own id, event and times. Repeats within one
-   batch are encoded once.
 3. Everything else is encoded, matched and decided, and its decision remembered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -107,25 +107,26 @@ class Prefilter:
         return matcher
 
     def split(self, items: Sequence[DecodedEvent], keys: Sequence[bytes | None],
-              hits: Sequence[list[ListHit]], index: RouteIndex, decided_at: datetime,
+              hits_of: Callable[[int], list[ListHit]], index: RouteIndex, decided_at: datetime,
               images: Sequence[ImageRef | None] | None = None,
-              ) -> tuple[list[dict[str, Any]], list[int], dict[int, int]]:
-        """Rows decided here, the positions still to encode, and repeats: position -> first position.
+              ) -> tuple[list[dict[str, Any]], list[int], dict[int, int], list[list[ListHit]]]:
+        """Rows decided here, the positions still to encode, repeats (position -> first), and hits.
 
-        ``keys`` are the events' cache keys (None: not cached); ``hits`` their list hits. In a
-        ``multi`` set a hit does not decide: the event is still scored, and the caller hands its
-        hits to :func:`sieve.flow.rows.decision_rows`.
+        ``keys`` are the events' cache keys (None: not cached). Repeats are answered first: a
+        repeat's decision already holds its content's list hits, so the lists
+        (``hits_of(position)``) run only on content the cache did not answer. In a ``single``
+        set a block hit then decides; in a ``multi`` set, or with a review hit, the event is
+        still scored, and the caller hands its hits (``[]`` for positions not matched) to
+        :func:`sieve.flow.rows.decision_rows`.
         """
         decides = index.route_set.mode != "multi"
         rows: list[dict[str, Any]] = []
         todo: list[int] = []
         repeats: dict[int, int] = {}
+        hits: list[list[ListHit]] = [[] for _ in items]
         first_of: dict[bytes, int] = {}
         for position, item in enumerate(items):
             image = images[position] if images is not None else None
-            if decides and any(hit.action == "accept" for hit in hits[position]):
-                rows.append(list_row(item, hits[position], index, decided_at, image))
-                continue
             key = keys[position]
             if key is not None and self.cache is not None:
                 if key in first_of:  # a repeat within the batch: decided with its first
@@ -136,9 +137,15 @@ class Prefilter:
                 if decided is not None:
                     rows.append(repeat_row(decided, per_event_fields(item, index.version, decided_at, image)))
                     continue
+            hits[position] = hits_of(position)
+            if decides and any(hit.action == "accept" for hit in hits[position]):
+                # never a "first": its repeats in the batch are decided by the list too
+                rows.append(list_row(item, hits[position], index, decided_at, image))
+                continue
+            if key is not None and self.cache is not None:
                 first_of[key] = position
             todo.append(position)
-        return rows, todo, repeats
+        return rows, todo, repeats, hits
 
     def text_keys(self, items: Sequence[DecodedEvent], index: RouteIndex) -> list[bytes | None]:
         """Each text event's cache key (all None without a cache)."""
