@@ -101,7 +101,9 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the trivial encoder (CI smoke size)")
+    parser.add_argument("--shares", default="0.3,0.7", help="repeat shares to run, comma-separated")
     args = parser.parse_args()
+    shares = [float(share) for share in args.shares.split(",")]
     topology = load_topology(REPO / "topologies" / "moderation.yaml")
     route_set = load_topology_route_set(topology)
     encoder = TrivialEncoder() if args.quick else build_text_encoder(topology.encoder, torch_threads=2)
@@ -112,7 +114,7 @@ def main() -> int:
     print("| repeats | cache | events/s (median) | runs | hit ratio | speed-up |")
     print("|---|---|---|---|---|---|")
     review_sample: list[Decision] = []
-    for share in (0.3, 0.7):
+    for share in shares:
         batch = records(stream(texts, args.events, share))
         rates: dict[str, list[float]] = {"off": [], "on": []}
         hit_ratio = 0.0

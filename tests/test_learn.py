@@ -159,3 +159,24 @@ def test_check_labels_resolves_rows_without_outcome_to_the_default():
         check_labels(LabelledData("l", rows, (), source="l.jsonl", licence="-"), route_set)
     both = (*rows, LabelledExample("3", "c", "violating"))
     check_labels(LabelledData("l", both, (), source="l.jsonl", licence="-"), route_set)  # two outcomes: fine
+
+
+def test_labels_from_data_writes_learnable_labels_with_a_seeded_wrong_share(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sieve.quality.datasets import load_jsonl
+
+    from .conftest import REPO
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"text {i}", "label": "a" if i % 2 else "b"})
+                              for i in range(200)))
+    out = tmp_path / "labels.jsonl"
+    script = str(REPO / "load-tests" / "labels_from_data.py")
+    done = subprocess.run([sys.executable, script, str(data), str(out), "--wrong", "0.1"],
+                          capture_output=True, text=True, check=True)
+    labels = load_jsonl(out)
+    gold = {ex.text: ex.outcome for ex in load_jsonl(data).examples}
+    flipped = sum(ex.outcome != gold[ex.text] for ex in labels.examples)
+    assert len(labels.examples) == 200 and f"({flipped} flipped)" in done.stdout and 5 < flipped < 40
