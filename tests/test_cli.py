@@ -36,7 +36,7 @@ def test_every_command_group_is_assembled() -> None:
         "dead-letters", "schemas", "demo", "eval", "fit", "lists", "labels",
     }
     routes = cli.commands["routes"]  # type: ignore[attr-defined]
-    assert set(routes.commands) == {"check", "sync", "build", "versions", "promote", "rollback"}
+    assert set(routes.commands) == {"check", "sync", "build", "learn", "versions", "promote", "rollback"}
 
 
 @pytest.mark.parametrize("command", LONG_COMMANDS, ids=" ".join)

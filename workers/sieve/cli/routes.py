@@ -291,21 +291,46 @@ def routes_promote(
     reason: Annotated[str | None, typer.Option(help="Why: kept in the promotion log.")] = None,
     evidence: Annotated[Path | None, typer.Option(
         help="A JSON file of evidence (e.g. an eval comparison) kept in the promotion log.")] = None,
+    if_better: Annotated[bool, typer.Option(
+        "--if-better", help="Promote only if the evidence (`routes learn`'s .learn.json) favours the "
+        "version by the margins below; otherwise change nothing and exit 1.")] = False,
+    accuracy_margin: Annotated[float, typer.Option(
+        help="--if-better: automatic accuracy at least the active one's plus this.")] = 0.0,
+    auto_margin: Annotated[float, typer.Option(
+        help="--if-better: automatic share at least the active one's plus this.")] = 0.0,
+    min_accuracy: Annotated[float | None, typer.Option(
+        help="--if-better: the Wilson lower bound of its automatic accuracy at least this.")] = None,
 ) -> None:
     """Make a stored version the active one: workers switch to it between batches."""
     import json
 
+    from sieve.quality.promotion import EvidenceError, Margins, promotion_checks
     from sieve.store.qdrant import RouteStore, RouteStoreError
 
     encoder_id = _space_of(topology_path, space)
     proof: dict[str, object] = {"via": "promote"}
     if reason:
         proof["reason"] = reason
+    if if_better and evidence is None:
+        fail("--if-better needs --evidence (the .learn.json that `sieve routes learn` wrote)")
     if evidence is not None:
         try:
             proof["evidence"] = json.loads(evidence.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             fail(f"{evidence}: not readable JSON: {exc}")
+    if if_better:
+        margins = Margins(accuracy_margin, auto_margin, min_accuracy)
+        try:
+            checks = promotion_checks(proof["evidence"], version, margins)  # type: ignore[arg-type]
+        except EvidenceError as exc:
+            fail(f"{evidence}: {exc}")
+        for check in checks:
+            console.print(f"  {'ok ' if check.passed else 'NO '} {check.name}: {check.detail}")
+        if not all(check.passed for check in checks):
+            console.print(f"{name}: {version} not promoted: the evidence does not favour it by the margins")
+            raise typer.Exit(1)
+        proof["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
+        proof["margins"] = {"accuracy": accuracy_margin, "auto": auto_margin, "min_accuracy": min_accuracy}
     try:
         previous = RouteStore(get_settings().qdrant).set_active(name, encoder_id, version, proof)
     except RouteStoreError as exc:

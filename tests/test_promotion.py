@@ -1,0 +1,89 @@
+"""Promotion by margins: `sieve routes promote --if-better` on `routes learn`'s comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sieve.cli import app
+from sieve.quality.promotion import EvidenceError, Margins, promotion_checks
+from sieve.settings import QdrantSettings, get_settings
+from sieve.store.qdrant import RouteStore
+
+from .test_store import small_set, with_route
+
+
+def evidence(version: str, active: tuple[float, float], proposed: tuple[float, float],
+             low: float = 0.9) -> dict:
+    """The shape `routes learn` writes: (auto share, auto accuracy) of each side's primary system."""
+    def system(side: str, share: float, accuracy: float) -> dict:
+        return {"side": side, "system": f"{side} + head", "auto_share": share, "auto_accuracy": accuracy,
+                "auto_accuracy_ci95": [low if side == "proposed" else 0.5, 0.99], "novel_share": 0.05}
+    other = {"side": "active", "system": "active, nearest", "auto_share": 1.0, "auto_accuracy": 1.0}
+    return {"proposed": {"version": version},
+            "primary": {"active": "active + head", "proposed": "proposed + head"},
+            "systems": [other, system("active", *active), system("proposed", *proposed)]}
+
+
+def failed(checks) -> set[str]:
+    return {c.name for c in checks if not c.passed}
+
+
+def test_a_proposal_must_beat_the_active_primary_by_the_margins() -> None:
+    better = evidence("v2", active=(0.15, 0.66), proposed=(0.95, 0.947))
+    assert failed(promotion_checks(better, "v2", Margins())) == set()
+    # the active side's other systems do not count: only its primary (with its head)
+    assert failed(promotion_checks(better, "v2", Margins(auto_margin=0.85))) == {"automatic share"}
+    assert failed(promotion_checks(better, "v2", Margins(accuracy_margin=0.3))) == {"accuracy"}
+    assert failed(promotion_checks(better, "v2", Margins(min_accuracy=0.95))) == {"accuracy lower bound"}
+    assert failed(promotion_checks(better, "v3", Margins())) == {"version"}
+    worse = evidence("v2", active=(0.5, 0.95), proposed=(0.8, 0.90))
+    assert failed(promotion_checks(worse, "v2", Margins())) == {"accuracy"}
+    # a negative margin trades a little accuracy for automation
+    assert failed(promotion_checks(worse, "v2", Margins(accuracy_margin=-0.06))) == set()
+    with pytest.raises(EvidenceError, match="primary"):
+        promotion_checks({"systems": []}, "v2", Margins())
+
+
+def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Path, monkeypatch,
+                                                                    trivial_encoder) -> None:
+    qdrant = tmp_path / "q"
+    store = RouteStore(QdrantSettings(path=qdrant, lock_wait_s=5))
+    active, candidate = small_set(), with_route(small_set(), "greet", utterances=["hey", "howdy"])
+    store.sync(active, trivial_encoder)
+    store.sync(candidate, trivial_encoder, activate=False)
+    topology = tmp_path / "t.yaml"
+    topology.write_text(yaml.safe_dump({
+        "name": "promo", "input": {"topics": ["t.in"]}, "route_set": {"name": "tiny"},
+        "encoder": {"kind": "trivial"},
+        "output": {"outcome_topics": {"ok": "t.ok", "bad": "t.bad", "needs_review": "t.review"}},
+    }), encoding="utf-8")
+    weak, strong = tmp_path / "weak.json", tmp_path / "strong.json"
+    weak.write_text(json.dumps(evidence(candidate.version, active=(0.5, 0.95), proposed=(0.6, 0.90))))
+    strong.write_text(json.dumps(evidence(candidate.version, active=(0.5, 0.90), proposed=(0.7, 0.95))))
+    monkeypatch.setenv("SIEVE_QDRANT__PATH", str(qdrant))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        command = ["routes", "promote", "tiny", candidate.version, "--topology", str(topology), "--if-better"]
+        refused = runner.invoke(app, [*command, "--evidence", str(weak)])
+        assert refused.exit_code == 1 and "not promoted" in refused.output and "NO" in refused.output
+        assert RouteStore(QdrantSettings(path=qdrant, lock_wait_s=5)).current_version(
+            "tiny", trivial_encoder.id) == active.version
+        bare = runner.invoke(app, command)
+        assert bare.exit_code == 2 and "--evidence" in bare.output
+        promoted = runner.invoke(app, [*command, "--evidence", str(strong), "--auto-margin", "0.1"])
+        assert promoted.exit_code == 0, promoted.output
+    finally:
+        get_settings.cache_clear()
+    store = RouteStore(QdrantSettings(path=qdrant, lock_wait_s=5))
+    assert store.current_version("tiny", trivial_encoder.id) == candidate.version
+    entry = store.promotions("tiny", trivial_encoder.id)[-1]
+    assert (entry["version"], entry["previous"]) == (candidate.version, active.version)
+    logged = entry["evidence"]
+    assert [c["name"] for c in logged["checks"]] == ["version", "accuracy", "automatic share"]
+    assert all(c["passed"] for c in logged["checks"]) and logged["margins"]["auto"] == 0.1
