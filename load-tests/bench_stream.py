@@ -20,11 +20,14 @@ timestamps (first to last). ``--profile`` runs the workers under py-spy and prin
 where their time goes. ``--head`` runs everything with a learned head in the route-set
 version (a copy of the routes with a head trained on their own examples beside it,
 :mod:`sieve.flow.head`, ``load-tests/with_head.py``): compare runs with and without it.
+``--shadow`` has the workers shadow a stored candidate version (the routes with one more
+example; ``route_set.shadow``, docs/routes.md) with a shadow topic for disagreements.
 
     .venv/bin/python load-tests/bench_stream.py                   # 50,000 events
     .venv/bin/python load-tests/bench_stream.py --events 2000 --quick
     .venv/bin/python load-tests/bench_stream.py --profile         # + py-spy summary
     .venv/bin/python load-tests/bench_stream.py --head            # with a learned head
+    .venv/bin/python load-tests/bench_stream.py --shadow          # with a shadow version
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from sieve.kafka.broker import start_dev_broker
 from sieve.kafka.client import ensure_topics, produce, read_topic
 from sieve.kafka.records import RawRecord
 from sieve.routeset import load_route_set
+from sieve.routeset_dump import dump_route_set
 from sieve.settings import KafkaSettings, QdrantSettings, Settings, usable_cpus
 from sieve.store.qdrant import RouteStore
 from sieve.topology import Topology
@@ -75,15 +79,17 @@ def outcome_topics(tag: str) -> dict[str, str]:
 
 
 def topology_dict(max_events: int, max_wait_s: float, partitions: int, tag: str = "bench",
-                  routes: Path = ROUTES) -> dict:
+                  routes: Path = ROUTES, shadow: str | None = None) -> dict:
+    shadowing = {"shadow": shadow} if shadow else {}
+    shadow_topic = {"shadow_topic": f"stream.{tag}.shadow"} if shadow else {}
     return {
         "name": f"stream-{tag}", "input": {"topics": [INPUT], "partitions": partitions},
-        "route_set": {"name": "moderation", "file": str(routes)},
+        "route_set": {"name": "moderation", "file": str(routes), **shadowing},
         "encoder": {"kind": "trivial"},
         "batching": {"max_events": max_events, "max_wait_s": max_wait_s},
         # one message per event, as the reference loops send (no per-route copy)
         "output": {"outcome_topics": outcome_topics(tag), "dead_letter_topic": f"stream.{tag}.dead-letters",
-                   "route_topic_prefix": None},
+                   "route_topic_prefix": None, **shadow_topic},
     }
 
 
@@ -215,7 +221,8 @@ def wait_for_decisions(port: int, events: int, worker: subprocess.Popen, timeout
 
 
 def run_worker(kafka: KafkaSettings, events: int, tmp: Path, args: argparse.Namespace, compute: str) -> dict:
-    topology = topology_dict(args.max_events, args.max_wait, args.partitions, tag=compute, routes=args.routes)
+    topology = topology_dict(args.max_events, args.max_wait, args.partitions, tag=compute, routes=args.routes,
+                             shadow=args.shadow_version)
     topology_path = tmp / f"topology-{compute}.yaml"
     topology_path.write_text(yaml.safe_dump(topology))
     env = {**os.environ, "SIEVE_COMPUTE": compute, "SIEVE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
@@ -260,7 +267,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--head", action="store_true",
                         help="a learned head (trained on the routes' own examples) in the route-set version")
+    parser.add_argument("--shadow", action="store_true",
+                        help="the workers shadow a candidate version (the routes with one more example)")
     args = parser.parse_args()
+    args.shadow_version = None
 
     tmp = Path(tempfile.mkdtemp(prefix="sieve-stream-"))
     port = free_port()
@@ -271,6 +281,15 @@ def main() -> None:
         args.routes = copy_with_head(ROUTES, tmp, encoder) if args.head else ROUTES
         route_set = load_route_set(args.routes)
         RouteStore(QdrantSettings(path=tmp / "qdrant")).sync(route_set, encoder)
+        if args.shadow:  # a stored candidate, not active: what `routes learn` and `sync --no-activate` make
+            data = route_set.model_dump(mode="json")
+            data["routes"][0]["utterances"].append("one more example, so that the candidate is a new version")
+            candidate_file = tmp / "candidate.yaml"  # beside the routes' own lists, named from here
+            candidate_file.write_text(dump_route_set(route_set.model_validate(data).model_copy(
+                update={"lists": [str(route_set.list_path(name)) for name in route_set.lists]})))
+            candidate = load_route_set(candidate_file)
+            RouteStore(QdrantSettings(path=tmp / "qdrant")).sync(candidate, encoder, activate=False)
+            args.shadow_version = candidate.version
         topology = Topology.model_validate(topology_dict(args.max_events, args.max_wait, args.partitions,
                                                          routes=args.routes))
         index = RouteStore(QdrantSettings(path=tmp / "qdrant")).load("moderation", encoder.id)
@@ -307,7 +326,7 @@ def main() -> None:
           f"events, {args.partitions} partitions, {payload_size}-byte messages; the aiokafka loop "
           f"ran at {first['rate']:,.0f} events/s first and {last['rate']:,.0f} last; a worker's "
           f"default here, compute=auto, is compute={default_mode} ({usable_cpus()} usable CPUs); "
-          f"learned head {'on' if args.head else 'off'}\n")
+          f"learned head {'on' if args.head else 'off'}, shadow {args.shadow_version or 'off'}\n")
     print("| loop | events out | events/s | vs. aiokafka loop |")
     print("|---|---:|---:|---:|")
     for label, row in rows:
@@ -326,6 +345,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"payload_bytes": payload_size, "events": args.events,
                                          "default_compute": default_mode, "head": args.head,
+                                         "shadow": args.shadow_version,
                                          "reference_runs": [first, last],
                                          "rows": [{"loop": label, **row} for label, row in rows]},
                                         indent=2, default=str))

@@ -97,6 +97,15 @@ NOVEL_SHARE = (f"sum {BY_SET} (rate(sieve_novel_events_total{{{T}}}{RATE}))"
                f" / sum {BY_SET} (rate(sieve_novelty_measured_events_total{{{T}}}{RATE}))")
 BASELINE = f"max {BY_SET} (sieve_novel_baseline{{{T}}})"
 
+
+
+def shadow_share(counter: str) -> str:
+    """``sieve_shadow_<counter>_total`` over the shadowed events, per shadow version."""
+    by = "sum by (shadow_version)"
+    return (f"{by} (rate(sieve_shadow_{counter}_total{{{T}}}{RATE}))"
+            f" / {by} (rate(sieve_shadow_events_total{{{T}}}{RATE}))")
+
+
 PANELS: list[dict[str, Any]] = [
     row("Overview"),
     stat("Events in /s", "Records consumed from the input topics, all workers.",
@@ -253,6 +262,22 @@ PANELS: list[dict[str, Any]] = [
                "human-review topic, and 1 while its circuit breaker is open.",
                [q(f"sum by (reason) (rate(sieve_review_handoffs_total{{{T}}}{RATE}))", "{{reason}}"),
                 q(f"max(sieve_review_breaker_open{{{T}}})", "breaker open")], "short"),
+
+    # The shadow (route_set.shadow, docs/routes.md): shares of the events it decided.
+    row("Shadow: a candidate version decided beside the active one"),
+    timeseries("Shadow agreement", "Share of the shadowed events (text events of the topology's own "
+               "policy encoded by the router, not repeats from the cache or list decisions) whose "
+               "shadow outcome and route were the active decision's, per shadow version.",
+               [q(shadow_share("agreed"), "{{shadow_version}} agreement")], "percentunit"),
+    timeseries("Shadow automatic share", "Share of the shadowed events the shadow version would have "
+               "decided automatically (not needs_review); dashed, the active version's share on the "
+               "same events.",
+               [q(shadow_share("automatic"), "{{shadow_version}} shadow"),
+                q(shadow_share("active_automatic"), "{{shadow_version}} active")],
+               "percentunit", dashed=".* active$"),
+    timeseries("Shadow novel share", "Share of the shadowed events novel by the shadow version's "
+               "novelty threshold (the Drift row has the active version's).",
+               [q(shadow_share("novel"), "{{shadow_version}} novel")], "percentunit"),
 ]
 
 

@@ -276,6 +276,9 @@ class Settings(BaseSettings):
     # the cache's memory per worker (0: no cache).
     dedup_cache_mb: float = Field(default=64.0, ge=0)
     dedup_ttl_s: float = Field(default=300.0, gt=0)
+    # A shadow version (topology route_set.shadow, sieve.flow.shadow): at most this many of a
+    # batch's disagreements with the active version go to output.shadow_topic (0: none).
+    shadow_messages: int = Field(default=20, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The LLM reviewer's endpoint (`sieve review`).
     llm: LLMSettings = LLMSettings()

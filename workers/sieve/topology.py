@@ -25,11 +25,22 @@ from sieve.thresholds import ThresholdOverrides
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]
 # The topology file format's version: up by one with each additive change (a new optional field).
-TOPOLOGY_SCHEMA_VERSION = 2  # 2: tenants
+TOPOLOGY_SCHEMA_VERSION = 3  # 2: tenants; 3: route_set.shadow, output.shadow_topic
 
 
 class TopologyError(ValueError):
     """A topology file that cannot be used; the message names the file and field."""
+
+
+class TopologyRouteSetRef(RouteSetRef):
+    """The topology's own route set; ``shadow``: a stored version of it decided beside the active one.
+
+    The shadow decides the same encoded text events as the active version, never for real:
+    its agreement, automatic and novel shares are metrics, its disagreements go to
+    ``output.shadow_topic`` (:mod:`sieve.flow.shadow`, docs/routes.md). Tenants' sets have none.
+    """
+
+    shadow: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._\-]{1,128}$")
 
 
 class InputSpec(BaseModel):
@@ -135,6 +146,8 @@ class OutputSpec(BaseModel):
     # Every decision with a route also goes to <prefix><route>; null turns it off.
     route_topic_prefix: str | None = "route."
     dead_letter_topic: TopicName = "sieve.dead-letter"
+    # Where a shadow version's disagreements with the active one go (route_set.shadow); null: nowhere.
+    shadow_topic: TopicName | None = None
     partitions: int = Field(default=4, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=16)
 
@@ -191,7 +204,7 @@ class Topology(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     group_id: str | None = None
     input: InputSpec
-    route_set: RouteSetRef
+    route_set: TopologyRouteSetRef
     encoder: EncoderSpec = EncoderSpec()
     # Set to route image events; without it they go to the dead-letter topic.
     image_encoder: ImageEncoderSpec | None = None
@@ -292,6 +305,8 @@ class Topology(BaseModel):
             if self.output.route_topic_prefix is not None:
                 topics |= {self.output.route_topic_prefix + r.name for r in one.routes}
         topics.add(self.output.dead_letter_topic)
+        if self.output.shadow_topic is not None:
+            topics.add(self.output.shadow_topic)
         return sorted(topics)
 
 

@@ -33,7 +33,7 @@ def worker(
     from sieve.worker.compute import build_encoders, encoder_ids, limit_blas_threads, settle_heap
     from sieve.worker.health import attach_router, serve
     from sieve.worker.metrics import record_route_set
-    from sieve.worker.router import RouterWorker, build_compute, load_tenant_indexes
+    from sieve.worker.router import RouterWorker, build_compute, load_shadow_index, load_tenant_indexes
 
     setup_logging()
     settings = get_settings()
@@ -63,7 +63,8 @@ def worker(
         ids = encoder_ids(topology)
         indexes = {space: store.load(topology.route_set.name, model_id) for space, model_id in ids.items()}
         tenant_indexes = load_tenant_indexes(topology, store, ids)
-        compute = build_compute(topology, settings, indexes, encoders, tenant_indexes)
+        shadow_index = load_shadow_index(topology, store, ids)  # route_set.shadow (docs/routes.md)
+        compute = build_compute(topology, settings, indexes, encoders, tenant_indexes, shadow_index)
     except (TopologyError, RouteSetError, RouteStoreError, BrokerUnavailable, ValueError) as exc:
         fail(str(exc))
     if encoders is not None and compute.mode == "process":
@@ -83,6 +84,7 @@ def worker(
         f"{index.route_set.name}@{index.version}"
         + "".join(f", tenant set {i.route_set.name}@{i.version}" for (_, sp), i in tenant_indexes.items()
                   if sp == "text")
+        + (f", shadow {shadow_index.version}" if shadow_index is not None else "")
         + f", encoder {', '.join(ids.values())}, compute {compute.mode}, "
         f"metrics :{settings.metrics_port}"
     )

@@ -12,6 +12,9 @@ A topology with ``tenants`` decides each event with its tenant's policy (route s
 thresholds, :mod:`sieve.flow.tenant_groups`): a batch's events of every tenant are
 still encoded together, once; then matched once per distinct route index and decided
 per tenant policy. Decisions come back in the batch's order.
+
+A shadow version of the topology's own route set (:mod:`sieve.flow.shadow`) decides the
+text events of the topology's own policy encoded in the batch again, from the same vectors.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from sieve.flow.match import RouteIndex, match_batch
 from sieve.flow.prefilter import Prefilter, repeat_rows
 from sieve.flow.publish import plan_dead_letters, plan_decisions
 from sieve.flow.rows import decision_rows, validate_decisions
+from sieve.flow.shadow import Shadow, ShadowBatch, ShadowStats
 from sieve.flow.tenant_groups import TenantGroup, build_groups, positions_by, swap_groups, take_rows
 from sieve.kafka.records import Outbound
 from sieve.routeset import Space
@@ -60,6 +64,8 @@ class BatchResult:
     dead_letters: list[DeadLetter]
     outbound: list[Outbound]
     seconds: dict[str, float] = field(default_factory=dict)
+    # the shadow version's counts (None: no shadow); its disagreement messages are in ``outbound``
+    shadow: ShadowStats | None = None
 
     @cached_property
     def decisions(self) -> list[Decision]:
@@ -72,6 +78,8 @@ class RouterPipeline:
 
     ``tenant_indexes``: the tenants' route sets' indexes by (set name, space), for a
     topology with ``tenants`` (the topology's own set is ``index`` / ``image_index``).
+    ``shadow_index``: a text version of the topology's own set to shadow (:mod:`sieve.flow.shadow`),
+    sending at most ``shadow_messages`` disagreements a batch.
     """
 
     def __init__(
@@ -86,6 +94,8 @@ class RouterPipeline:
         image_fetch: ImageFetchSettings | None = None,
         cache: DecisionCache | None = None,
         tenant_indexes: Mapping[tuple[str, Space], RouteIndex] | None = None,
+        shadow_index: RouteIndex | None = None,
+        shadow_messages: int = 20,
     ) -> None:
         self.topology = topology
         self.encoder = encoder
@@ -104,6 +114,19 @@ class RouterPipeline:
                                             thread_name_prefix="sieve-fetch")
         # Lists and repeats decide before the encoder (sieve.flow.prefilter).
         self.prefilter = Prefilter(topology.name, cache)
+        self.shadow_messages = shadow_messages
+        self._shadow: Shadow | None = None
+        self.set_shadow(shadow_index)
+
+    @property
+    def shadow_index(self) -> RouteIndex | None:
+        """The version shadowed beside the topology's own text route set, or None."""
+        return self._shadow.index if self._shadow is not None else None
+
+    def set_shadow(self, index: RouteIndex | None) -> None:
+        """Shadow ``index`` (None: none) from the next batch on; refused (ValueError) if it does not fit."""
+        self._shadow = (Shadow(self.topology, index, self.encoder, self.shadow_messages)
+                        if index is not None else None)
 
     def _encoder_for(self, space: Space) -> TextEncoder | ImageEncoder | None:
         return self._encoders[space]
@@ -264,9 +287,12 @@ class RouterPipeline:
 
     def _encode_and_decide(
         self, space: Space, items: list[DecodedEvent], inputs: list[Any], refs: list[ImageRef] | None,
-        seconds: dict[str, float],
+        seconds: dict[str, float], shadow: ShadowBatch | None = None,
     ) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
-        """Lists and repeats first (per tenant group); the rest encoded together, decided, remembered."""
+        """Lists and repeats first (per tenant group); the rest encoded together, decided, remembered.
+
+        ``shadow``: what the shadow version makes of the encoded events of the topology's own policy.
+        """
         decided_at = utcnow()
         groups = [self.group_for(item.event.tenant) for item in items]
         placed: list[tuple[int, dict[str, Any]]] = []
@@ -303,6 +329,12 @@ class RouterPipeline:
                 at = [todo[p] for p in kept_positions]
                 decided = self._decide_encoded(space, items, groups, at, vectors, refs, seconds, hits)
                 self.prefilter.remember([keys[p] for p in at], [decided[p] for p in at])
+                if shadow is not None and self._shadow is not None:
+                    started = time.perf_counter()
+                    own = [k for k, p in enumerate(at) if groups[p].policy is None]
+                    self._shadow.decide(shadow, vectors[own], [decided[at[k]] for k in own],
+                                        [hits.get(at[k], []) for k in own])
+                    seconds["shadow"] = seconds.get("shadow", 0.0) + time.perf_counter() - started
                 placed += decided.items()
         for group, group_repeats in repeats:
             version = group.active[space].index.version
@@ -325,10 +357,11 @@ class RouterPipeline:
         )
         seconds["decode"] = time.perf_counter() - t0
         decisions: list[dict[str, Any]] = []
+        shadow = self._shadow.start() if self._shadow is not None else None
         texts = [d for d in decoded if d.event.modality == "text"]
         if texts:
             rows, more_letters = self._encode_and_decide(
-                "text", texts, [d.event.text or "" for d in texts], None, seconds)
+                "text", texts, [d.event.text or "" for d in texts], None, seconds, shadow)
             decisions += rows
             letters.extend(more_letters)
         images = [d for d in decoded if d.event.modality == "image"]
@@ -342,4 +375,6 @@ class RouterPipeline:
             letters.extend(more_letters)
         output = self.topology.output
         outbound = plan_decisions(decisions, output) + plan_dead_letters(letters, output)
-        return BatchResult(decisions, letters, outbound, seconds)
+        if shadow is None:
+            return BatchResult(decisions, letters, outbound, seconds)
+        return BatchResult(decisions, letters, outbound + shadow.messages, seconds, shadow.stats)

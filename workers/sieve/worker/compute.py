@@ -39,6 +39,7 @@ from sieve.encoders.factory import encoders_for, text_encoder_id
 from sieve.flow.dedup import DecisionCache
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import BatchResult, RouterPipeline
+from sieve.flow.shadow import ShadowStats
 from sieve.kafka.records import Outbound, RawRecord
 from sieve.routeset import Space
 from sieve.settings import Settings
@@ -72,7 +73,8 @@ class Computed:
     (``novel`` not None: the set has a novelty threshold in the event's space), and
     ``novel`` those of them that were novel: the novel share the drift alert watches.
     ``tenants`` counts decisions by ``(tenant label, outcome)``: the tenant's policy name
-    when the topology has one of that name, else ``_default``.
+    when the topology has one of that name, else ``_default``. ``shadow``: the shadow
+    version's counts (:mod:`sieve.flow.shadow`), None without one.
     """
 
     outbound: list[Outbound]
@@ -85,6 +87,7 @@ class Computed:
     from_cache: int = 0  # decisions taken from the repeat cache
     list_hits: dict[tuple[str, str], int] = field(default_factory=dict)  # (list, entry) -> hits
     tenants: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant label, outcome) -> decisions
+    shadow: ShadowStats | None = None
 
     def add(self, other: Computed) -> None:
         """Take ``other``'s messages and counts into this one (a batch computed record by record)."""
@@ -97,6 +100,10 @@ class Computed:
         self.from_cache += other.from_cache
         _tally(self.list_hits, other.list_hits)
         _tally(self.tenants, other.tenants)
+        if other.shadow is not None:
+            if self.shadow is None or self.shadow.version != other.shadow.version:
+                self.shadow = ShadowStats(other.shadow.version)  # counts of a replaced shadow end here
+            self.shadow.add(other.shadow)
 
 
 def _tally(into: dict[Any, int], counts: dict[Any, int]) -> None:
@@ -133,7 +140,7 @@ def summarise(result: BatchResult, tenants: TenantsSpec | None = None) -> Comput
                 novel[route_set] = novel.get(route_set, 0) + 1
     return Computed(
         result.outbound, result.dead_letters, result.seconds, outcomes, event_times, measured, novel,
-        from_cache, list_hits, by_tenant,
+        from_cache, list_hits, by_tenant, result.shadow,
     )
 
 
@@ -159,8 +166,11 @@ def encoder_ids(topology: Topology) -> dict[Space, str]:
 
 def build_pipeline(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
                    encoders: tuple[TextEncoder, ImageEncoder | None] | None = None,
-                   tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None) -> RouterPipeline:
+                   tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None,
+                   shadow_index: RouteIndex | None = None) -> RouterPipeline:
     """The topology's pipeline over ``indexes`` and ``tenant_indexes``, with ``encoders`` or ones built here.
+
+    ``shadow_index``: a version of the topology's own text route set to shadow (:mod:`sieve.flow.shadow`).
 
     The pipeline refuses an index whose encoder id is not its encoder's, so ids taken
     from :func:`encoder_ids` are checked once the models load.
@@ -171,7 +181,8 @@ def build_pipeline(topology: Topology, settings: Settings, indexes: dict[Space, 
         cache = DecisionCache(int(settings.dedup_cache_mb * 2**20), settings.dedup_ttl_s)
     return RouterPipeline(topology, encoder, indexes["text"], settings.worker_name,
                           image_encoder=image_encoder, image_index=indexes.get("image"),
-                          image_fetch=settings.images, cache=cache, tenant_indexes=tenant_indexes)
+                          image_fetch=settings.images, cache=cache, tenant_indexes=tenant_indexes,
+                          shadow_index=shadow_index, shadow_messages=settings.shadow_messages)
 
 
 class Compute:

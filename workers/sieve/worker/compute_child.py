@@ -99,6 +99,7 @@ def _exit_with(parent: int, scratch: str) -> None:
 def _child_start(
     topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex], parent: int, scratch: str,
     tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None,
+    shadow_index: RouteIndex | None = None,
 ) -> None:
     """In the child: build the encoders and the pipeline once; leave signals to the worker."""
     global _CHILD, _SCRATCH
@@ -110,7 +111,8 @@ def _child_start(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     limit_blas_threads(settings)
-    _CHILD = build_pipeline(topology, settings, indexes, tenant_indexes=tenant_indexes)
+    _CHILD = build_pipeline(topology, settings, indexes, tenant_indexes=tenant_indexes,
+                            shadow_index=shadow_index)
     settle_heap()
 
 
@@ -141,18 +143,22 @@ class ProcessCompute(Compute):
     """The pipeline in a spawned child process with its own encoders; the worker keeps the Kafka side.
 
     Starting it blocks until the child has built its encoders (so a model that
-    cannot load fails the worker's start, not its first batch).
+    cannot load fails the worker's start, not its first batch). ``shadow_index``: a
+    version of the topology's own text route set the child shadows (:mod:`sieve.flow.shadow`).
     """
 
     mode = "process"
 
     def __init__(self, topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
-                 tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None) -> None:
-        for index in [*indexes.values(), *(tenant_indexes or {}).values()]:
+                 tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None,
+                 shadow_index: RouteIndex | None = None) -> None:
+        for index in [*indexes.values(), *(tenant_indexes or {}).values(),
+                      *([shadow_index] if shadow_index is not None else [])]:
             head_of(index)  # a head that does not fit its index fails the start here, not in the child
         self.topology = topology
         self.settings = settings
         self._indexes = dict(indexes)
+        self.shadow_index = shadow_index
         # The tenants' route sets other than the topology's own, by (set name, space).
         self._tenant_indexes = {key: index for key, index in (tenant_indexes or {}).items()
                                 if key not in {(i.route_set.name, s) for s, i in indexes.items()}}
@@ -166,7 +172,7 @@ class ProcessCompute(Compute):
         executor = ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_start,
             initargs=(self.topology, self.settings, self._indexes, os.getpid(), self.scratch,
-                      self._tenant_indexes),
+                      self._tenant_indexes, self.shadow_index),
         )
         try:
             self.pid = executor.submit(_child_ready).result()

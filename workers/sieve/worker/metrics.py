@@ -101,6 +101,29 @@ PUBLISH_FAILURES = Counter(
     "Failed attempts to publish a batch, by what was done (retry, dead_letter, create_topic, fatal).",
     ["topology", "action"],
 )
+# A shadow version (topology route_set.shadow, sieve.flow.shadow) decided beside the active one:
+# agreed / events is its agreement, automatic / events its automatic share, novel / events its
+# novel share. Labelled by topology and the shadow's version (one at a time per worker).
+SHADOW_EVENTS = Counter(
+    "sieve_shadow_events_total", "Events the shadow version decided beside the active one.",
+    ["topology", "shadow_version"],
+)
+SHADOW_AGREED = Counter(
+    "sieve_shadow_agreed_total", "Shadowed events whose shadow outcome and route were the active decision's.",
+    ["topology", "shadow_version"],
+)
+SHADOW_AUTOMATIC = Counter(
+    "sieve_shadow_automatic_total", "Shadowed events the shadow version would have decided automatically "
+    "(an outcome other than needs_review).", ["topology", "shadow_version"],
+)
+SHADOW_NOVEL = Counter(
+    "sieve_shadow_novel_total", "Shadowed events novel by the shadow version's novelty threshold.",
+    ["topology", "shadow_version"],
+)
+SHADOW_ACTIVE_AUTOMATIC = Counter(
+    "sieve_shadow_active_automatic_total", "Shadowed events the active version decided automatically "
+    "(the shadow automatic share's counterpart on the same events).", ["topology", "shadow_version"],
+)
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
 CONSUMER_LAG = Gauge(
     "sieve_consumer_lag",
@@ -164,6 +187,13 @@ def record_batch(
         CACHE_HITS.labels(topology).inc(result.from_cache)
     for (list_name, entry), count in result.list_hits.items():
         LIST_HITS.labels(topology, list_name, entry).inc(count)
+    shadow = result.shadow
+    if shadow is not None:
+        SHADOW_EVENTS.labels(topology, shadow.version).inc(shadow.events)
+        SHADOW_AGREED.labels(topology, shadow.version).inc(shadow.agreed)
+        SHADOW_AUTOMATIC.labels(topology, shadow.version).inc(shadow.automatic)
+        SHADOW_NOVEL.labels(topology, shadow.version).inc(shadow.novel)
+        SHADOW_ACTIVE_AUTOMATIC.labels(topology, shadow.version).inc(shadow.active_automatic)
 
 
 def record_route_set(topology: str, index: RouteIndex, *, info: bool = True) -> None:

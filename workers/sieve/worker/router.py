@@ -37,16 +37,33 @@ _MAX_PROCESS_ATTEMPTS = 3
 
 def build_compute(topology: Topology, settings: Settings, indexes: dict[Space, RouteIndex],
                   encoders: tuple[TextEncoder, ImageEncoder | None] | None = None,
-                  tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None) -> Compute:
+                  tenant_indexes: dict[tuple[str, Space], RouteIndex] | None = None,
+                  shadow_index: RouteIndex | None = None) -> Compute:
     """``settings.compute_mode``: a child that builds its own encoders, or the pipeline on a thread.
 
     On a thread the pipeline uses ``encoders`` when given (built here otherwise); a
     child always builds its own, so a worker in process mode need not load a model.
-    ``tenant_indexes``: the tenants' route sets by (set name, space) (docs/tenants.md).
+    ``tenant_indexes``: the tenants' route sets by (set name, space) (docs/tenants.md);
+    ``shadow_index``: a version of the topology's own text route set to shadow (:mod:`sieve.flow.shadow`).
     """
     if settings.compute_mode == "process":
-        return ProcessCompute(topology, settings, indexes, tenant_indexes)
-    return ThreadCompute(build_pipeline(topology, settings, indexes, encoders, tenant_indexes))
+        return ProcessCompute(topology, settings, indexes, tenant_indexes, shadow_index)
+    return ThreadCompute(build_pipeline(topology, settings, indexes, encoders, tenant_indexes, shadow_index))
+
+
+def load_shadow_index(topology: Topology, store: RouteStore, ids: dict[Space, str]) -> RouteIndex | None:
+    """The version ``route_set.shadow`` names, from the store in the text space; None without one.
+
+    A version the store lacks (or refuses) is a :class:`RouteStoreError`: the worker does not start.
+    """
+    version = topology.route_set.shadow
+    if version is None:
+        return None
+    try:
+        return store.load(topology.route_set.name, ids["text"], version)
+    except RouteStoreError as exc:
+        raise RouteStoreError(
+            f"route_set.shadow: version {version} of {topology.route_set.name!r}: {exc}") from None
 
 
 def load_tenant_indexes(topology: Topology, store: RouteStore,
