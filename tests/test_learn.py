@@ -159,6 +159,11 @@ def test_check_labels_resolves_rows_without_outcome_to_the_default():
         check_labels(LabelledData("l", rows, (), source="l.jsonl", licence="-"), route_set)
     both = (*rows, LabelledExample("3", "c", "violating"))
     check_labels(LabelledData("l", both, (), source="l.jsonl", licence="-"), route_set)  # two outcomes: fine
+    phishing = (*rows, LabelledExample("3", "c", "phishing"))
+    novel = LabelledData("l", phishing, (), source="l.jsonl", licence="-")
+    with pytest.raises(LearnError, match="'phishing', which chat does not know"):
+        check_labels(novel, route_set)
+    check_labels(novel, route_set, new_outcomes=True)  # intent routing: a new intent is a new outcome
 
 
 def test_labels_from_data_writes_learnable_labels_with_a_seeded_wrong_share(tmp_path: Path) -> None:

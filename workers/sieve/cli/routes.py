@@ -191,6 +191,9 @@ def routes_learn(
     encoder: EncoderKind = "sentence-transformers",
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
+    new_outcomes: Annotated[bool, typer.Option(
+        "--new-outcomes", help="Allow label outcomes the set does not know (intent routing: each intent "
+        "its own outcome; the topology needs a topic for each).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Propose a new version of a route set from reviewers' labels, fitted and compared with the active one.
@@ -225,7 +228,7 @@ def routes_learn(
         result = run_learn(bench, routes, out, targets, max_per_route=max_per_route,
                            near_duplicate=near_duplicate, seed=seed, head=head, head_weight=head_weight,
                            min_support=min_support or None, novel_share=novel_share or None,
-                           command=command_line(), progress=progress)
+                           new_outcomes=new_outcomes, command=command_line(), progress=progress)
     except (RouteSetError, HeadError, ValueError) as exc:
         fail(str(exc))
     added = sum(len(change.added) for change in result.changes)

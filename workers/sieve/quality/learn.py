@@ -82,8 +82,13 @@ class LearnResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def check_labels(data: LabelledData, route_set: RouteSet) -> None:
-    """Raise :class:`LearnError` for labels the set cannot learn from: one outcome only, unknown outcomes."""
+def check_labels(data: LabelledData, route_set: RouteSet, *, new_outcomes: bool = False) -> None:
+    """Raise :class:`LearnError` for labels the set cannot learn from: one outcome only, unknown outcomes.
+
+    ``new_outcomes``: outcomes the set does not know are allowed (intent routing, where each
+    intent is its own outcome: the topology must then have a topic for each, e.g. through
+    ``outcome_topic_template``; a worker refuses a version whose outcome has none).
+    """
     default = route_set.default_outcome
     outcomes = Counter(ex.gold(default) for ex in data.examples)
     if not outcomes:
@@ -96,10 +101,11 @@ def check_labels(data: LabelledData, route_set: RouteSet) -> None:
         )
     known = route_set.outcomes - {NEEDS_REVIEW}
     unknown = sorted(set(outcomes) - known)
-    if unknown:
+    if unknown and not new_outcomes:
         raise LearnError(
             f"{data.source}: labels with the outcome {', '.join(map(repr, unknown))}, which {route_set.name} "
-            f"does not know (its outcomes: {', '.join(sorted(known))}); relabel them or add a route by hand"
+            f"does not know (its outcomes: {', '.join(sorted(known))}); relabel them, add a route by hand, "
+            "or allow new outcomes (--new-outcomes)"
         )
 
 
@@ -199,6 +205,7 @@ def run_learn(
     head_c: float = 1.0,
     min_support: int | None = 50,
     novel_share: float | None = 0.05,
+    new_outcomes: bool = False,
     command: str = "",
     progress: Progress = SILENT,
 ) -> LearnResult:
@@ -211,7 +218,7 @@ def run_learn(
     active = load_route_set(active_file)
     if out.resolve() == active_file.resolve():
         raise LearnError(f"{out}: the proposed version must not overwrite the active route file")
-    check_labels(bench.data, active)
+    check_labels(bench.data, active, new_outcomes=new_outcomes)
     named = labels_route_sets(Path(bench.data.source)) - {active.name}
     if named:
         raise LearnError(f"{bench.data.source}: labels of route set {', '.join(sorted(named))}, not "
