@@ -59,12 +59,13 @@ def records(texts: list[str]) -> list[RawRecord]:
 
 
 def tenant_sets(folder: Path) -> list[RouteSet]:
-    """The shipped moderation set's copies: stricter thresholds, and every other non-default route dropped."""
+    """The shipped moderation set's copies: stricter thresholds; every other category and lists dropped."""
     data = yaml.safe_load((REPO / "routes" / "moderation.yaml").read_text(encoding="utf-8"))
+    data["lists"] = [str(REPO / "routes" / name) for name in data.get("lists") or []]  # found from the copies
     strict = {**data, "name": "moderation-strict",
               "defaults": {**data["defaults"], "accept": 0.5, "review": 0.35}}
     kept = [r for i, r in enumerate(data["routes"]) if r["outcome"] == data["default_outcome"] or i % 2 == 0]
-    lite = {**data, "name": "moderation-lite", "routes": kept}
+    lite = {**data, "name": "moderation-lite", "routes": kept, "lists": []}  # its list's route is gone
     sets = []
     for copy in (strict, lite):
         path = folder / f"{copy['name']}.yaml"

@@ -64,6 +64,8 @@ from tcp_proxy import ChaosProxy  # noqa: E402
 
 from sieve.cli.demo import free_port  # noqa: E402
 from sieve.kafka.client import ensure_topics  # noqa: E402
+from sieve.routeset import load_route_set  # noqa: E402
+from sieve.routeset_dump import dump_route_set  # noqa: E402
 from sieve.settings import KafkaSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +99,8 @@ def write_topology(tmp: Path, prefix: str, args: argparse.Namespace) -> tuple[Pa
 
     The copy is the run's: workers and reviewers restarted during the run load the same set.
     """
-    routes = tmp / ROUTES.name
-    shutil.copyfile(ROUTES, routes)
+    routes = tmp / ROUTES.name  # its list files named from there (the shipped ones)
+    routes.write_text(dump_route_set(load_route_set(ROUTES), tmp), encoding="utf-8")
     topology = {
         "name": "chaos",
         "group_id": f"{prefix}-group",

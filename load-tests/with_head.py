@@ -17,7 +17,6 @@ topology points at the copied routes. The head is then part of the route-set ver
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import yaml
 from sieve.encoders.base import TextEncoder
 from sieve.flow.head import train_head
 from sieve.routeset import head_path_for, load_route_set
+from sieve.routeset_dump import dump_route_set
 from sieve.settings import Settings
 from sieve.topology import load_topology
 
@@ -33,8 +33,8 @@ from sieve.topology import load_topology
 def copy_with_head(routes: Path, folder: Path, encoder: TextEncoder, weight: float = 0.5) -> Path:
     """A copy of ``routes`` in ``folder`` with a head trained on its own utterances beside it."""
     folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / routes.name
-    shutil.copy(routes, copy)
+    copy = folder / routes.name  # its list files named from there (the originals)
+    copy.write_text(dump_route_set(load_route_set(routes), folder), encoding="utf-8")
     route_set = load_route_set(copy)
     rows = [(position, text) for position, route in enumerate(route_set.routes) for text in route.utterances]
     membership = np.eye(len(route_set.routes), dtype=bool)[[position for position, _ in rows]]
