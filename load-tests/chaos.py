@@ -203,11 +203,16 @@ def chaos(args, rng, proxy, fleets, watch, direct, prefix, broker, llm) -> dict:
     extra = args.workers  # the slot that joins and leaves
     while timeline or producer.is_alive():
         while timeline and timeline[0][0] <= time.monotonic() - t0:
-            _, _, action, arg = heapq.heappop(timeline)
+            planned, _, action, arg = heapq.heappop(timeline)
             if action == "cut":
-                proxy.partition(args.partition_mode)
                 cuts[arg] = [time.monotonic()]
+                proxy.partition(args.partition_mode)
                 fleet.note(f"partition {arg}: cut ({args.partition_mode})")
+                late = cuts[arg][0] - t0 - planned  # the loop came late: the heal waits as long
+                if late > 0:
+                    timeline = [(at + late if (act, x) == ("heal", arg) else at, order, act, x)
+                                for at, order, act, x in timeline]
+                    heapq.heapify(timeline)
             elif action == "heal":
                 proxy.heal()
                 cuts[arg].append(time.monotonic())
