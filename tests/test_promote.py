@@ -58,17 +58,23 @@ def test_promoting_an_unknown_version_or_rolling_back_past_the_first_is_refused(
     assert store.current_version("tiny", trivial_encoder.id) == small_set().version
 
 
-def test_the_cli_promotes_with_evidence_and_rolls_back(tmp_path: Path, monkeypatch, trivial_encoder):
-    qdrant = tmp_path / "cli-q"
-    store = RouteStore(QdrantSettings(path=qdrant, lock_wait_s=5))
-    active, candidate = small_set(), with_route(small_set(), "greet", utterances=["hey", "howdy"])
-    store.sync(active, trivial_encoder)
+def promo_topology(tmp_path: Path) -> Path:
+    """A topology over the small set (trivial encoder), for the promote commands."""
     topology = tmp_path / "t.yaml"
     topology.write_text(yaml.safe_dump({
         "name": "promo", "input": {"topics": ["t.in"]}, "route_set": {"name": "tiny"},
         "encoder": {"kind": "trivial"},
         "output": {"outcome_topics": {"ok": "t.ok", "bad": "t.bad", "needs_review": "t.review"}},
     }), encoding="utf-8")
+    return topology
+
+
+def test_the_cli_promotes_with_evidence_and_rolls_back(tmp_path: Path, monkeypatch, trivial_encoder):
+    qdrant = tmp_path / "cli-q"
+    store = RouteStore(QdrantSettings(path=qdrant, lock_wait_s=5))
+    active, candidate = small_set(), with_route(small_set(), "greet", utterances=["hey", "howdy"])
+    store.sync(active, trivial_encoder)
+    topology = promo_topology(tmp_path)
     proof = tmp_path / "proof.json"
     proof.write_text(json.dumps({"agreement": 0.98}), encoding="utf-8")
     monkeypatch.setenv("SIEVE_QDRANT__PATH", str(qdrant))

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from sieve.cli import app
@@ -14,6 +13,7 @@ from sieve.quality.promotion import EvidenceError, Margins, promotion_checks
 from sieve.settings import QdrantSettings, get_settings
 from sieve.store.qdrant import RouteStore
 
+from .test_promote import promo_topology
 from .test_store import small_set, with_route
 
 
@@ -56,12 +56,7 @@ def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Pat
     active, candidate = small_set(), with_route(small_set(), "greet", utterances=["hey", "howdy"])
     store.sync(active, trivial_encoder)
     store.sync(candidate, trivial_encoder, activate=False)
-    topology = tmp_path / "t.yaml"
-    topology.write_text(yaml.safe_dump({
-        "name": "promo", "input": {"topics": ["t.in"]}, "route_set": {"name": "tiny"},
-        "encoder": {"kind": "trivial"},
-        "output": {"outcome_topics": {"ok": "t.ok", "bad": "t.bad", "needs_review": "t.review"}},
-    }), encoding="utf-8")
+    topology = promo_topology(tmp_path)
     weak, strong = tmp_path / "weak.json", tmp_path / "strong.json"
     weak.write_text(json.dumps(evidence(candidate.version, active=(0.5, 0.95), proposed=(0.6, 0.90))))
     strong.write_text(json.dumps(evidence(candidate.version, active=(0.5, 0.90), proposed=(0.7, 0.95))))
