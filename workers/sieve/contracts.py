@@ -37,8 +37,8 @@ EventId = Annotated[str, Field(min_length=1, max_length=256)]
 EVENT_SCHEMA_VERSION = 1
 # 2: novel, novelty; 3: list_hits, from_cache, review.reused;
 # 4: mode, routes, categories, category_scores, final, review.routes, review.rejected_routes;
-# 5: list_hits[].action
-DECISION_SCHEMA_VERSION = 5
+# 5: list_hits[].action; 6: review.moderator, review.moderator_note, review.overrides
+DECISION_SCHEMA_VERSION = 6
 DEAD_LETTER_SCHEMA_VERSION = 1
 LABEL_SCHEMA_VERSION = 1
 SCHEMA_VERSION_DOC = ("The contract version the writer followed; it grows by one with each additive "
@@ -187,6 +187,15 @@ class Review(BaseModel):
         default=None, description="Multi-mode sets: the fired routes the reviewer confirmed.")
     rejected_routes: list[str] | None = Field(
         default=None, description="Multi-mode sets: the fired routes the reviewer rejected.")
+    moderator: str | None = Field(
+        default=None,
+        description="Set on a moderator's verdict (the review console): who decided. Such a verdict keeps "
+        "decided_by 'llm' (the review stage, so readers of earlier schema versions parse it) and the LLM's "
+        "own answer, if it gave one, in verdict, route and rationale.")
+    moderator_note: str | None = Field(default=None, description="The moderator's note, if any.")
+    overrides: str | None = Field(
+        default=None,
+        description="A lead's override: the id of the verdict it replaces (both stay published).")
 
 
 class ListHitRef(BaseModel):
@@ -361,19 +370,25 @@ class Label(BaseModel):
 
     @classmethod
     def of_verdict(cls, verdict: Decision, router: Decision, labelled_at: datetime | None = None) -> Label:
-        """The label of a reviewer's final verdict (``verdict``) on the router's decision (``router``)."""
+        """The label of a reviewer's final verdict (``verdict``) on the decision it settles (``router``).
+
+        ``router`` is the router's needs_review decision for the LLM reviewer's verdicts, the
+        reviewer's hand-off for a moderator's (``review.moderator`` set: a human label).
+        """
         review = verdict.review
         if review is None or verdict.decided_by == "router":
             raise ValueError("a label comes from a reviewer's verdict, not a router decision")
         routes = review.routes if review.routes is not None else (
             [verdict.route] if verdict.route is not None else [])
+        human = review.moderator is not None
         return cls(
             id=cls.make_id(verdict.id), event_id=verdict.event_id, modality=verdict.modality,
             text=verdict.event.text, image_uri=verdict.event.image_uri,
             image_sha256=verdict.image.sha256 if verdict.image is not None else None,
             tenant=verdict.event.tenant, outcome=verdict.outcome, route=verdict.route, routes=routes,
-            labeller_kind="llm", labeller=review.model, decision_id=verdict.id,
-            router_decision_id=router.id, router_outcome=router.outcome, router_route=router.route,
+            labeller_kind="human" if human else "llm", labeller=review.moderator or review.model,
+            decision_id=verdict.id, router_decision_id=review.router_decision_id if human else router.id,
+            router_outcome=router.outcome, router_route=router.route,
             route_set=verdict.route_set, route_set_version=verdict.route_set_version,
-            labelled_at=labelled_at or verdict.decided_at,
+            labelled_at=labelled_at or verdict.decided_at, note=review.moderator_note,
         )
