@@ -33,10 +33,11 @@ def test_every_command_group_is_assembled() -> None:
     cli = get_command(app)
     assert set(cli.commands) == {  # type: ignore[attr-defined]
         "broker", "routes", "tiny-clip", "topics", "worker", "review", "produce", "tail",
-        "dead-letters", "schemas", "demo", "eval", "fit", "lists", "labels",
+        "dead-letters", "schemas", "demo", "eval", "fit", "lists", "labels", "console",
     }
     routes = cli.commands["routes"]  # type: ignore[attr-defined]
     assert set(routes.commands) == {"check", "sync", "build", "learn", "versions", "promote", "rollback"}
+    assert set(cli.commands["console"].commands) == {"serve", "users"}  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("command", LONG_COMMANDS, ids=" ".join)

@@ -115,6 +115,10 @@ def check_sieve_command(root: Any, shown: Shown) -> list[str]:
     i = 0
     while hasattr(command, "commands") and i < len(args) and not args[i].startswith("-"):
         name = args[i]
+        default = getattr(command, "default_command", None)  # `sieve console TOPOLOGY`: serve
+        if name not in command.commands and default in command.commands:
+            command, path = command.commands[default], [*path, default]
+            continue
         if name not in command.commands:
             return [f"{shown}: no command '{' '.join([*path, name])}'"]
         command, path, i = command.commands[name], [*path, name], i + 1

@@ -3,8 +3,8 @@
 Layers, lowest first: the vocabulary (``sieve.contracts``, ``settings``, ``routeset``,
 ``topology``, ...) < ``kafka`` (wire records, clients, the dev broker) < ``encoders`` <
 ``flow`` (the pure batch stages) < ``store`` < ``worker`` < ``review`` and ``quality``
-< ``cli`` < ``__main__``. A module imports only from its own layer's package or from lower layers,
-there is no import circle, and no module is over 400 lines.
+< ``console`` < ``cli`` < ``__main__``. A module imports only from its own layer's package or
+from lower layers, there is no import circle, and no module is over 400 lines.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ LAYERS = {
     "worker": 5,
     "review": 6,
     "quality": 6,
-    "cli": 7,
-    "__main__": 8,  # python -m sieve: the CLI
+    "console": 7,  # the review console: above the reviewer it settles hand-offs for
+    "cli": 8,
+    "__main__": 9,  # python -m sieve: the CLI
 }
 
 

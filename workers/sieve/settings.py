@@ -147,6 +147,31 @@ class HealthSettings(BaseModel):
     heartbeat_s: float = Field(default=1.0, gt=0)
 
 
+class ConsoleSettings(BaseModel):
+    """The moderators' review console (``sieve console``): its server, sessions and users."""
+
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
+
+    host: str = "0.0.0.0"
+    port: int = 8088
+    # Signs the session cookies; required to serve (``sieve console --dev`` makes a one-off key).
+    secret_key: SecretStr | None = None
+    # A session expires this long after its login.
+    session_max_age_s: int = Field(default=8 * 3600, gt=0)
+    # Set the cookie's Secure flag (served behind TLS); off for plain-HTTP dev and tests.
+    secure_cookies: bool = False
+    # The users file (``sieve console users add | passwd | disable``): names, roles, argon2 hashes.
+    users_file: Path = Path(".sieve/console-users.yaml")
+    # Behind an authenticating reverse proxy: the header naming the signed-in user (off: None).
+    # The user must still be in the users file, which gives the role.
+    trusted_user_header: str | None = None
+    # A claim is the moderator's for this long; an abandoned one returns to the queue.
+    lease_s: float = Field(default=300.0, gt=0)
+    # Logins: at most this many failures per user name and per client address in the window.
+    login_max_failures: int = Field(default=5, ge=1)
+    login_window_s: float = Field(default=300.0, gt=0)
+
+
 class LLMSettings(BaseModel):
     """The LLM reviewer's endpoint: any OpenAI-compatible Chat Completions API.
 
@@ -282,6 +307,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The LLM reviewer's endpoint (`sieve review`).
     llm: LLMSettings = LLMSettings()
+    # The moderators' review console (`sieve console`).
+    console: ConsoleSettings = ConsoleSettings()
     # `sieve eval / fit / routes build`: where the public labelled data sets are, and the
     # on-disk embedding cache.
     datasets_dir: Path = Field(

@@ -1,8 +1,8 @@
 """The ``sieve`` command line: one module per command group, assembled here.
 
 Each module holds a :class:`typer.Typer` of its commands: a group (``routes``,
-``topics``, ``dead-letters``, ``schemas``, ``lists``, ``labels``) is added under its name, the others'
-commands go to the top level. Commands import models, Kafka clients and Faust
+``topics``, ``dead-letters``, ``schemas``, ``lists``, ``labels``, ``console``) is added
+under its name, the others' commands go to the top level. Commands import models, Kafka clients and Faust
 inside their bodies, so ``sieve --help`` loads none of them.
 """
 
@@ -12,6 +12,7 @@ import typer
 
 from sieve.cli import (
     broker,
+    console,
     dead_letters,
     demo,
     encoders,
@@ -34,6 +35,7 @@ app.add_typer(encoders.app)
 app.add_typer(topics.app, name="topics")
 app.add_typer(worker.app)
 app.add_typer(review.app)
+app.add_typer(console.app, name="console")
 app.add_typer(messages.app)
 app.add_typer(dead_letters.app, name="dead-letters")
 app.add_typer(schemas.app, name="schemas")

@@ -54,9 +54,13 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
 
 
 async def ensure_topics(
-    settings: KafkaSettings, topics: dict[str, int], replication_factor: int = 1
+    settings: KafkaSettings, topics: dict[str, int], replication_factor: int = 1,
+    configs: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet (``{name: partitions}``); returns those created."""
+    """Create the topics that do not exist yet (``{name: partitions}``); returns those created.
+
+    ``configs`` gives a topic its settings at creation (e.g. ``cleanup.policy: compact``).
+    """
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     await admin.start()
     try:
@@ -66,7 +70,8 @@ async def ensure_topics(
             return []
         try:
             await admin.create_topics(
-                [NewTopic(name, topics[name], replication_factor) for name in missing]
+                [NewTopic(name, topics[name], replication_factor, topic_configs=(configs or {}).get(name, {}))
+                 for name in missing]
             )
         except TopicAlreadyExistsError:  # another worker won the race
             pass
