@@ -52,7 +52,7 @@ COPY topologies ./topologies
 COPY routes ./routes
 COPY schemas ./schemas
 USER sieve
-EXPOSE 9108
+EXPOSE 9108 8088
 # /healthz: the event loop's heartbeat (see workers/sieve/health.py).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SIEVE_METRICS_PORT', '9108'), timeout=4)"

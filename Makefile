@@ -24,10 +24,12 @@ test: $(STAMP) deploy-tools
 	$(BIN)/python -m pytest -q
 
 # The production stack's checkers (tests/test_deploy_*.py): `docker-compose config` and
-# promtool, from Debian. Installed once (as root, or with sudo); quick when already there.
-DEPLOY_TOOLS_APT := docker-compose prometheus
+# promtool, and the review console's browser tests: chromium driven through chromedriver;
+# all from Debian. Installed once (as root, or with sudo); quick when already there.
+DEPLOY_TOOLS_APT := docker-compose prometheus chromium chromium-driver
 deploy-tools:
-	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || { \
+	@command -v docker-compose >/dev/null && command -v promtool >/dev/null && \
+	  command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get install -y -qq --no-install-recommends $(DEPLOY_TOOLS_APT) >/dev/null 2>&1 || \

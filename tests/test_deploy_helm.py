@@ -108,6 +108,8 @@ def test_values_yaml_satisfies_the_schema_and_the_schema_is_valid() -> None:
     ({"routr": {}}, "routr"),
     ({"probes": {"liveness": {"periodSeconds": 0}}}, "periodSeconds"),
     ({"topology": "moderation.json"}, "topology"),
+    ({"console": {"enabled": True}}, "existingSecret"),
+    ({"console": {"replicas": 2}}, "replicas"),
 ])
 def test_the_schema_rejects_bad_values(override: dict[str, Any], where: str) -> None:
     merged = merge(values_yaml(), override)
@@ -428,3 +430,4 @@ def test_network_policies_admit_the_scrape_and_reach_only_the_dependencies() -> 
 def test_a_release_without_reviewers_gets_no_reviewer_policy() -> None:
     objects = render({"networkPolicy": {"enabled": True}, "reviewer": {"enabled": False}})
     assert [p["metadata"]["name"] for p in by_kind(objects, "NetworkPolicy")] == ["demo-sieve-router"]
+

@@ -23,7 +23,7 @@ from .conftest import REPO
 COMPOSE = REPO / "docker-compose.yml"
 PROMETHEUS = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
-SIEVE_SERVICES = ("init", "router", "reviewer", "router-gpu")
+SIEVE_SERVICES = ("init", "router", "reviewer", "router-gpu", "console")
 
 
 def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,6 +52,7 @@ def known_metrics() -> set[str]:
     """Every sample name the Sieve processes can expose (their prometheus_client registry)."""
     import prometheus_client
 
+    import sieve.console.metrics  # noqa: F401  (the review console's sieve_console_* metrics)
     import sieve.review.metrics  # noqa: F401  (the LLM reviewer's sieve_review_* metrics)
     import sieve.worker.health  # noqa: F401
     import sieve.worker.metrics  # noqa: F401
@@ -75,7 +76,7 @@ def metric_names(expr: str) -> set[str]:
 
 def test_compose_file_is_valid_for_docker_compose() -> None:
     services = compose_config()["services"]
-    assert set(services) == {"kafka", "qdrant", "init", "router", "reviewer", "router-gpu",
+    assert set(services) == {"kafka", "qdrant", "init", "router", "reviewer", "router-gpu", "console",
                              "prometheus", "grafana"}
     kafka = services["kafka"]
     assert re.fullmatch(r"apache/kafka:3\.9\.\d+", kafka["image"]), kafka["image"]
@@ -103,7 +104,7 @@ def test_compose_routers_scale_and_the_gpu_profile_reserves_a_gpu() -> None:
         env = services[name]["environment"]
         assert env["SIEVE_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092", name
         assert env["SIEVE_QDRANT__URL"] == "http://qdrant:6333", name
-    for name in ("router", "reviewer", "router-gpu"):
+    for name in ("router", "reviewer", "router-gpu", "console"):
         assert services[name]["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
 
 
@@ -165,6 +166,44 @@ def test_compose_mounts_prometheus_and_grafana_provisioning_from_the_repository(
     assert jobs["sieve-reviewer"]["dns_sd_configs"][0]["names"] == ["reviewer"]
 
 
+def test_compose_console_serves_one_replica_with_its_secret_and_users_file() -> None:
+    services = compose_config()["services"]
+    console = services["console"]
+    assert console["command"] == ["console", "topologies/moderation.yaml"]
+    reviewer = services["reviewer"]
+    assert console["image"] == reviewer["image"] and console["build"] == reviewer["build"]
+    assert "deploy" not in console and "scale" not in console, "one replica only"
+    [port] = console["ports"]
+    assert port.removesuffix("/tcp").endswith(":8088:8088"), port
+    env = console["environment"]
+    assert env["SIEVE_CONSOLE__PORT"] == "8088"
+    assert "change-me" in env["SIEVE_CONSOLE__SECRET_KEY"], "the dev key says it is a placeholder"
+    # The users file lies in the directory bound from the repository (its .gitignore keeps it out of git).
+    [bind] = [v for v in console["volumes"] if v.startswith("/")]
+    source, target = bind.split(":")[:2]
+    assert Path(source) == REPO / "deploy" / "console"
+    assert Path(env["SIEVE_CONSOLE__USERS_FILE"]).parent == Path(target)
+    assert "users.yaml" in (REPO / "deploy/console/.gitignore").read_text().split()
+    # The secret key comes from the environment when set.
+    out = run(tool("docker-compose"), "-f", str(COMPOSE), "config",
+              env={"SIEVE_CONSOLE__SECRET_KEY": "s3cret"}).stdout
+    assert yaml.safe_load(out)["services"]["console"]["environment"]["SIEVE_CONSOLE__SECRET_KEY"] == "s3cret"
+    # Prometheus scrapes it on its HTTP port as job sieve-console (the alerts and dashboard's job).
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["sieve-console"]["dns_sd_configs"][0]["names"] == ["console"]
+    assert jobs["sieve-console"]["dns_sd_configs"][0]["port"] == 8088
+
+
+def test_compose_console_command_exists_in_the_sieve_cli() -> None:
+    from typer.main import get_command
+
+    from sieve.cli import app
+
+    command = compose_config()["services"]["console"]["command"][0]
+    assert command in get_command(app).commands  # type: ignore[attr-defined]
+
+
 # -- Dockerfile (static: no Docker engine here) --------------------------------------------------
 
 
@@ -198,7 +237,7 @@ def test_promtool_checks_the_scrape_config_and_the_rules() -> None:
     out = run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")).stdout
     assert "SUCCESS" in out
     out = run(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml")).stdout
-    assert "SUCCESS: 11 rules found" in out
+    assert "SUCCESS: 13 rules found" in out
 
 
 def test_promtool_unit_tests_fire_every_alert() -> None:
@@ -211,7 +250,7 @@ def test_promtool_unit_tests_fire_every_alert() -> None:
              if case.get("exp_alerts")}
     assert alerts == fired, f"alerts without a firing test: {alerts - fired}"
     assert {"SieveConsumerLagGrowing", "SieveDeadLetterRate", "SieveReviewerFailures",
-            "SieveNovelShareAboveBaseline"} <= alerts
+            "SieveNovelShareAboveBaseline", "SieveConsoleQueueStale", "SieveConsoleBrokerDown"} <= alerts
     # the drift alert is also tested quiet: at its baseline, on little traffic, with no baseline
     quiet = [test for test in tests["tests"] for case in test["alert_rule_test"]
              if case["alertname"] == "SieveNovelShareAboveBaseline" and case["exp_alerts"] == []]
@@ -227,6 +266,17 @@ def test_the_drift_alert_compares_the_novel_share_with_its_fitted_baseline() -> 
     assert metric_names(rule["expr"]) == {"sieve_novel_events_total", "sieve_novelty_measured_events_total",
                                           "sieve_novel_baseline"}
     assert "[30m]" in rule["expr"] and rule["for"] == "30m"
+
+
+def test_the_console_alerts_watch_its_queue_age_and_its_broker() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    by_name = {r["alert"]: r for group in rules["groups"] for r in group["rules"] if "alert" in r}
+    stale, broker = by_name["SieveConsoleQueueStale"], by_name["SieveConsoleBrokerDown"]
+    assert metric_names(stale["expr"]) == {"sieve_console_oldest_item_age_seconds"}
+    assert stale["expr"].endswith("> 3600") and stale["for"] == "10m"
+    assert stale["labels"]["severity"] == "warning"
+    assert metric_names(broker["expr"]) == {"sieve_console_broker_up"}
+    assert broker["expr"].endswith("== 0") and broker["for"] == "5m"
 
 
 def test_alert_rules_select_only_metrics_the_workers_expose() -> None:
@@ -261,7 +311,8 @@ def test_dashboard_has_the_panels_operators_need() -> None:
               "End-to-end latency p50 / p95 / p99", "Consumer lag per partition",
               "LLM calls /s by result", "Tokens /s", "Cost per hour", "Novel share (drift)",
               "List hits /s by list and entry", "Repeat cache hit ratio", "LLM calls saved /s",
-              "Worker faults"]
+              "Worker faults", "Items waiting", "Oldest undecided item", "LLM-human agreement",
+              "Console broker up", "Decisions per hour by moderator"]
     assert [t for t in wanted if t not in titles] == []
     ids = [panel["id"] for panel in dashboard()["panels"]]
     assert len(ids) == len(set(ids))

@@ -278,6 +278,27 @@ PANELS: list[dict[str, Any]] = [
     timeseries("Shadow novel share", "Share of the shadowed events novel by the shadow version's "
                "novelty threshold (the Drift row has the active version's).",
                [q(shadow_share("novel"), "{{shadow_version}} novel")], "percentunit"),
+
+    # The moderators' review console (`sieve console`, one replica per topology).
+    row("Review console"),
+    stat("Items waiting", "Hand-offs to people not yet decided: unclaimed, and claimed by a moderator.",
+         [q(f"sum(sieve_console_items_waiting{{{T}}}) or vector(0)", "waiting"),
+          q(f"sum(sieve_console_items_claimed{{{T}}}) or vector(0)", "claimed")], "short"),
+    stat("Oldest undecided item", "Age of the oldest undecided item (0 when none); "
+         "SieveConsoleQueueStale fires after 10 minutes over an hour.",
+         q(f"max(sieve_console_oldest_item_age_seconds{{{T}}})"), "s",
+         thresholds=[(None, "green"), (900, "orange"), (3600, "red")]),
+    stat("LLM-human agreement", "Share of the human verdicts, on items the LLM had answered, "
+         "that agree with the LLM's.",
+         q(f'sum(rate(sieve_console_llm_agreement_total{{{T}, agree="true"}}{RATE})) / '
+           f"sum(rate(sieve_console_llm_agreement_total{{{T}}}{RATE}))"), "percentunit"),
+    stat("Console broker up", "1 while the console is connected to Kafka; SieveConsoleBrokerDown "
+         "fires after 5 minutes at 0.",
+         q(f"min(sieve_console_broker_up{{{T}}})"), "short",
+         thresholds=[(None, "red"), (1, "green")]),
+    timeseries("Decisions per hour by moderator", "Verdicts recorded in the console, per moderator.",
+               [q(f"sum by (moderator) (rate(sieve_console_decisions_total{{{T}}}{RATE})) * 3600",
+                  "{{moderator}}")], "short", stack=True),
 ]
 
 
@@ -309,8 +330,8 @@ def dashboard() -> dict[str, Any]:
         "uid": "sieve-overview",
         "title": "Sieve",
         "description": "Sieve router and reviewer workers: throughput, verdicts, drift, latency, "
-                       "consumer lag, LLM reviews. Metrics from the workers' /metrics (sieve.worker.metrics, "
-                       "sieve.review.metrics).",
+                       "consumer lag, LLM reviews, the review console. Metrics from the workers' /metrics "
+                       "(sieve.worker.metrics, sieve.review.metrics) and the console's.",
         "tags": ["sieve", "kafka"],
         "timezone": "browser",
         "editable": False,
