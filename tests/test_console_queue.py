@@ -161,3 +161,23 @@ def test_a_human_verdict_has_its_id_from_the_handoff_and_a_human_label() -> None
 def test_a_choice_that_is_not_a_verdict_of_the_set_is_refused(choice: Choice, error: str) -> None:
     with pytest.raises(InvalidChoice, match=error):
         human_verdict(handoff("e1"), choice, "alice", CATALOGUE, T0)
+
+
+def test_a_multi_set_verdict_confirms_the_ticked_routes_and_rejects_the_rest() -> None:
+    from sieve.contracts import Review
+    from sieve.review.steps import handoff_decision
+
+    from .test_review_multi import CATALOGUE as MULTI
+    from .test_review_multi import SPAM_AND_HATE, router_decision
+
+    router = router_decision(SPAM_AND_HATE)  # spam accepted, hate in review: handed off to people
+    review = Review(model="m", handoff_reason="low_confidence", router_decision_id=router.id)
+    h = handoff_decision(router, review, T0)
+    verdict = human_verdict(h, Choice("violating", ("hate", "spam")), "alice", MULTI, T0)
+    assert verdict.outcome == "violating" and verdict.review.moderator == "alice"  # type: ignore[union-attr]
+    assert sorted(verdict.review.routes or []) == ["hate", "spam"]  # type: ignore[union-attr]
+    assert verdict.categories is not None and verdict.categories["hate"] and verdict.categories["spam"]
+    only_spam = human_verdict(h, Choice("queue", ("spam",)), "alice", MULTI, T0)
+    assert only_spam.review.rejected_routes == ["hate"]  # type: ignore[union-attr]
+    with pytest.raises(InvalidChoice, match="most severe"):  # the outcome must follow from the routes
+        human_verdict(h, Choice("clean", ("hate",)), "alice", MULTI, T0)
