@@ -9,7 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from sieve.cli import app
-from sieve.quality.promotion import EvidenceError, Margins, promotion_checks
+from sieve.quality.promotion import (
+    EvidenceError,
+    Margins,
+    ShadowMargins,
+    promotion_checks,
+    shadow_checks,
+    shadow_counts,
+)
 from sieve.settings import QdrantSettings, get_settings
 from sieve.store.qdrant import RouteStore
 
@@ -82,3 +89,34 @@ def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Pat
     logged = entry["evidence"]
     assert [c["name"] for c in logged["checks"]] == ["version", "accuracy", "automatic share"]
     assert all(c["passed"] for c in logged["checks"]) and logged["margins"]["auto"] == 0.1
+
+
+def metrics_text(version: str, events: int, automatic: int, active: int, both: int, alike: int,
+                 topology: str = "t") -> str:
+    """A worker's /metrics lines for one shadow version (the names and labels the worker exports)."""
+    labels = f'{{topology="{topology}",shadow_version="{version}"}}'
+    counts = {"events": events, "automatic": automatic, "active_automatic": active, "both_automatic": both,
+              "both_automatic_agreed": alike}
+    return "".join(f"# TYPE sieve_shadow_{name}_total counter\nsieve_shadow_{name}_total{labels} {value}\n"
+                   for name, value in counts.items())
+
+
+def test_shadow_counts_sum_the_workers_and_keep_to_the_version() -> None:
+    one = metrics_text("v2", 600, 500, 300, 290, 285)
+    two = metrics_text("v2", 400, 300, 200, 190, 180) + metrics_text("v1", 999, 999, 999, 999, 0, "u")
+    assert shadow_counts([one, two], "v2") == {"events": 1000, "automatic": 800, "active_automatic": 500,
+                                              "both_automatic": 480, "both_automatic_agreed": 465}
+    assert shadow_counts([one], "v9")["events"] == 0
+
+
+def test_the_shadow_must_agree_where_the_active_version_was_sure_and_automate_more() -> None:
+    good = shadow_counts([metrics_text("v2", 1000, 800, 500, 480, 470)], "v2")
+    assert failed(shadow_checks(good, ShadowMargins())) == set()
+    assert failed(shadow_checks(good, ShadowMargins(min_events=2000))) == {"shadow events"}
+    assert failed(shadow_checks(good, ShadowMargins(min_agreement=0.99))) == {"shadow agreement"}
+    assert failed(shadow_checks(good, ShadowMargins(auto_margin=0.4))) == {"shadow automatic share"}
+    contradicts = shadow_counts([metrics_text("v2", 1000, 800, 500, 480, 400)], "v2")  # 83% alike
+    assert failed(shadow_checks(contradicts, ShadowMargins())) == {"shadow agreement"}
+    nothing = shadow_counts([], "v2")
+    assert failed(shadow_checks(nothing, ShadowMargins())) == {"shadow events", "shadow agreement",
+                                                               "shadow automatic share"}

@@ -92,7 +92,8 @@ def test_the_shadow_decides_from_the_same_vectors_as_its_own_active_version_woul
         "goose-1": ("violating", "insult", False), "goose-2": ("violating", "insult", False),
         "partial": ("needs_review", "threat", False), "unrelated": ("needs_review", None, True)}
     assert result.shadow == ShadowStats(shadow_index.version, events=6, agreed=2, automatic=4, novel=1,
-                                         active_automatic=6)
+                                         active_automatic=6, both_automatic=4,
+                                          both_automatic_agreed=2)
     sent = shadow_messages(result)
     assert [m["event_id"] for m in sent] == ["goose-1", "goose-2", "partial", "unrelated"]
     for message in sent:
@@ -153,7 +154,7 @@ def test_events_a_list_decided_are_not_shadowed(tmp_path: Path) -> None:
     result = pipeline.process([record(0, "a", "I will K1LL you"), record(1, "b", "hello there friend")])
     assert result.decisions[0].list_hits is not None  # decided by the block list, before the encoder
     assert result.shadow == ShadowStats(listed.index.version, events=1, agreed=1, automatic=1,
-                                        active_automatic=1)
+                                        active_automatic=1, both_automatic=1, both_automatic_agreed=1)
 
 
 def test_a_shadow_that_does_not_fit_is_refused() -> None:
@@ -206,10 +207,12 @@ def test_metrics_count_the_shadow_of_a_computed_batch() -> None:
     batch = records()
     computed = summarise(pipeline.process(batch))
     assert computed.shadow == ShadowStats(shadow_index.version, events=6, agreed=2, automatic=4, novel=1,
-                                          active_automatic=6)
+                                          active_automatic=6, both_automatic=4,
+                                          both_automatic_agreed=2)
     computed.add(summarise(pipeline.process(records(start=10))))  # a batch computed in two parts
     labels = {"topology": "shadow-metrics", "shadow_version": shadow_index.version}
-    names = ("events", "agreed", "automatic", "novel", "active_automatic")
+    names = ("events", "agreed", "automatic", "novel", "active_automatic", "both_automatic",
+             "both_automatic_agreed")
 
     def values() -> dict[str, float]:
         return {n: REGISTRY.get_sample_value(f"sieve_shadow_{n}_total", labels) or 0.0 for n in names}
@@ -218,7 +221,8 @@ def test_metrics_count_the_shadow_of_a_computed_batch() -> None:
     metrics.record_batch("shadow-metrics", batch, computed, 0.0)
     after = values()
     assert {n: after[n] - before[n] for n in names} == {"events": 12, "agreed": 4, "automatic": 8, "novel": 2,
-                                                        "active_automatic": 12}
+                                                        "active_automatic": 12, "both_automatic": 8,
+                                                        "both_automatic_agreed": 4}
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
@@ -234,6 +238,7 @@ def test_compute_shadows_in_both_modes(mode: str, trivial_encoder) -> None:
     finally:
         compute.close()
     assert computed.shadow == ShadowStats(shadow_index.version, events=6, agreed=2, automatic=4, novel=1,
-                                          active_automatic=6)
+                                          active_automatic=6, both_automatic=4,
+                                          both_automatic_agreed=2)
     sent = [json.loads(m.value)["event_id"] for m in computed.outbound if m.topic == SHADOW_TOPIC]
     assert sent == ["goose-1", "goose-2"]  # capped by settings.shadow_messages

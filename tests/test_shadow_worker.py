@@ -17,6 +17,8 @@ from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.client import produce
 from sieve.kafka.records import RawRecord
+from sieve.quality.promotion import scrape as promotion_scrape
+from sieve.quality.promotion import shadow_counts
 from sieve.routeset import load_route_set, parse_route_set
 from sieve.settings import QdrantSettings
 from sieve.store.qdrant import RouteStore
@@ -72,6 +74,14 @@ def test_a_worker_shadows_a_stored_version_and_counts_it(dev_broker: str, tmp_pa
         metrics = scrape(port)
         assert metrics["sieve_shadow_events_total"] == len(encoded)
         assert metrics["sieve_shadow_agreed_total"] == agreed
+        # what `routes promote --shadow-metrics` reads from this worker: the same counts
+        both = sum((d["outcome"] != "needs_review") and (theirs[i][0] != "needs_review")
+                   for i, d in encoded.items())
+        alike = sum((d["outcome"] != "needs_review") and (d["outcome"], d["route"]) == theirs[i]
+                    for i, d in encoded.items())
+        counts = shadow_counts(promotion_scrape([f"http://127.0.0.1:{port}/metrics"]), candidate.version)
+        assert counts["events"] == len(encoded)
+        assert (counts["both_automatic"], counts["both_automatic_agreed"]) == (both, alike)
         sent = asyncio.run(read_all(stack.kafka, ["shadow1.shadow"], timeout_s=20, idle_s=2))
         assert sent and all(m["shadow"]["version"] == candidate.version for m in sent)
         assert all((m["shadow"]["outcome"], m["shadow"]["route"]) == theirs[m["event_id"]] for m in sent)

@@ -303,11 +303,28 @@ def routes_promote(
         help="--if-better: automatic share at least the active one's plus this.")] = 0.0,
     min_accuracy: Annotated[float | None, typer.Option(
         help="--if-better: the Wilson lower bound of its automatic accuracy at least this.")] = None,
+    shadow_metrics: Annotated[list[str] | None, typer.Option(
+        help="--if-better: a worker's /metrics URL (repeat for each worker) shadowing VERSION: its live "
+        "figures must pass too.")] = None,
+    min_shadow_events: Annotated[int, typer.Option(
+        help="--shadow-metrics: events shadowed, at least.")] = 500,
+    min_agreement: Annotated[float, typer.Option(
+        help="--shadow-metrics: alike on the events both versions decided automatically, at least.")] = 0.95,
+    shadow_auto_margin: Annotated[float, typer.Option(
+        help="--shadow-metrics: live automatic share at least the active one's plus this.")] = 0.0,
 ) -> None:
     """Make a stored version the active one: workers switch to it between batches."""
     import json
 
-    from sieve.quality.promotion import EvidenceError, Margins, promotion_checks
+    from sieve.quality.promotion import (
+        EvidenceError,
+        Margins,
+        ShadowMargins,
+        promotion_checks,
+        scrape,
+        shadow_checks,
+        shadow_counts,
+    )
     from sieve.store.qdrant import RouteStore, RouteStoreError
 
     encoder_id = _space_of(topology_path, space)
@@ -325,8 +342,13 @@ def routes_promote(
         margins = Margins(accuracy_margin, auto_margin, min_accuracy)
         try:
             checks = promotion_checks(proof["evidence"], version, margins)  # type: ignore[arg-type]
+            if shadow_metrics:
+                shadow = ShadowMargins(min_shadow_events, min_agreement, shadow_auto_margin)
+                counts = shadow_counts(scrape(shadow_metrics), version)
+                checks += shadow_checks(counts, shadow)
+                proof["shadow"] = {"metrics": shadow_metrics, "counts": counts, "margins": vars(shadow)}
         except EvidenceError as exc:
-            fail(f"{evidence}: {exc}")
+            fail(f"{evidence if not shadow_metrics else 'evidence'}: {exc}")
         for check in checks:
             console.print(f"  {'ok ' if check.passed else 'NO '} {check.name}: {check.detail}")
         if not all(check.passed for check in checks):

@@ -10,7 +10,8 @@ The shadow's verdicts are never published as decisions. What comes of them:
 
 - :class:`ShadowStats` per batch: events shadowed, agreed (same outcome and route as
   the active decision), automatic (not ``needs_review``) and novel, and the active
-  decisions of the same events that were automatic; the worker counts them as
+  decisions of the same events that were automatic, and of the events both decided
+  automatically, how many they decided alike; the worker counts them as
   ``sieve_shadow_*_total`` metrics.
 - Up to ``max_messages`` disagreements per batch as JSON messages to
   ``output.shadow_topic`` (none without one), keyed by event id.
@@ -51,6 +52,8 @@ class ShadowStats:
     automatic: int = 0  # of them, the shadow's outcome not needs_review
     novel: int = 0  # of them, novel by the shadow version's novelty threshold
     active_automatic: int = 0  # of them, the active decision's outcome not needs_review
+    both_automatic: int = 0  # of them, decided automatically by both versions
+    both_automatic_agreed: int = 0  # of those, with the same outcome and route
 
     def add(self, other: ShadowStats) -> None:
         """Add ``other``'s counts (the same version's) to these."""
@@ -61,6 +64,8 @@ class ShadowStats:
         self.automatic += other.automatic
         self.novel += other.novel
         self.active_automatic += other.active_automatic
+        self.both_automatic += other.both_automatic
+        self.both_automatic_agreed += other.both_automatic_agreed
 
 
 @dataclass
@@ -121,6 +126,9 @@ class Shadow:
             stats.automatic += verdict.outcome != NEEDS_REVIEW
             stats.novel += bool(verdict.novel)
             stats.active_automatic += row["outcome"] != NEEDS_REVIEW
+            both = verdict.outcome != NEEDS_REVIEW and row["outcome"] != NEEDS_REVIEW
+            stats.both_automatic += both
+            stats.both_automatic_agreed += both and agreed
             if agreed or topic is None or len(batch.messages) >= self.max_messages:
                 continue
             message = {

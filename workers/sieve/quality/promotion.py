@@ -10,9 +10,13 @@ on those labels,
   is at least ``min_accuracy`` when one is set;
 - its automatic share is at least the active one's plus ``auto_margin``;
 
-and the evidence is about the version being promoted. Every check is reported, passed or
-not. Novel events need no check of their own: they go to review, so they count against the
-automatic share.
+and the evidence is about the version being promoted. With the workers' metrics of a
+shadow run (:func:`shadow_counts`, :func:`shadow_checks`), the live traffic must agree too:
+enough events shadowed, the candidate deciding alike where both versions decided
+automatically (``min_agreement``: it must not contradict what the active version was sure
+of), and its would-be automatic share at least the active one's plus ``auto_margin``. Every
+check is reported, passed or not. Novel events need no check of their own: they go to review,
+so they count against the automatic share.
 """
 
 from __future__ import annotations
@@ -82,4 +86,70 @@ def promotion_checks(evidence: dict[str, object], version: str, margins: Margins
     checks.append(Check("automatic share", p_auto >= a_auto + margins.auto_margin,
                         f"{p_auto:.1%} automatic, needs {a_auto + margins.auto_margin:.1%} "
                         f"(active {a_auto:.1%} {margins.auto_margin:+.1%})"))
+    return checks
+
+
+@dataclass(frozen=True)
+class ShadowMargins:
+    """What the shadowed version must show on live traffic (the workers' shadow counters)."""
+
+    min_events: int = 500
+    min_agreement: float = 0.95
+    auto_margin: float = 0.0
+
+
+SHADOW_COUNTERS = ("events", "automatic", "active_automatic", "both_automatic", "both_automatic_agreed")
+
+
+def scrape(urls: list[str]) -> list[str]:
+    """Each URL's text (workers' ``/metrics``); :class:`EvidenceError` when one does not answer."""
+    import httpx
+
+    texts = []
+    for url in urls:
+        try:
+            response = httpx.get(url, timeout=10)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EvidenceError(f"shadow metrics {url}: {exc}") from None
+        texts.append(response.text)
+    return texts
+
+
+def shadow_counts(scrapes: list[str], version: str) -> dict[str, float]:
+    """The shadow counters of ``version`` summed over the workers' ``/metrics`` texts (every topology)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = dict.fromkeys(SHADOW_COUNTERS, 0.0)
+    names = {f"sieve_shadow_{key}_total": key for key in SHADOW_COUNTERS}
+    for text in scrapes:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = names.get(sample.name)
+                if key is not None and sample.labels.get("shadow_version") == version:
+                    counts[key] += sample.value
+    return counts
+
+
+def shadow_checks(counts: dict[str, float], margins: ShadowMargins) -> list[Check]:
+    """Checks on the shadow's live figures (see the module docstring).
+
+    Enough events, agreement where the active version was sure of itself, and an automatic
+    share at least the active one's plus ``auto_margin``.
+    """
+    events = counts["events"]
+    checks = [Check("shadow events", events >= margins.min_events,
+                    f"{events:.0f} events shadowed, needs {margins.min_events}")]
+    both = counts["both_automatic"]
+    agreement = counts["both_automatic_agreed"] / both if both else 0.0
+    checks.append(Check("shadow agreement", both > 0 and agreement >= margins.min_agreement,
+                        f"{agreement:.1%} alike on the {both:.0f} events both decided automatically, "
+                        f"needs {margins.min_agreement:.1%}"))
+    shadow_auto = counts["automatic"] / events if events else 0.0
+    active_auto = counts["active_automatic"] / events if events else 0.0
+    more = events > 0 and shadow_auto >= active_auto + margins.auto_margin
+    checks.append(Check("shadow automatic share", more,
+                        f"{shadow_auto:.1%} automatic on live traffic, needs "
+                        f"{active_auto + margins.auto_margin:.1%} (active {active_auto:.1%} "
+                        f"{margins.auto_margin:+.1%})"))
     return checks

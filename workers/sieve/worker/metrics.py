@@ -124,6 +124,15 @@ SHADOW_ACTIVE_AUTOMATIC = Counter(
     "sieve_shadow_active_automatic_total", "Shadowed events the active version decided automatically "
     "(the shadow automatic share's counterpart on the same events).", ["topology", "shadow_version"],
 )
+SHADOW_BOTH_AUTOMATIC = Counter(
+    "sieve_shadow_both_automatic_total", "Shadowed events both versions decided automatically.",
+    ["topology", "shadow_version"],
+)
+SHADOW_BOTH_AUTOMATIC_AGREED = Counter(
+    "sieve_shadow_both_automatic_agreed_total", "Shadowed events both versions decided automatically, "
+    "alike (outcome and route): the shadow's agreement where the active version was sure.",
+    ["topology", "shadow_version"],
+)
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
 CONSUMER_LAG = Gauge(
     "sieve_consumer_lag",
@@ -194,6 +203,8 @@ def record_batch(
         SHADOW_AUTOMATIC.labels(topology, shadow.version).inc(shadow.automatic)
         SHADOW_NOVEL.labels(topology, shadow.version).inc(shadow.novel)
         SHADOW_ACTIVE_AUTOMATIC.labels(topology, shadow.version).inc(shadow.active_automatic)
+        SHADOW_BOTH_AUTOMATIC.labels(topology, shadow.version).inc(shadow.both_automatic)
+        SHADOW_BOTH_AUTOMATIC_AGREED.labels(topology, shadow.version).inc(shadow.both_automatic_agreed)
 
 
 def record_route_set(topology: str, index: RouteIndex, *, info: bool = True) -> None:
