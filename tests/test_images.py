@@ -8,6 +8,7 @@ routing test uses near-duplicates, which even random weights keep closest.
 from __future__ import annotations
 
 import base64
+import gc
 import http.server
 import io
 import json
@@ -15,6 +16,7 @@ import random
 import resource
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -474,3 +476,30 @@ def test_shipped_multimodal_topology_and_route_set_are_consistent() -> None:
     image_accept = [route_set.thresholds_for(r, space="image").accept for r in route_set.routes]
     text_accept = [route_set.thresholds_for(r, space="text").accept for r in route_set.routes]
     assert max(image_accept) < min(text_accept)  # CLIP's scale is not MiniLM's
+
+
+class _Node:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_batch_that_loaded_images_frees_the_cycles_it_left_and_a_text_batch_waits(pipeline) -> None:
+    """Failed fetches leave frames and tasks in cycles; the compute stage collects after image batches."""
+    from sieve.worker.compute import run_pipeline
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(1_000_000)  # as the worker runs (settle_heap): no collection by itself here
+    try:
+        node = _Node()
+        alive = weakref.ref(node)
+        del node
+        text = RawRecord("in", 0, 0, b"k", json.dumps({"id": "t", "text": "hello"}).encode(), time.time())
+        run_pipeline(pipeline, [text])
+        assert alive() is not None  # a text batch does not pay for a collection
+        run_pipeline(pipeline, [image_record(1, uri="http://127.0.0.1:9/refused.png")])
+        assert alive() is None
+    finally:
+        gc.set_threshold(*thresholds)

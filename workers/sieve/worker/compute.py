@@ -24,6 +24,7 @@ encoders (:func:`build_pipeline`).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,9 +46,12 @@ from sieve.routeset import Space
 from sieve.settings import Settings
 from sieve.topology import DEFAULT_TENANT_LABEL, TenantsSpec, Topology
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20  # allocations of 1 MiB and more get their own mapping
 
-def settle_heap(gen0_threshold: int = 50_000) -> None:
-    """Keep the garbage collector off the per-event path.
+
+def settle_heap(gen0_threshold: int = 50_000, mmap_threshold: int = MMAP_THRESHOLD) -> None:
+    """Keep the garbage collector off the per-event path, and large buffers out of the heap.
 
     A worker holds millions of long-lived objects after start-up (torch, the
     model, Faust); a batch allocates tens of objects per event that live until
@@ -55,11 +59,43 @@ def settle_heap(gen0_threshold: int = 50_000) -> None:
     every 700 allocations and the older generations walk that whole heap. So:
     collect once, freeze the start-up heap (never scanned again) and collect the
     young generation every ``gen0_threshold`` allocations instead.
+
+    glibc serves an allocation over its mmap threshold with its own mapping, returned to
+    the system when freed; but after the first such free it raises the threshold to that
+    size, so later downloads and decoded images of up to ``limits.max_image_bytes`` land in
+    the fetch threads' heap arenas, which keep the memory. Pinning the threshold
+    (``mallopt(M_MMAP_THRESHOLD)``, which also turns the raising off) gives it back.
     """
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0_threshold, gen1, gen2)
+    if mmap_threshold:
+        pin_mmap_threshold(mmap_threshold)
+
+
+def release_heap() -> None:
+    """Collect the cycles a batch of image fetches leaves, and hand free heap pages back.
+
+    Each fetch runs its own event loop and HTTP client on a fetch thread; what a failed one
+    leaves is in reference cycles (tasks, tracebacks, frames), which the young-generation
+    threshold of :func:`settle_heap` lets pile up, and the heap arenas of the fetch threads
+    keep the pages of what was freed. ``malloc_trim`` returns those pages to the system.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pin_mmap_threshold(size: int) -> bool:
+    """Set glibc's mmap threshold to ``size`` bytes for good; False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass
@@ -235,8 +271,14 @@ async def run_bounded(compute: Compute, records: list[RawRecord], timeout_s: flo
 
 
 def run_pipeline(pipeline: RouterPipeline, records: list[RawRecord]) -> Computed:
-    """One batch through ``pipeline``, reduced to what leaves the compute stage."""
-    return summarise(pipeline.process(records), pipeline.topology.tenants)
+    """One batch through ``pipeline``, reduced to what leaves the compute stage.
+
+    A batch that loaded images gives its memory back afterwards (:func:`release_heap`).
+    """
+    result = pipeline.process(records)
+    if "image_load" in result.seconds:
+        release_heap()
+    return summarise(result, pipeline.topology.tenants)
 
 
 class ThreadCompute(Compute):
