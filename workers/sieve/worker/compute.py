@@ -46,32 +46,22 @@ from sieve.routeset import Space
 from sieve.settings import Settings
 from sieve.topology import DEFAULT_TENANT_LABEL, TenantsSpec, Topology
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 20  # allocations of 1 MiB and more get their own mapping
 
-
-def settle_heap(gen0_threshold: int = 50_000, mmap_threshold: int = MMAP_THRESHOLD) -> None:
-    """Keep the garbage collector off the per-event path, and large buffers out of the heap.
+def settle_heap(gen0_threshold: int = 50_000) -> None:
+    """Keep the garbage collector off the per-event path.
 
     A worker holds millions of long-lived objects after start-up (torch, the
     model, Faust); a batch allocates tens of objects per event that live until
     the batch is published. With CPython's default thresholds the collector runs
     every 700 allocations and the older generations walk that whole heap. So:
     collect once, freeze the start-up heap (never scanned again) and collect the
-    young generation every ``gen0_threshold`` allocations instead.
-
-    glibc serves an allocation over its mmap threshold with its own mapping, returned to
-    the system when freed; but after the first such free it raises the threshold to that
-    size, so later downloads and decoded images of up to ``limits.max_image_bytes`` land in
-    the fetch threads' heap arenas, which keep the memory. Pinning the threshold
-    (``mallopt(M_MMAP_THRESHOLD)``, which also turns the raising off) gives it back.
+    young generation every ``gen0_threshold`` allocations instead (image batches collect
+    after themselves: :func:`release_heap`).
     """
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0_threshold, gen1, gen2)
-    if mmap_threshold:
-        pin_mmap_threshold(mmap_threshold)
 
 
 def release_heap() -> None:
@@ -87,15 +77,6 @@ def release_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def pin_mmap_threshold(size: int) -> bool:
-    """Set glibc's mmap threshold to ``size`` bytes for good; False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
-    except (OSError, AttributeError):
-        return False
 
 
 @dataclass
