@@ -1,0 +1,359 @@
+"""The learning loop, streamed: labelled data the routes were not built from, through worker and reviewer.
+
+Starts a dev broker, an embedded route store, one ``sieve worker`` and one ``sieve review``
+process (topologies/moderation.yaml copied with the run's own topics and route file), and
+streams the data set at the worker in windows of ``--window`` events. The reviewer's LLM is
+:class:`loop_parts.OracleLLM`, a TEST DOUBLE of an LLM: an OpenAI-compatible server on
+127.0.0.1 that answers each review with the item's gold label after a delay, and with another
+outcome for a seeded ``--wrong`` share of the items. Every figure is scored against the gold
+labels.
+
+After each window has been decided (automatically, or reviewed), the loop does what a
+deployment's operator (or a job) would: ``sieve labels export`` (the labels topic, where the
+reviewer publishes every verdict) -> ``sieve routes learn ACTIVE --labels ... --out NEW`` ->
+``sieve routes sync NEW --no-activate`` -> ``sieve routes promote NAME VERSION --evidence
+NEW.learn.json --if-better`` (exit 1, nothing changed, when the held-back labels do not favour
+the candidate). The running worker switches to a promoted version between batches (route
+refresh); the next window is sent once it has had time to. The stream waits while a candidate
+is learned (the figures per window are then each version's own).
+
+Per window it prints automatic share, automatic accuracy with its Wilson interval (z = 1.96),
+novel share, review share, LLM calls and promotions, and writes ``loop.json`` and ``loop.png``
+to ``--out``:
+
+    .venv/bin/python load-tests/learning_loop.py davidson --routes /tmp/q18/fit0/built.fitted.yaml \\
+        --out /tmp/loop-davidson --limit 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import produce_events  # noqa: E402
+from loop_parts import REPO, Collector, OracleLLM, loop_topology, overall, topology_topics, window_row  # noqa: E402
+
+from sieve.cli.demo import free_port  # noqa: E402
+from sieve.kafka.broker import start_dev_broker  # noqa: E402
+from sieve.kafka.client import ensure_topics  # noqa: E402
+from sieve.quality.datasets import LabelledExample, load_data  # noqa: E402
+from sieve.routeset import head_path_for, load_route_set  # noqa: E402
+from sieve.routeset_dump import dump_route_set  # noqa: E402
+from sieve.settings import KafkaSettings, Settings  # noqa: E402
+
+HEADER = (f"{'window':>6} {'events':>6} {'labels':>6} {'auto':>6} {'auto acc':>8} {'95% Wilson':>14} "
+          f"{'novel':>6} {'review':>6} {'LLM':>5} {'prom':>4}")
+
+
+def copy_routes(routes: Path, folder: Path, name: str) -> Path:
+    """``routes`` (with its head) as ``folder/name``: list files named from there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / name
+    copy.write_text(dump_route_set(load_route_set(routes), folder), encoding="utf-8")
+    if head_path_for(routes).exists():
+        shutil.copyfile(head_path_for(routes), head_path_for(copy))
+    return copy
+
+
+class Loop:
+    """One run: its folder, processes, oracle and the CLI commands it runs between windows."""
+
+    def __init__(self, args: argparse.Namespace, examples: list[LabelledExample], default: str) -> None:
+        self.args, self.out = args, args.out.resolve()
+        self.examples, self.default = examples, default
+        self.routes = copy_routes(args.routes, self.out / "routes", "v0.yaml")
+        self.route_set = load_route_set(self.routes)
+        self.kafka = KafkaSettings(bootstrap_servers=args.bootstrap or f"127.0.0.1:{free_port()}")
+        outcomes = sorted({r.outcome for r in self.route_set.routes} | {self.route_set.default_outcome}
+                          | {ex.gold(default) for ex in examples})
+        encoder = {"kind": args.encoder, "batch_size": 32} | (
+            {"backend": args.backend} if args.encoder != "trivial" else {})
+        self.topology = loop_topology(args.prefix, self.routes, self.route_set.name, outcomes, encoder,
+                                      max_events=args.batch, review_concurrency=args.review_concurrency,
+                                      reviews_per_s=args.reviews_per_s)
+        self.topology_path = self.out / "topology.yaml"
+        self.topology_path.write_text(yaml.safe_dump(self.topology, sort_keys=False))
+        self.review_topology_path = self.topology_path
+        if args.review_routes is not None:  # the reviewer's catalogue: routes the router has no examples for
+            review_routes = load_route_set(args.review_routes).model_copy(
+                update={"name": self.route_set.name})
+            copy = self.out / "routes" / "review.yaml"
+            copy.write_text(dump_route_set(review_routes, copy.parent), encoding="utf-8")
+            self.review_topology_path = self.out / "topology-review.yaml"
+            review_topology = {**self.topology, "route_set": {"name": self.route_set.name, "file": str(copy)}}
+            self.review_topology_path.write_text(yaml.safe_dump(review_topology, sort_keys=False))
+        self.env = {
+            **os.environ,
+            "SIEVE_KAFKA__BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
+            "SIEVE_QDRANT__PATH": str(self.out / "qdrant"),
+            "SIEVE_METRICS_PORT": "0",
+            "SIEVE_TORCH_THREADS": str(args.threads),
+            "SIEVE_DEVICE": "cpu",
+            "SIEVE_COMPUTE": args.compute,
+            "SIEVE_LOG_LEVEL": "WARNING",
+            "SIEVE_ROUTE_REFRESH_S": str(args.refresh_s),
+            "SIEVE_KAFKA__SESSION_TIMEOUT_S": "6",
+            "SIEVE_KAFKA__HEARTBEAT_INTERVAL_S": "1",
+            "SIEVE_ONNX_CACHE_DIR": str((REPO / Settings().onnx_cache_dir).resolve()),
+            "SIEVE_LLM__MODEL": "oracle-double",
+            "SIEVE_LLM__TIMEOUT_S": "10",
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def cli(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``sieve ARGV`` in the checkout (its caches), with the run's environment."""
+        done = subprocess.run([sys.executable, "-m", "sieve", *argv], env=self.env, cwd=REPO, text=True,
+                              capture_output=True, check=False)
+        with (self.out / "commands.log").open("a") as log:
+            log.write(f"$ sieve {' '.join(argv)}\n[{done.returncode}] {done.stdout}{done.stderr}\n")
+        if check and done.returncode != 0:
+            raise RuntimeError(f"sieve {' '.join(argv[:2])} failed ({done.returncode}):\n"
+                               f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        return done
+
+    def encoder_options(self) -> list[str]:
+        """The CLI's encoder options for the run's encoder."""
+        return ["--encoder", self.args.encoder] + (["--backend", self.args.backend]
+                                                   if self.args.encoder != "trivial" else [])
+
+    def start(self, llm_base_url: str) -> None:
+        """Broker, topics, the route set synced (active), the worker and the reviewer."""
+        if not self.args.bootstrap:
+            port = int(self.kafka.bootstrap_servers.rsplit(":", 1)[1])
+            self.processes.append(start_dev_broker(port=port, log_path=self.out / "broker.log"))
+        asyncio.run(ensure_topics(self.kafka, topology_topics(self.topology)))
+        self.cli("routes", "sync", str(self.routes), "--topology", str(self.topology_path), "-q")
+        for command, topology in (("worker", self.topology_path), ("review", self.review_topology_path)):
+            env = {**self.env, "SIEVE_LLM__BASE_URL": llm_base_url}
+            log = (self.out / f"{command}.log").open("wb")
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "sieve", command, str(topology)], env=env, stdout=log,
+                stderr=subprocess.STDOUT, cwd=self.out))
+
+    def stop(self) -> None:
+        """Stop the worker, reviewer and broker (this run's own processes), last started first."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+
+    def check_alive(self) -> None:
+        """Raise if the worker or reviewer has exited."""
+        for process, name in zip(self.processes[-2:], ("worker", "review"), strict=True):
+            if process.poll() is not None:
+                tail = (self.out / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"sieve {name} exited with {process.returncode}:\n{tail}")
+
+    def learn(self, step: int) -> dict[str, Any]:
+        """Export the labels, learn a candidate, store it, promote it if its evidence favours it."""
+        labels = self.out / "labels" / f"labels-{step}.jsonl"
+        labels.parent.mkdir(exist_ok=True)
+        self.cli("labels", "export", "--topic", self.topology["review"]["labels_topic"], "--out", str(labels),
+                 "--idle", "2")
+        count = sum(1 for _ in labels.open())
+        record: dict[str, Any] = {"after_window": step, "labels": count, "promoted": False}
+        candidate = self.out / "routes" / f"after-window-{step}.yaml"
+        started = time.monotonic()
+        learned = self.cli("routes", "learn", str(self.routes), "--labels", str(labels), "--out",
+                           str(candidate), "--seed", str(self.args.seed), *self.encoder_options(), "-q",
+                           *(["--new-outcomes"] if self.args.new_outcomes else []), check=False)
+        record["learn_s"] = round(time.monotonic() - started, 1)
+        if learned.returncode != 0:
+            record["learn_error"] = (learned.stdout + learned.stderr).strip().splitlines()[-1:]
+            return record
+        version = load_route_set(candidate).version
+        self.cli("routes", "sync", str(candidate), "--topology", str(self.topology_path), "--no-activate",
+                 "-q")
+        evidence = candidate.with_suffix(".learn.json")
+        floor = self.args.promote_min_accuracy
+        gate = ["--min-accuracy", str(floor)] if floor else []
+        promoted = self.cli("routes", "promote", self.route_set.name, version, "--topology",
+                            str(self.topology_path), "--evidence", str(evidence), "--if-better", *gate,
+                            check=False)
+        said = (promoted.stdout + promoted.stderr).strip()
+        record.update(candidate=version, promote_output=said.splitlines())
+        if promoted.returncode == 0:
+            record["promoted"] = True
+            self.routes = candidate
+            time.sleep(2 * self.args.refresh_s + 1)  # the worker looks for a new active version this often
+        elif "not promoted" not in said:
+            raise RuntimeError(f"sieve routes promote failed:\n{promoted.stdout}{promoted.stderr}")
+        return record
+
+
+def events_of(examples: list[LabelledExample], start: int) -> list[dict]:
+    """The stream's events (ids ``loop-<i>``), as loadgen sends them."""
+    return [{"id": f"loop-{start + i}", "text": ex.text, "metadata": {}} for i, ex in enumerate(examples)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole run; returns what ``loop.json`` holds."""
+    data = load_data(args.data, (REPO / Settings().datasets_dir).resolve())
+    default = data.default_outcome or "unrouted"
+    examples = [ex for ex in data.examples if ex.text and ex.text.strip()]
+    if args.split:
+        examples = [ex for ex in examples if ex.source_split == args.split]
+    random.Random(args.seed).shuffle(examples)
+    examples = examples[: args.limit] if args.limit else examples
+    gold = {ex.text or "": ex.gold(default) for ex in reversed(examples)}  # a repeated text: its first label
+    routes_of = {ex.text or "": ex.labels for ex in examples}
+    new = set(json.loads(args.new_intents.read_text())) if args.new_intents else set()
+    args.out.mkdir(parents=True, exist_ok=True)
+    loop = Loop(args, examples, default)
+    rows: list[dict[str, Any]] = []
+    learning: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with OracleLLM(gold, routes_of, wrong=args.wrong, delay_s=args.llm_delay_s, seed=args.seed) as oracle:
+        try:
+            loop.start(oracle.base_url)
+            skip = {loop.topology["review"]["labels_topic"], *loop.topology["input"]["topics"]}
+            topics = [t for t in topology_topics(loop.topology) if t not in skip]
+            with Collector(loop.kafka, topics, loop.topology["output"]["dead_letter_topic"]) as collector:
+                labels = 0
+                print(HEADER, flush=True)
+                for index, start in enumerate(range(0, len(examples), args.window)):
+                    chunk = examples[start: start + args.window]
+                    events = events_of(chunk, start)
+                    ids = [e["id"] for e in events]
+                    window_started = time.monotonic()
+                    asyncio.run(produce_events(loop.kafka, loop.topology["input"]["topics"][0], events))
+                    deadline = time.monotonic() + args.window_timeout_s
+                    while collector.done(ids) < len(ids):
+                        loop.check_alive()
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"window {index}: {collector.done(ids)} of {len(ids)} done")
+                        time.sleep(0.5)
+                    extra = {"new_intents": [bool(ex.labels & new) for ex in chunk]} if new else None
+                    row = window_row(index, collector.snapshot(ids), [ex.gold(default) for ex in chunk],
+                                     labels_before=labels, extra=extra)
+                    row["seconds"] = round(time.monotonic() - window_started, 1)
+                    rows.append(row)
+                    note = ""
+                    if start + args.window < len(examples):
+                        step = loop.learn(index)
+                        labels = step["labels"]
+                        row["promotions"] = int(step["promoted"])
+                        learning.append(step)
+                        note = (f"  then {labels} labels, learn {step['learn_s']} s: "
+                                + ("promoted " + step["candidate"] if step["promoted"] else
+                                   step["learn_error"][0] if "learn_error" in step else "not promoted"))
+                    print(format_row(row) + note, flush=True)
+                    result = report(args, rows, learning, oracle, time.monotonic() - started)
+                    (args.out / "loop.json").write_text(json.dumps(result, indent=2))  # so far
+        finally:
+            loop.stop()
+        return report(args, rows, learning, oracle, time.monotonic() - started)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[dict[str, Any]],
+           oracle: OracleLLM, seconds: float) -> dict[str, Any]:
+    """What ``loop.json`` holds: the run's settings, its windows, the learning steps and the totals."""
+    summary = overall(rows)
+    summary.update(oracle_requests=oracle.requests, oracle_unknown_items=oracle.unknown_items,
+                   seconds=round(seconds, 1))
+    return {"data": args.data, "routes": str(args.routes), "window": args.window, "wrong": args.wrong,
+            "promote_min_accuracy": args.promote_min_accuracy, "llm_delay_s": args.llm_delay_s,
+            "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
+            "overall": summary}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One printed line of the table."""
+    ci = row["automatic_accuracy_ci"]
+    accuracy = "-" if row["automatic_accuracy"] is None else f"{row['automatic_accuracy']:.3f}"
+    extra = (f"  new-intents auto+right {row['new_intents_automatic_right_share']:.1%}"
+             if row.get("new_intents_automatic_right_share") is not None else "")
+    interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+    return (f"{row['window']:>6} {row['events']:>6} {row['labels_before']:>6} {row['automatic_share']:>6.1%} "
+            f"{accuracy:>8} {interval:>14} {row['novel_share']:>6.1%} {row['review_share']:>6.1%} "
+            f"{row['llm_calls']:>5} {row['promotions']:>4}{extra}")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Automatic share and automatic accuracy per window, promotions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = result["windows"]
+    x = [r["window"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(x, [r["automatic_share"] for r in rows], "o-", label="automatic share")
+    accuracy = [r["automatic_accuracy"] for r in rows]
+    ax.plot(x, accuracy, "s-", label="automatic accuracy")
+    ax.fill_between(x, [(r["automatic_accuracy_ci"] or [None, None])[0] for r in rows],
+                    [(r["automatic_accuracy_ci"] or [None, None])[1] for r in rows], alpha=0.2)
+    for r in rows:
+        if r["promotions"]:
+            ax.axvline(r["window"] + 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(0.95, color="green", linestyle=":", linewidth=1, label="0.95")
+    ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"window ({result['window']} events; dashed: a promotion after the window)")
+    ax.set_title(f"learning loop, {result['data']} (oracle LLM double, wrong {result['wrong']:.0%})")
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="a data set name (davidson, clinc150, ...) or a labelled JSONL path")
+    parser.add_argument("--routes", type=Path, required=True, help="the route file the worker starts from")
+    parser.add_argument("--out", type=Path, required=True, help="the run's folder (loop.json, loop.png)")
+    parser.add_argument("--limit", type=int, default=0, help="stream only this many events (0: all)")
+    parser.add_argument("--split", default=None, help="stream only this split of the data (CLINC150: test)")
+    parser.add_argument("--window", type=int, default=2000, help="events per window")
+    parser.add_argument("--wrong", type=float, default=0.05, help="share of items the oracle answers wrongly")
+    parser.add_argument("--llm-delay-s", type=float, default=0.2, help="the oracle's mean delay per request")
+    parser.add_argument("--seed", type=int, default=0, help="stream order, oracle errors, learn splits")
+    parser.add_argument("--encoder", default="sentence-transformers", help="or trivial (no model)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--compute", default="thread", help="the worker's compute mode (thread or process)")
+    parser.add_argument("--threads", type=int, default=2, help="the worker's torch threads")
+    parser.add_argument("--batch", type=int, default=128, help="the worker's batch size")
+    parser.add_argument("--review-concurrency", type=int, default=16)
+    parser.add_argument("--reviews-per-s", type=float, default=100.0)
+    parser.add_argument("--refresh-s", type=float, default=2.0, help="the worker's route refresh period")
+    parser.add_argument("--promote-min-accuracy", type=float, default=None,
+                        help="promote --min-accuracy: the candidate's Wilson lower bound at least this")
+    parser.add_argument("--bootstrap", default=None, help="use this broker (default: start a dev broker)")
+    parser.add_argument("--prefix", default="loop", help="the run's topic and consumer-group prefix")
+    parser.add_argument("--window-timeout-s", type=float, default=1800.0)
+    parser.add_argument("--review-routes", type=Path, default=None,
+                        help="the reviewer's route file (e.g. every CLINC150 intent), renamed to the "
+                        "set's name")
+    parser.add_argument("--new-outcomes", action="store_true", help="routes learn --new-outcomes (intents)")
+    parser.add_argument("--new-intents", type=Path, default=None,
+                        help="clinc_half.py's new.json: also report the new intents' automatic and right "
+                        "share")
+    args = parser.parse_args()
+    result = run(args)
+    (args.out / "loop.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / "loop.png")
+    print(json.dumps(result["overall"]))
+
+
+if __name__ == "__main__":
+    main()
