@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from argon2 import PasswordHasher
 from pydantic import SecretStr
 
 from sieve.console.users import UserFile
 from sieve.contracts import Decision, Review
-from sieve.kafka.client import client_kwargs, ensure_topics, send_batched
+from sieve.kafka.client import client_kwargs, ensure_topics, send_messages
 from sieve.kafka.records import Outbound
 from sieve.review.steps import handoff_decision
 from sieve.routeset import RouteSet
@@ -98,12 +98,7 @@ async def produce_handoffs(setup: ConsoleSetup, decisions: list[Decision], raw: 
     await ensure_topics(setup.kafka, {topic: 2})
     messages = [Outbound(topic, d.event_id.encode(), d.model_dump_json().encode()) for d in decisions]
     messages += [Outbound(topic, b"bad", value) for value in raw]
-    producer = AIOKafkaProducer(**client_kwargs(setup.kafka), acks="all")
-    await producer.start()
-    try:
-        await send_batched(producer, messages)
-    finally:
-        await producer.stop()
+    await send_messages(setup.kafka, messages)
 
 
 async def read_json(kafka: KafkaSettings, topic: str, want: int, timeout_s: float = 20.0

@@ -125,12 +125,10 @@ def serve(
 
 
 async def _seed(settings: Settings, topology: Any, route_set: Any, count: int) -> None:
-    from aiokafka import AIOKafkaProducer
-
     from sieve.cli.demo import SAMPLES
     from sieve.console.seed import seed_handoffs
     from sieve.encoders.factory import build_text_encoder
-    from sieve.kafka.client import client_kwargs, ensure_topics, send_batched
+    from sieve.kafka.client import ensure_topics, send_messages
     from sieve.topology import ReviewSpec
 
     encoder = build_text_encoder(topology.encoder, device=settings.device,
@@ -139,10 +137,5 @@ async def _seed(settings: Settings, topology: Any, route_set: Any, count: int) -
     topic = (topology.review or ReviewSpec()).human_review_topic
     output = topology.output
     await ensure_topics(settings.kafka, {topic: output.partitions}, output.replication_factor)
-    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all")
-    await producer.start()
-    try:
-        await send_batched(producer, messages)
-    finally:
-        await producer.stop()
+    await send_messages(settings.kafka, messages)
     console.print(f"seeded {len(messages)} hand-offs on {topic}")

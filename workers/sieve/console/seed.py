@@ -17,7 +17,7 @@ from sieve.encoders.base import TextEncoder
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import RouterPipeline
 from sieve.kafka.records import Outbound, RawRecord
-from sieve.review.steps import handoff_decision
+from sieve.review.steps import handoff_decision, plan_review
 from sieve.routeset import RouteSet
 from sieve.topology import ReviewSpec, Topology
 
@@ -34,12 +34,8 @@ def seed_handoffs(topology: Topology, route_set: RouteSet, encoder: TextEncoder,
     pipeline = RouterPipeline(topology=topology, encoder=encoder, index=RouteIndex.build(route_set, encoder),
                               worker="console-seed")
     decisions: list[Decision] = pipeline.process(records).decisions
-    topic = (topology.review or ReviewSpec()).human_review_topic
-    out = []
-    for decision in decisions:
-        review = Review(model=model, handoff_reason=SEEDED, router_decision_id=decision.id,
-                        error="seeded by `sieve console --seed` so the queue is not empty")
-        handoff = handoff_decision(decision, review, now)
-        out.append(Outbound(topic, handoff.event_id.encode(), handoff.model_dump_json().encode(),
-                            (("sieve-handoff-reason", SEEDED.encode()),)))
-    return out
+    why = "seeded by `sieve console --seed` so the queue is not empty"
+    handoffs = [handoff_decision(d, Review(model=model, handoff_reason=SEEDED, error=why,
+                                           router_decision_id=d.id), now) for d in decisions]
+    # published as the reviewer publishes its hand-offs (same key and headers)
+    return plan_review(handoffs, topology.output, (topology.review or ReviewSpec()).human_review_topic)

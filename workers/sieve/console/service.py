@@ -134,7 +134,6 @@ class ConsoleService:
                 raise
             except Exception as exc:
                 self._watch_error = f"{type(exc).__name__}: {exc}"[:300] if str(exc) else type(exc).__name__
-            metrics.BROKER_UP.labels(self.topology.name).set(0 if self.broker_error else 1)
             await asyncio.sleep(PROBE_EVERY_S)
 
     # --- reading ---------------------------------------------------------------------------
@@ -164,7 +163,6 @@ class ConsoleService:
                 log.warning("console: reading hand-offs failed: %s", self._read_error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-            metrics.BROKER_UP.labels(self.topology.name).set(0 if self.broker_error else 1)
 
     async def _take(self, records: list[Any]) -> None:
         letters = []

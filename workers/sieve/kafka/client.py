@@ -197,6 +197,16 @@ async def send_batched(producer: AIOKafkaProducer, messages: Sequence[Outbound])
     await asyncio.gather(*pending)
 
 
+async def send_messages(settings: KafkaSettings, messages: Sequence[Outbound]) -> None:
+    """Send ``messages`` (any topics, headers kept) with acks=all on a producer of its own; await them all."""
+    producer = AIOKafkaProducer(**client_kwargs(settings), acks="all")
+    await producer.start()
+    try:
+        await send_batched(producer, messages)
+    finally:
+        await producer.stop()
+
+
 async def read_topic(
     settings: KafkaSettings,
     topics: list[str],

@@ -47,6 +47,17 @@ from sieve.settings import Settings
 from sieve.topology import DEFAULT_TENANT_LABEL, TenantsSpec, Topology
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+_LIBC = _libc()
+
+
 def settle_heap(gen0_threshold: int = 50_000) -> None:
     """Keep the garbage collector off the per-event path.
 
@@ -73,10 +84,8 @@ def release_heap() -> None:
     keep the pages of what was freed. ``malloc_trim`` returns those pages to the system.
     """
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 @dataclass
