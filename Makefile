@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test]'
+	$(BIN)/pip install --quiet --no-cache-dir -c $(LOCK) -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
