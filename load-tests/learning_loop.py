@@ -171,9 +171,11 @@ class Loop:
         record: dict[str, Any] = {"after_window": step, "labels": count, "promoted": False}
         candidate = self.out / "routes" / f"after-window-{step}.yaml"
         started = time.monotonic()
+        noise = ["--label-accuracy", str(self.args.label_accuracy)] if self.args.label_accuracy else []
         learned = self.cli("routes", "learn", str(self.routes), "--labels", str(labels), "--out",
                            str(candidate), "--seed", str(self.args.seed), *self.encoder_options(), "-q",
-                           *(["--new-outcomes"] if self.args.new_outcomes else []), check=False)
+                           *(["--new-outcomes"] if self.args.new_outcomes else []),
+                           *noise, check=False)
         record["learn_s"] = round(time.monotonic() - started, 1)
         if learned.returncode != 0:
             record["learn_error"] = (learned.stdout + learned.stderr).strip().splitlines()[-1:]
@@ -182,8 +184,9 @@ class Loop:
         self.cli("routes", "sync", str(candidate), "--topology", str(self.topology_path), "--no-activate",
                  "-q")
         evidence = candidate.with_suffix(".learn.json")
-        floor = self.args.promote_min_accuracy
-        gate = ["--min-accuracy", str(floor)] if floor else []
+        floor, added = self.args.promote_min_accuracy, self.args.promote_min_added_accuracy
+        gate = (["--min-accuracy", str(floor)] if floor else []) + (
+            ["--min-added-accuracy", str(added)] if added else [])
         promoted = self.cli("routes", "promote", self.route_set.name, version, "--topology",
                             str(self.topology_path), "--evidence", str(evidence), "--if-better", *gate,
                             check=False)
@@ -270,6 +273,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[
                    seconds=round(seconds, 1))
     return {"data": args.data, "routes": str(args.routes), "window": args.window, "wrong": args.wrong,
             "promote_min_accuracy": args.promote_min_accuracy, "llm_delay_s": args.llm_delay_s,
+            "label_accuracy": args.label_accuracy,
+            "promote_min_added_accuracy": args.promote_min_added_accuracy,
             "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
             "overall": summary}
 
@@ -338,6 +343,12 @@ def main() -> None:
     parser.add_argument("--refresh-s", type=float, default=2.0, help="the worker's route refresh period")
     parser.add_argument("--promote-min-accuracy", type=float, default=None,
                         help="promote --min-accuracy: the candidate's Wilson lower bound at least this")
+    parser.add_argument("--promote-min-added-accuracy", type=float, default=None,
+                        help="promote --min-added-accuracy: what a candidate adds at least this accurate")
+    parser.add_argument("--label-accuracy", type=float, default=None,
+                        help="routes learn --label-accuracy: how often the labels are right (the oracle's "
+                        "1 - --wrong is known here; a deployment reads it off the console's LLM-human "
+                        "agreement)")
     parser.add_argument("--bootstrap", default=None, help="use this broker (default: start a dev broker)")
     parser.add_argument("--prefix", default="loop", help="the run's topic and consumer-group prefix")
     parser.add_argument("--window-timeout-s", type=float, default=1800.0)

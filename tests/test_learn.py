@@ -124,8 +124,13 @@ def test_routes_learn_cli_writes_the_proposed_version(tmp_path):
     out = tmp_path / "new.yaml"
     result = CliRunner().invoke(app, ["routes", "learn", str(active), "--labels", str(labels), "-o", str(out),
                                       "--max-per-route", "4", "--min-support", "0", "--z", "0",
-                                      "--min-accuracy", "0.9", "--encoder", "trivial", "--no-cache", "-q"])
+                                      "--min-accuracy", "0.9", "--label-accuracy", "0.9",
+                                      "--encoder", "trivial", "--no-cache", "-q"])
     assert result.exit_code == 0, result.output
+    comparison = json.loads(out.with_name("new.learn.json").read_text())
+    assert comparison["label_accuracy"] == 0.9 and comparison["targets"]["accuracy"] == 0.9
+    assert comparison["targets_on_labels"]["accuracy"] == pytest.approx(0.9 * 0.8 + 0.1)
+    assert "taken as right 90.0% of the time" in out.with_name("new.learn.md").read_text()
     assert "new routes scam" in result.output and "auto" in result.output
     assert load_route_set(out).route("scam").outcome == "violating"
     assert out.with_name("new.learn.md").exists() and out.with_name("new.thresholds.json").exists()
@@ -185,3 +190,25 @@ def test_labels_from_data_writes_learnable_labels_with_a_seeded_wrong_share(tmp_
     gold = {ex.text: ex.outcome for ex in load_jsonl(data).examples}
     flipped = sum(ex.outcome != gold[ex.text] for ex in labels.examples)
     assert len(labels.examples) == 200 and f"({flipped} flipped)" in done.stdout and 5 < flipped < 40
+
+
+def test_targets_on_labels_are_the_agreement_a_decider_of_that_accuracy_has_with_noisy_labels() -> None:
+    from sieve.quality.targets import accuracy_from_agreement, agreement_for
+
+    rng = np.random.default_rng(0)
+    n = 200_000
+    truth = rng.integers(0, 2, n)
+    for accuracy, label_accuracy in [(0.95, 0.95), (0.9, 0.8), (0.99, 0.9)]:
+        decided = np.where(rng.random(n) < accuracy, truth, 1 - truth)
+        labels = np.where(rng.random(n) < label_accuracy, truth, 1 - truth)
+        seen = float(np.mean(decided == labels))  # what a fit measures against the labels
+        assert agreement_for(accuracy, label_accuracy) == pytest.approx(seen, abs=0.004)
+        assert accuracy_from_agreement(seen, label_accuracy) == pytest.approx(accuracy, abs=0.006)
+    # labels always right: nothing changes; more outcomes can only agree less (cautious)
+    targets = Targets(precision={"violating": 0.9}, accuracy=0.95, z=1.0)
+    assert targets.on_labels(1.0) == targets
+    read = targets.on_labels(0.95)
+    assert read.accuracy == pytest.approx(0.905) and read.precision["violating"] == pytest.approx(0.86)
+    assert read.z == 1.0 and accuracy_from_agreement(0.02, 0.95) == 0.0
+    with pytest.raises(ValueError, match="label accuracy"):
+        targets.on_labels(0.5)

@@ -29,6 +29,7 @@ def evidence(version: str, active: tuple[float, float], proposed: tuple[float, f
     """The shape `routes learn` writes: (auto share, auto accuracy) of each side's primary system."""
     def system(side: str, share: float, accuracy: float) -> dict:
         return {"side": side, "system": f"{side} + head", "auto_share": share, "auto_accuracy": accuracy,
+                "events": 1000,
                 "auto_accuracy_ci95": [low if side == "proposed" else 0.5, 0.99], "novel_share": 0.05}
     other = {"side": "active", "system": "active, nearest", "auto_share": 1.0, "auto_accuracy": 1.0}
     return {"proposed": {"version": version},
@@ -54,6 +55,24 @@ def test_a_proposal_must_beat_the_active_primary_by_the_margins() -> None:
     assert failed(promotion_checks(worse, "v2", Margins(accuracy_margin=-0.06))) == set()
     with pytest.raises(EvidenceError, match="primary"):
         promotion_checks({"systems": []}, "v2", Margins())
+
+
+def test_with_min_added_accuracy_the_decisions_a_proposal_adds_are_judged_not_its_average() -> None:
+    # the active version is sure of few of its own review items; the proposal automates many more
+    wider = evidence("v2", active=(0.123, 0.980), proposed=(0.673, 0.927))
+    assert failed(promotion_checks(wider, "v2", Margins())) == {"accuracy"}
+    # what it adds: (0.673 * 0.927 - 0.123 * 0.980) / 0.55 = 0.915 alike with the labels
+    checks = promotion_checks(wider, "v2", Margins(min_added_accuracy=0.95))
+    assert failed(checks) == {"added accuracy"} and "accuracy" not in {c.name for c in checks}
+    assert "0.915 alike" in next(c.detail for c in checks if c.name == "added accuracy")
+    # labels right 95% of the time: 0.915 agreement is (0.915 - 0.05) / 0.9 = 0.961 accurate
+    noisy = {**wider, "label_accuracy": 0.95}
+    assert failed(promotion_checks(noisy, "v2", Margins(min_added_accuracy=0.95))) == set()
+    assert failed(promotion_checks(noisy, "v2", Margins(min_added_accuracy=0.97))) == {"added accuracy"}
+    # a proposal that automates less is held to the plain accuracy check
+    narrower = {**evidence("v2", active=(0.5, 0.95), proposed=(0.4, 0.90)), "label_accuracy": 0.95}
+    assert failed(promotion_checks(narrower, "v2", Margins(min_added_accuracy=0.9))) == {
+        "accuracy", "automatic share"}
 
 
 def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Path, monkeypatch,
@@ -89,6 +108,7 @@ def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Pat
     logged = entry["evidence"]
     assert [c["name"] for c in logged["checks"]] == ["version", "accuracy", "automatic share"]
     assert all(c["passed"] for c in logged["checks"]) and logged["margins"]["auto"] == 0.1
+    assert logged["margins"]["min_added_accuracy"] is None
 
 
 def metrics_text(version: str, events: int, automatic: int, active: int, both: int, alike: int,

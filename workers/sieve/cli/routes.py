@@ -182,6 +182,9 @@ def routes_learn(
         help="All automatic decisions at least this accurate (default 0.95, without --min-precision).")
     ] = None,
     z: Annotated[float, typer.Option(help="Targets hold at the Wilson lower bound with this z.")] = 1.0,
+    label_accuracy: Annotated[float, typer.Option(
+        help="How often the labels are right (e.g. the LLM's agreement with moderators): the targets "
+        "are on true accuracy, read against labels this right.")] = 1.0,
     min_support: Annotated[int, typer.Option(
         help="A route gets thresholds of its own above this many calibration events (0: never).")] = 50,
     novel_share: Annotated[float, typer.Option(
@@ -212,6 +215,8 @@ def routes_learn(
         fail("--near-duplicate must be within (0, 1]")
     if head_weight is not None and not 0.0 <= head_weight <= 1.0:
         fail("--head-weight must be within [0, 1]")
+    if not 0.5 < label_accuracy <= 1.0:
+        fail("--label-accuracy must be within (0.5, 1]: labels right half the time or less teach nothing")
     try:
         load_route_set(routes)
         text = labels.read_text(encoding="utf-8")
@@ -228,7 +233,8 @@ def routes_learn(
         result = run_learn(bench, routes, out, targets, max_per_route=max_per_route,
                            near_duplicate=near_duplicate, seed=seed, head=head, head_weight=head_weight,
                            min_support=min_support or None, novel_share=novel_share or None,
-                           new_outcomes=new_outcomes, command=command_line(), progress=progress)
+                           new_outcomes=new_outcomes, label_accuracy=label_accuracy, command=command_line(),
+                           progress=progress)
     except (RouteSetError, HeadError, ValueError) as exc:
         fail(str(exc))
     added = sum(len(change.added) for change in result.changes)
@@ -303,6 +309,9 @@ def routes_promote(
         help="--if-better: automatic share at least the active one's plus this.")] = 0.0,
     min_accuracy: Annotated[float | None, typer.Option(
         help="--if-better: the Wilson lower bound of its automatic accuracy at least this.")] = None,
+    min_added_accuracy: Annotated[float | None, typer.Option(
+        help="--if-better: when it automates more, the decisions it adds at least this accurate (through "
+        "the evidence's label accuracy), instead of --accuracy-margin.")] = None,
     shadow_metrics: Annotated[list[str] | None, typer.Option(
         help="--if-better: a worker's /metrics URL (repeat for each worker) shadowing VERSION: its live "
         "figures must pass too.")] = None,
@@ -339,7 +348,7 @@ def routes_promote(
         except (OSError, ValueError) as exc:
             fail(f"{evidence}: not readable JSON: {exc}")
     if if_better:
-        margins = Margins(accuracy_margin, auto_margin, min_accuracy)
+        margins = Margins(accuracy_margin, auto_margin, min_accuracy, min_added_accuracy)
         try:
             checks = promotion_checks(proof["evidence"], version, margins)  # type: ignore[arg-type]
             if shadow_metrics:
@@ -355,7 +364,8 @@ def routes_promote(
             console.print(f"{name}: {version} not promoted: the evidence does not favour it by the margins")
             raise typer.Exit(1)
         proof["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
-        proof["margins"] = {"accuracy": accuracy_margin, "auto": auto_margin, "min_accuracy": min_accuracy}
+        proof["margins"] = {"accuracy": accuracy_margin, "auto": auto_margin, "min_accuracy": min_accuracy,
+                            "min_added_accuracy": min_added_accuracy}
     try:
         previous = RouteStore(get_settings().qdrant).set_active(name, encoder_id, version, proof)
     except RouteStoreError as exc:

@@ -206,6 +206,7 @@ def run_learn(
     min_support: int | None = 50,
     novel_share: float | None = 0.05,
     new_outcomes: bool = False,
+    label_accuracy: float = 1.0,
     command: str = "",
     progress: Progress = SILENT,
 ) -> LearnResult:
@@ -213,12 +214,15 @@ def run_learn(
 
     Next to ``out``: its head (``<out>.head.npz``) when it has one, the fitted thresholds
     (``<out>.thresholds.json``) and the comparison (``<out>.learn.md``, ``<out>.learn.json``).
-    Every check that can refuse the labels runs before anything is written.
+    Every check that can refuse the labels runs before anything is written. The targets are
+    on true accuracy: with ``label_accuracy`` below 1 (how often the labels are right) the fit
+    reads them against the labels by :meth:`~sieve.quality.targets.Targets.on_labels`.
     """
     active = load_route_set(active_file)
     if out.resolve() == active_file.resolve():
         raise LearnError(f"{out}: the proposed version must not overwrite the active route file")
     check_labels(bench.data, active, new_outcomes=new_outcomes)
+    on_labels = targets.on_labels(label_accuracy)
     named = labels_route_sets(Path(bench.data.source)) - {active.name}
     if named:
         raise LearnError(f"{bench.data.source}: labels of route set {', '.join(sorted(named))}, not "
@@ -257,10 +261,10 @@ def run_learn(
         if multi:
             from sieve.quality.categories_run import run_category_fit
 
-            run_category_fit(bench, draft, targets, fitted_out=out, command=command, progress=progress)
+            run_category_fit(bench, draft, on_labels, fitted_out=out, command=command, progress=progress)
             head_path_for(out).unlink(missing_ok=True)
         else:
-            _, fit = run_fit(bench, [("proposed", draft)], targets, fitted_out=out, min_support=min_support,
+            _, fit = run_fit(bench, [("proposed", draft)], on_labels, fitted_out=out, min_support=min_support,
                              novel_share=novel_share, command=command, progress=progress)
             fitted = {"refitted": "the accept and review thresholds and the novelty threshold",
                       "calibration_review_share": fit.calibration.review_share,
@@ -282,6 +286,8 @@ def run_learn(
         "near_duplicate": near_duplicate,
         "seed": seed,
         "targets": targets.as_dict(),
+        "label_accuracy": label_accuracy,
+        "targets_on_labels": on_labels.as_dict(),
         "head": None if proposal.head is None else {"weight": proposal.head.weight, **proposal.head.meta},
         "fit": fitted,
     })

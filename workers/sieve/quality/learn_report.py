@@ -67,6 +67,16 @@ def _pct(value: object) -> str:
     return "-" if value is None else f"{float(value):.1%}"  # type: ignore[arg-type]
 
 
+def _label_accuracy_lines(c: dict[str, object]) -> list[str]:
+    """What the fit aimed at when the labels are taken as right less than always."""
+    q, on_labels = c.get("label_accuracy", 1.0), c.get("targets_on_labels")
+    if not isinstance(q, int | float) or q >= 1.0 or not isinstance(on_labels, dict):
+        return []
+    return ["", f"The labels are taken as right {q:.1%} of the time: the fit's targets on true accuracy "
+                f"({c.get('targets')}) were read as agreement with the labels ({on_labels}). The accuracies "
+                "below are agreement with the labels."]
+
+
 def render_comparison(c: dict[str, object]) -> str:
     """The comparison as short Markdown."""
     active, proposed, fit = c["active"], c["proposed"], c.get("fit") or {}
@@ -80,6 +90,7 @@ def render_comparison(c: dict[str, object]) -> str:
         f"Examples from the labels' train split only; {fit.get('refitted', 'thresholds')} refitted on the "
         f"calibration split; both versions measured on the same {c['held_back_labels']} held-back (test) "
         "labels.",
+        *_label_accuracy_lines(c),
         "",
         "## Routes changed",
         "",

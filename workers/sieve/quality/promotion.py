@@ -10,7 +10,16 @@ on those labels,
   is at least ``min_accuracy`` when one is set;
 - its automatic share is at least the active one's plus ``auto_margin``;
 
-and the evidence is about the version being promoted. With the workers' metrics of a
+or, with ``min_added_accuracy`` and a proposal that decides more of the labels automatically,
+the accuracy check is on what it adds instead: its automatic decisions beyond the active
+one's (net: right minus the active's right, over decided minus the active's decided) must
+be at least ``min_added_accuracy`` accurate, read as true accuracy through the evidence's
+``label_accuracy`` (:func:`~sieve.quality.targets.accuracy_from_agreement`). The held-back
+labels are the active version's review traffic, where it is sure of few items and right
+on them: a proposal that automates much more is less accurate there on average even
+when every decision it adds is as good as the target asks, and this check sees that.
+
+And the evidence is about the version being promoted. With the workers' metrics of a
 shadow run (:func:`shadow_counts`, :func:`shadow_checks`), the live traffic must agree too:
 enough events shadowed, the candidate deciding alike where both versions decided
 automatically (``min_agreement``: it must not contradict what the active version was sure
@@ -23,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sieve.quality.targets import accuracy_from_agreement
+
 
 class EvidenceError(ValueError):
     """Evidence that does not say what a promotion needs; the message names what is missing."""
@@ -30,11 +41,16 @@ class EvidenceError(ValueError):
 
 @dataclass(frozen=True)
 class Margins:
-    """What the proposal must beat the active version by (shares and accuracies, 0 to 1)."""
+    """What the proposal must beat the active version by (shares and accuracies, 0 to 1).
+
+    ``min_added_accuracy``: the accuracy of the automatic decisions a proposal adds, which
+    then replaces the ``accuracy_margin`` check for a proposal that automates more.
+    """
 
     accuracy_margin: float = 0.0
     auto_margin: float = 0.0
     min_accuracy: float | None = None
+    min_added_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,23 +86,47 @@ def promotion_checks(evidence: dict[str, object], version: str, margins: Margins
     checks = [Check("version", proposed_version == version,
                     f"the evidence is about {proposed_version!r}, promoting {version!r}")]
     a_acc, p_acc = _number(active, "auto_accuracy"), _number(proposed, "auto_accuracy")
+    added = _added_check(evidence, active, proposed, margins.min_added_accuracy)
     if p_acc is None:
         checks.append(Check("accuracy", False, "the proposal decides nothing automatically"))
+    elif added is not None:
+        checks.append(added)
     else:
         floor = (a_acc or 0.0) + margins.accuracy_margin
         checks.append(Check("accuracy", p_acc >= floor,
                             f"automatic accuracy {p_acc:.3f}, needs {floor:.3f} (active {a_acc or 0.0:.3f} "
                             f"{margins.accuracy_margin:+.3f})"))
-        if margins.min_accuracy is not None:
-            ci = proposed.get("auto_accuracy_ci95")
-            low = float(ci[0]) if isinstance(ci, list) and ci else 0.0
-            checks.append(Check("accuracy lower bound", low >= margins.min_accuracy,
-                                f"Wilson lower bound {low:.3f}, needs {margins.min_accuracy:.3f}"))
+    if p_acc is not None and margins.min_accuracy is not None:
+        ci = proposed.get("auto_accuracy_ci95")
+        low = float(ci[0]) if isinstance(ci, list) and ci else 0.0
+        checks.append(Check("accuracy lower bound", low >= margins.min_accuracy,
+                            f"Wilson lower bound {low:.3f}, needs {margins.min_accuracy:.3f}"))
     a_auto, p_auto = _number(active, "auto_share") or 0.0, _number(proposed, "auto_share") or 0.0
     checks.append(Check("automatic share", p_auto >= a_auto + margins.auto_margin,
                         f"{p_auto:.1%} automatic, needs {a_auto + margins.auto_margin:.1%} "
                         f"(active {a_auto:.1%} {margins.auto_margin:+.1%})"))
     return checks
+
+
+def _added_check(evidence: dict[str, object], active: dict[str, object], proposed: dict[str, object],
+                 floor: float | None) -> Check | None:
+    """The check on the automatic decisions the proposal adds; None when it adds none or none is asked."""
+    events = _number(proposed, "events")
+    if floor is None or not events:
+        return None
+    sides = (("a", active), ("p", proposed))
+    decided = {side: (_number(s, "auto_share") or 0.0) * events for side, s in sides}
+    right = {side: (_number(s, "auto_accuracy") or 0.0) * decided[side] for side, s in sides}
+    more = decided["p"] - decided["a"]
+    if more < 0.5:  # not one decision more: the plain accuracy check applies
+        return None
+    label_accuracy = evidence.get("label_accuracy", 1.0)
+    q = float(label_accuracy) if isinstance(label_accuracy, int | float) else 1.0
+    agreement = (right["p"] - right["a"]) / more
+    accuracy = accuracy_from_agreement(agreement, q)
+    return Check("added accuracy", accuracy >= floor,
+                 f"the {more:.0f} automatic decisions it adds are {agreement:.3f} alike with the labels, "
+                 f"{accuracy:.3f} accurate with labels right {q:.1%} of the time; needs {floor:.3f}")
 
 
 @dataclass(frozen=True)

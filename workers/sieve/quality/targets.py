@@ -45,6 +45,41 @@ class Targets:
         """JSON-ready."""
         return {"precision": self.precision, "accuracy": self.accuracy, "z": self.z}
 
+    def on_labels(self, label_accuracy: float) -> Targets:
+        """The same targets read against labels that are right with probability ``label_accuracy``.
+
+        See :func:`agreement_for`; 1 (labels taken as right) gives the targets unchanged.
+        """
+        q = label_accuracy
+        return Targets({o: agreement_for(p, q) for o, p in self.precision.items()},
+                       None if self.accuracy is None else agreement_for(self.accuracy, q), self.z)
+
+
+def _check_label_accuracy(label_accuracy: float) -> None:
+    if not 0.5 < label_accuracy <= 1.0:
+        raise ValueError(f"label accuracy must be within (0.5, 1], got {label_accuracy}")
+
+
+def agreement_for(accuracy: float, label_accuracy: float) -> float:
+    """How often a decider right ``accuracy`` of the time agrees with labels right ``label_accuracy`` of it.
+
+    Labels from a reviewer (an LLM's verdicts) are wrong now and then, and an accuracy
+    measured against them mixes the decider's errors with the reviewer's. With labels right
+    with probability q, independent of the decider: agreement = a·q + (1 − a)·e, where e is the
+    chance that a wrong decision matches a wrong label. e = 1 − q with two outcomes and less
+    with more, so taking e = 1 − q gives the highest agreement a decider of accuracy a can
+    need: agreement = a·(2q − 1) + (1 − q). A target on true accuracy is met when this
+    agreement is (the cautious direction for any number of outcomes).
+    """
+    _check_label_accuracy(label_accuracy)
+    return accuracy * (2 * label_accuracy - 1) + (1 - label_accuracy)
+
+
+def accuracy_from_agreement(agreement: float, label_accuracy: float) -> float:
+    """The inverse of :func:`agreement_for`, within [0, 1]: the accuracy an agreement with labels shows."""
+    _check_label_accuracy(label_accuracy)
+    return min(1.0, max(0.0, (agreement - (1 - label_accuracy)) / (2 * label_accuracy - 1)))
+
 
 @dataclass(frozen=True)
 class Assessment:
