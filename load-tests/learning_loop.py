@@ -83,7 +83,7 @@ class Loop:
             {"backend": args.backend} if args.encoder != "trivial" else {})
         self.topology = loop_topology(args.prefix, self.routes, self.route_set.name, outcomes, encoder,
                                       max_events=args.batch, review_concurrency=args.review_concurrency,
-                                      reviews_per_s=args.reviews_per_s)
+                                      reviews_per_s=args.reviews_per_s, audit_share=args.audit_share)
         self.topology_path = self.out / "topology.yaml"
         self.topology_path.write_text(yaml.safe_dump(self.topology, sort_keys=False))
         self.review_topology_path = self.topology_path
@@ -175,7 +175,7 @@ class Loop:
         learned = self.cli("routes", "learn", str(self.routes), "--labels", str(labels), "--out",
                            str(candidate), "--seed", str(self.args.seed), *self.encoder_options(), "-q",
                            *(["--new-outcomes"] if self.args.new_outcomes else []),
-                           *noise, check=False)
+                           *noise, *self.args.learn_option, check=False)
         record["learn_s"] = round(time.monotonic() - started, 1)
         if learned.returncode != 0:
             record["learn_error"] = (learned.stdout + learned.stderr).strip().splitlines()[-1:]
@@ -226,9 +226,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with OracleLLM(gold, routes_of, wrong=args.wrong, delay_s=args.llm_delay_s, seed=args.seed) as oracle:
         try:
             loop.start(oracle.base_url)
-            skip = {loop.topology["review"]["labels_topic"], *loop.topology["input"]["topics"]}
+            review = loop.topology["review"]
+            skip = {review["audit_topic"], *loop.topology["input"]["topics"]}
             topics = [t for t in topology_topics(loop.topology) if t not in skip]
-            with Collector(loop.kafka, topics, loop.topology["output"]["dead_letter_topic"]) as collector:
+            with Collector(loop.kafka, topics, loop.topology["output"]["dead_letter_topic"],
+                           review["labels_topic"], args.audit_share) as collector:
                 labels = 0
                 print(HEADER, flush=True)
                 for index, start in enumerate(range(0, len(examples), args.window)):
@@ -273,7 +275,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[
                    seconds=round(seconds, 1))
     return {"data": args.data, "routes": str(args.routes), "window": args.window, "wrong": args.wrong,
             "promote_min_accuracy": args.promote_min_accuracy, "llm_delay_s": args.llm_delay_s,
-            "label_accuracy": args.label_accuracy,
+            "label_accuracy": args.label_accuracy, "learn_options": args.learn_option,
+            "audit_share": args.audit_share,
             "promote_min_added_accuracy": args.promote_min_added_accuracy,
             "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
             "overall": summary}
@@ -345,6 +348,10 @@ def main() -> None:
                         help="promote --min-accuracy: the candidate's Wilson lower bound at least this")
     parser.add_argument("--promote-min-added-accuracy", type=float, default=None,
                         help="promote --min-added-accuracy: what a candidate adds at least this accurate")
+    parser.add_argument("--audit-share", type=float, default=0.0,
+                        help="review.audit_share: automatic decisions also labelled by the reviewer")
+    parser.add_argument("--learn-option", action="append", default=[],
+                        help="one more option for routes learn (repeatable), e.g. --learn-option=--z=1.96")
     parser.add_argument("--label-accuracy", type=float, default=None,
                         help="routes learn --label-accuracy: how often the labels are right (the oracle's "
                         "1 - --wrong is known here; a deployment reads it off the console's LLM-human "

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_script import ScriptedEndpoint, message_text, share_of  # noqa: E402
 
+from sieve.flow.publish import audited  # noqa: E402
 from sieve.kafka.client import client_kwargs  # noqa: E402
 from sieve.quality.metrics import wilson  # noqa: E402
 from sieve.settings import KafkaSettings  # noqa: E402
@@ -109,7 +110,8 @@ class OracleLLM(ScriptedEndpoint):
 
 
 def loop_topology(prefix: str, routes: Path, route_set_name: str, outcomes: list[str], encoder: dict,
-                  *, max_events: int, review_concurrency: int, reviews_per_s: float) -> dict:
+                  *, max_events: int, review_concurrency: int, reviews_per_s: float,
+                  audit_share: float = 0.0) -> dict:
     """topologies/moderation.yaml for one run: its own topics under ``prefix``, the run's route file."""
     topology = yaml.safe_load((REPO / "topologies" / "moderation.yaml").read_text())
     topology.update(name=prefix, group_id=f"{prefix}-worker")
@@ -126,7 +128,7 @@ def loop_topology(prefix: str, routes: Path, route_set_name: str, outcomes: list
     topology["review"].update(
         human_review_topic=f"{prefix}.human-review", labels_topic=f"{prefix}.labels",
         group_id=f"{prefix}-review", max_concurrency=review_concurrency, max_reviews_per_s=reviews_per_s,
-        daily_token_budget=None,
+        daily_token_budget=None, audit_share=audit_share, audit_topic=f"{prefix}.audit",
     )
     return topology
 
@@ -135,7 +137,7 @@ def topology_topics(topology: dict) -> dict[str, int]:
     """Every topic of the run (``{name: partitions}``), to create before anything reads them."""
     output, review = topology["output"], topology["review"]
     names = [*topology["input"]["topics"], *output["outcome_topics"].values(), output["dead_letter_topic"],
-             review["human_review_topic"], review["labels_topic"]]
+             review["human_review_topic"], review["labels_topic"], review["audit_topic"]]
     return {name: 2 for name in names}
 
 
@@ -150,19 +152,23 @@ class EventState:
     reviewed: bool = False
     llm_calls: int = 0
     dead: bool = False
+    audit_pending: bool = False  # an automatic decision in the audit sample, its label not seen yet
+    audited: bool = False  # its audit label came back
 
     @property
     def done(self) -> bool:
-        """Decided automatically, reviewed (verdict or hand-off), or dead-lettered."""
+        """Decided automatically (and labelled when audited), reviewed (verdict or hand-off), or dead."""
         automatic = self.router_outcome is not None and self.router_outcome != NEEDS_REVIEW
-        return self.dead or automatic or self.reviewed
+        return self.dead or (automatic and not self.audit_pending) or self.reviewed
 
 
 class Collector:
     """Reads the run's output topics from the beginning on a thread; ``state`` is per event id."""
 
-    def __init__(self, kafka: KafkaSettings, topics: list[str], dead_letter_topic: str) -> None:
+    def __init__(self, kafka: KafkaSettings, topics: list[str], dead_letter_topic: str,
+                 labels_topic: str | None = None, audit_share: float = 0.0) -> None:
         self.kafka, self.topics, self.dead_letter_topic = kafka, topics, dead_letter_topic
+        self.labels_topic, self.audit_share = labels_topic, audit_share
         self.state: dict[str, EventState] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -221,15 +227,22 @@ class Collector:
         if not isinstance(body, dict) or "event_id" not in body:
             return
         state = self.state.setdefault(str(body["event_id"]), EventState())
+        if topic == self.labels_topic:  # read for the audits' labels only: one LLM call each
+            if body.get("router_outcome") != NEEDS_REVIEW and state.audit_pending:
+                state.audit_pending, state.audited = False, True
+                state.llm_calls += 1
+            return
         if body.get("decided_by", "router") == "router":
             if state.router_outcome is None:
                 state.router_outcome = str(body.get("outcome"))
+                state.audit_pending = state.router_outcome != NEEDS_REVIEW and audited(
+                    str(body.get("id")), self.audit_share)
                 state.novel = bool(body.get("novel"))
                 state.version = body.get("route_set_version")
         elif not state.reviewed:
             review = body.get("review") or {}
             state.reviewed = True
-            state.llm_calls = int(review.get("attempts") or 0)
+            state.llm_calls += int(review.get("attempts") or 0)
             if review.get("handoff_reason") is None and body.get("outcome") != NEEDS_REVIEW:
                 state.final_outcome = str(body.get("outcome"))
 
@@ -257,6 +270,7 @@ def window_row(index: int, states: list[EventState], gold: list[str], *, labels_
         "reviewer_verdicts": len(verdicts),
         "reviewer_accuracy": (sum(v == g for v, g in verdicts) / len(verdicts)) if verdicts else None,
         "handoffs": sum(s.reviewed and s.final_outcome is None for s in states),
+        "audits": sum(s.audited for s in states),
         "dead_letters": sum(s.dead for s in states),
         "llm_calls": sum(s.llm_calls for s in states),
         "versions": sorted({s.version for s in states if s.version}),

@@ -3,7 +3,8 @@
 Three windows of 40 events of a synthetic labelled set (examples of the shipped moderation
 routes with their route's outcome, and everyday chatter as clean) go through the real
 ``sieve worker`` and ``sieve review`` on the session's dev broker; the reviewer's LLM is the
-script's oracle double. Figures are not asserted, only that they are there and consistent.
+script's oracle double; half the automatic decisions are audited. Figures are not asserted,
+only that they are there and consistent.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
         [sys.executable, str(REPO / "load-tests" / "learning_loop.py"), str(data),
          "--routes", str(REPO / "routes" / "moderation.yaml"), "--out", str(out), "--encoder", "trivial",
          "--window", "40", "--llm-delay-s", "0.02", "--refresh-s", "1", "--bootstrap", dev_broker,
-         "--prefix", f"loop-smoke-{tmp_path.name}"],
+         "--prefix", f"loop-smoke-{tmp_path.name}", "--audit-share", "0.5"],
         capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
@@ -56,6 +57,10 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
     assert [w["events"] for w in windows] == [40, 40, 40]
     # Every event was decided, automatically or by review, and the labels came back between windows.
     assert all(w["automatic"] + round(w["review_share"] * 40) + w["dead_letters"] == 40 for w in windows)
+    # Audits (half the automatic decisions) came back as labels and nothing else: the verdicts and
+    # hand-offs are exactly the reviewed events, and no automatic decision got a second one.
+    assert 0 < sum(w["audits"] for w in windows) <= sum(w["automatic"] for w in windows)
+    assert all(w["reviewer_verdicts"] + w["handoffs"] == round(w["review_share"] * 40) for w in windows)
     assert windows[0]["labels_before"] == 0 < windows[1]["labels_before"] <= windows[2]["labels_before"]
     assert len(report["learning"]) == 2
     # The LLM calls the reviewer's decisions report are the requests the oracle answered.

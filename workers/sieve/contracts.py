@@ -356,7 +356,8 @@ class Label(BaseModel):
     labeller: str = Field(description="The model's name, or the person.")
     decision_id: str = Field(description="The id of the verdict's decision.")
     router_decision_id: str = Field(description="The id of the router's needs_review decision it settles.")
-    router_outcome: str | None = Field(default=None, description="What the router decided (needs_review).")
+    router_outcome: str | None = Field(default=None, description="What the router decided: needs_review, "
+                                       "or an automatic outcome for an audit (review.audit_share).")
     router_route: str | None = None
     route_set: str
     route_set_version: str = Field(description="The route-set version the label corrects.")

@@ -25,7 +25,7 @@ from sieve.thresholds import ThresholdOverrides
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]
 # The topology file format's version: up by one with each additive change (a new optional field).
-TOPOLOGY_SCHEMA_VERSION = 3  # 2: tenants; 3: route_set.shadow, output.shadow_topic
+TOPOLOGY_SCHEMA_VERSION = 4  # 2: tenants; 3: route_set.shadow, output.shadow_topic; 4: review.audit_*
 
 
 class TopologyError(ValueError):
@@ -193,6 +193,11 @@ class ReviewSpec(BaseModel):
     accepts_images: bool = False
     # Nearest route examples (carried in the decision) shown to the LLM.
     max_examples: int = Field(default=8, ge=0, le=100)
+    # Audit: this share of the router's automatic decisions (chosen by decision id) is also
+    # copied to audit_topic; the reviewer labels them (labels_topic) and publishes no verdict.
+    # The labels then cover what the router decides alone, not only what it was unsure of.
+    audit_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    audit_topic: TopicName = "sieve.audit"
 
 
 class Topology(BaseModel):
@@ -307,6 +312,8 @@ class Topology(BaseModel):
         topics.add(self.output.dead_letter_topic)
         if self.output.shadow_topic is not None:
             topics.add(self.output.shadow_topic)
+        if self.review is not None and self.review.audit_share > 0:
+            topics.add(self.review.audit_topic)
         return sorted(topics)
 
 

@@ -39,7 +39,7 @@ from sieve.flow.images import ImageRejected, load_image
 from sieve.flow.lists import ListHit
 from sieve.flow.match import RouteIndex, match_batch
 from sieve.flow.prefilter import Prefilter, repeat_rows
-from sieve.flow.publish import plan_dead_letters, plan_decisions
+from sieve.flow.publish import plan_audits, plan_dead_letters, plan_decisions
 from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.flow.shadow import Shadow, ShadowBatch, ShadowStats
 from sieve.flow.tenant_groups import TenantGroup, build_groups, positions_by, swap_groups, take_rows
@@ -375,6 +375,9 @@ class RouterPipeline:
             letters.extend(more_letters)
         output = self.topology.output
         outbound = plan_decisions(decisions, output) + plan_dead_letters(letters, output)
+        review = self.topology.review
+        if review is not None and review.audit_share > 0:
+            outbound += plan_audits(decisions, review.audit_topic, review.audit_share)
         if shadow is None:
             return BatchResult(decisions, letters, outbound, seconds)
         return BatchResult(decisions, letters, outbound + shadow.messages, seconds, shadow.stats)

@@ -7,6 +7,7 @@ Planning is pure (this module); sending is the worker's job
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,3 +103,26 @@ def plan_dead_letters(letters: list[DeadLetter], output: OutputSpec) -> list[Out
         )
         for letter in letters
     ]
+
+
+def audited(decision_id: str, share: float) -> bool:
+    """Whether a decision is in the audit sample: a hash of its id below ``share`` (same id, same answer)."""
+    if share <= 0.0:
+        return False
+    digest = hashlib.blake2b(decision_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
+
+
+def plan_audits(decisions: Sequence[dict[str, Any]], topic: str, share: float) -> list[Outbound]:
+    """The audit sample of the automatic decisions, copied to ``topic`` for the reviewer to label.
+
+    A seeded share of them, by decision id (:func:`audited`), keyed like the decisions; the
+    decision itself is published as ever. ``sieve-audit: true`` says why it is there.
+    """
+    messages = []
+    for row in decisions:
+        if row["outcome"] != NEEDS_REVIEW and audited(row["id"], share):
+            headers = (("sieve-decision-id", row["id"].encode()), ("sieve-outcome", row["outcome"].encode()),
+                       ("sieve-audit", b"true"))
+            messages.append(Outbound(topic, row["event_id"].encode(), to_json(row), headers))
+    return messages

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from sieve.contracts import NEEDS_REVIEW, Decision
+
 _REVIEW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 900)
 
 # Share of all events that reached review, in PromQL (the router counts its input):
@@ -54,3 +56,22 @@ REUSED = Counter(
     "Reviews answered with the verdict of an earlier review of the same content (LLM calls saved).",
     ["topology"],
 )
+# The automatic decisions' accuracy as the LLM sees it, in PromQL:
+#   sum(rate(sieve_review_audits_total{result="agrees"}[1h]))
+#     / sum(rate(sieve_review_audits_total{result=~"agrees|differs"}[1h]))
+AUDITS = Counter(
+    "sieve_review_audits_total",
+    "Audited automatic decisions: the LLM's verdict agrees with the router's outcome, differs, or none "
+    "(handed off: an audit goes to no person).",
+    ["topology", "result"],
+)
+
+
+def count_audits(topology: str, decisions: list[Decision], finals: list[Decision]) -> None:
+    """Count the audits of a reviewed batch (``finals`` in the order of ``decisions``)."""
+    for decision, final in zip(decisions, finals, strict=True):
+        if decision.outcome == NEEDS_REVIEW:
+            continue
+        handed_off = final.review is not None and final.review.handoff_reason is not None
+        result = "none" if handed_off else "agrees" if final.outcome == decision.outcome else "differs"
+        AUDITS.labels(topology, result).inc()

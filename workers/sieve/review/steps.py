@@ -256,17 +256,24 @@ def plan_review(decisions: list[Decision], output: OutputSpec, human_review_topi
 
     With ``labels_topic`` and the router decisions ``reviewed`` (in the same order), each
     verdict also goes there as a :class:`~sieve.contracts.Label`, keyed by its event id.
+    An audit (``reviewed`` is an automatic decision, from the audit topic) gets its label
+    only: the router's decision stands and was published; one the LLM did not answer is
+    dropped, as a sample may be.
     """
     messages: list[Outbound] = []
     for position, decision in enumerate(decisions):
         reason = decision.review.handoff_reason if decision.review is not None else None
+        audit = reviewed is not None and reviewed[position].outcome != NEEDS_REVIEW
         if reason is None:
-            messages += plan_decisions([decision], output)
+            if not audit:
+                messages += plan_decisions([decision], output)
             if labels_topic is not None and reviewed is not None:
                 label = Label.of_verdict(decision, reviewed[position])
                 headers = (("sieve-label-id", label.id.encode()),)
                 messages.append(Outbound(labels_topic, decision.event_id.encode(),
                                          label.model_dump_json().encode(), headers))
+            continue
+        if audit:
             continue
         messages.append(
             Outbound(

@@ -1,5 +1,8 @@
 """The LLM reviewer worker: needs-review decisions in, final decisions (or hand-offs) out.
 
+With ``review.audit_share`` it also reads the audit topic: automatic decisions the router
+sampled, which get a label and no verdict (:func:`~sieve.review.steps.plan_review`).
+
 :class:`ReviewerWorker` is the thin Faust shell around a
 :class:`~sieve.review.engine.ReviewEngine`, like the router's
 (:mod:`sieve.worker.batch_worker`): take a batch, review it with bounded concurrency,
@@ -18,7 +21,7 @@ import faust
 from sieve.contracts import NEEDS_REVIEW, Decision
 from sieve.kafka.records import RawRecord
 from sieve.review.engine import ReviewEngine
-from sieve.review.metrics import DECISIONS_IN
+from sieve.review.metrics import DECISIONS_IN, count_audits
 from sieve.review.steps import ReviewCatalogue, decode_decisions, plan_review
 from sieve.routeset import RouteSet
 from sieve.settings import Settings
@@ -60,7 +63,8 @@ class ReviewerWorker(BatchWorker):
         self.spec = spec
         self.engine = engine
         self.input_topic = review_input_topic(topology)
-        self._add_agent([self.input_topic], topology.output.partitions, f"sieve.{topology.name}.reviewer")
+        self.topics = [self.input_topic] + ([spec.audit_topic] if spec.audit_share > 0 else [])
+        self._add_agent(self.topics, topology.output.partitions, f"sieve.{topology.name}.reviewer")
 
     async def handle(self, records: list[RawRecord]) -> list[Decision]:
         """Review one batch to the end: returns once every output is acknowledged by the broker."""
@@ -75,6 +79,7 @@ class ReviewerWorker(BatchWorker):
         finals = await self.engine.review_many(decisions)
         outbound += plan_review(finals, self.topology.output, self.spec.human_review_topic,
                                 self.spec.labels_topic, decisions)
+        count_audits(self.topology.name, decisions, finals)
         await self._publish(outbound)
         return finals
 
@@ -87,6 +92,8 @@ def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]
               output.dead_letter_topic: output.partitions}
     if spec.labels_topic is not None:
         topics[spec.labels_topic] = output.partitions
+    if spec.audit_share > 0:
+        topics[spec.audit_topic] = output.partitions
     for outcome in outcomes:
         topics[output.topic_for(outcome)] = output.partitions
     if output.route_topic_prefix is not None:
@@ -119,7 +126,7 @@ def run_reviewer(
     engine = ReviewEngine(topology.name, spec, catalogue, settings.llm)
     reviewer = ReviewerWorker(topology, settings, engine)
     # /healthz heartbeat, /readyz checks and the needs-review lag (what reviewers autoscale on)
-    WorkerHealth(reviewer, [reviewer.input_topic])
+    WorkerHealth(reviewer, reviewer.topics)
     serve(settings.metrics_host, settings.metrics_port, settings.health)
     say(
         f"reviewer {settings.worker_name}: topology {topology.name}, {reviewer.input_topic} -> "
