@@ -258,6 +258,10 @@ PANELS: list[dict[str, Any]] = [
     stat("LLM agrees with router", "Share of LLM verdicts equal to the outcome of the router's top route.",
          q(f'sum(rate(sieve_review_agreement_total{{{T}, agrees="true"}}{RATE})) / '
            f"sum(rate(sieve_review_agreement_total{{{T}}}{RATE}))"), "percentunit"),
+    stat("Audit: automatic decisions the LLM upholds", "Of the audited automatic decisions "
+         "(review.audit_share) the LLM answered, the share where its verdict is the router's outcome.",
+         q(f'sum(rate(sieve_review_audits_total{{{T}, result="agrees"}}{RATE})) / '
+           f'sum(rate(sieve_review_audits_total{{{T}, result=~"agrees|differs"}}{RATE}))'), "percentunit"),
     timeseries("Hand-offs to people /s by reason, breaker", "Events the reviewer handed to the "
                "human-review topic, and 1 while its circuit breaker is open.",
                [q(f"sum by (reason) (rate(sieve_review_handoffs_total{{{T}}}{RATE}))", "{{reason}}"),
