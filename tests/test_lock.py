@@ -45,7 +45,7 @@ def test_the_lock_pins_every_dependency_within_its_range() -> None:
 def test_make_and_the_image_install_through_the_lock() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert "LOCK := requirements.lock" in makefile
-    assert "pip install --quiet -c $(LOCK) -e '.[test]'" in makefile
+    assert "pip install --quiet --no-cache-dir -c $(LOCK) -e '.[test]'" in makefile
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "requirements.lock" in dockerfile and "pip install -c requirements.lock ." in dockerfile
     assert locked()["torch"] == Version("2.14.1")  # the pin the Dockerfile's torch layer uses
