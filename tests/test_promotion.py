@@ -69,10 +69,20 @@ def test_with_min_added_accuracy_the_decisions_a_proposal_adds_are_judged_not_it
     noisy = {**wider, "label_accuracy": 0.95}
     assert failed(promotion_checks(noisy, "v2", Margins(min_added_accuracy=0.95))) == set()
     assert failed(promotion_checks(noisy, "v2", Margins(min_added_accuracy=0.97))) == {"added accuracy"}
-    # a proposal that automates less is held to the plain accuracy check
+    # asking for more automation still can
+    assert failed(promotion_checks(noisy, "v2", Margins(min_added_accuracy=0.95, auto_margin=0.6))) == {
+        "automatic share"}
+    # a proposal that automates less must give up only decisions less accurate than asked
     narrower = {**evidence("v2", active=(0.5, 0.95), proposed=(0.4, 0.90)), "label_accuracy": 0.95}
-    assert failed(promotion_checks(narrower, "v2", Margins(min_added_accuracy=0.9))) == {
-        "accuracy", "automatic share"}
+    checks = promotion_checks(narrower, "v2", Margins(min_added_accuracy=0.9))
+    assert failed(checks) == {"given-up accuracy"} and "automatic share" not in {c.name for c in checks}
+    # fewer automatic decisions, more of them right: the active one was wrong on what it decided alone
+    sharper = {**evidence("v2", active=(0.126, 0.517), proposed=(0.108, 0.88)), "label_accuracy": 0.95}
+    assert failed(promotion_checks(sharper, "v2", Margins(min_added_accuracy=0.95))) == set()
+    assert failed(promotion_checks(sharper, "v2", Margins())) == {"automatic share"}
+    # a proposal that decides nothing may replace one that was wrong on what it decided
+    silent = {**evidence("v2", active=(0.081, 0.5), proposed=(0.0, 0.0)), "label_accuracy": 0.95}
+    assert failed(promotion_checks(silent, "v2", Margins(min_added_accuracy=0.95))) == set()
 
 
 def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Path, monkeypatch,

@@ -310,8 +310,8 @@ def routes_promote(
     min_accuracy: Annotated[float | None, typer.Option(
         help="--if-better: the Wilson lower bound of its automatic accuracy at least this.")] = None,
     min_added_accuracy: Annotated[float | None, typer.Option(
-        help="--if-better: when it automates more, the decisions it adds at least this accurate (through "
-        "the evidence's label accuracy), instead of --accuracy-margin.")] = None,
+        help="--if-better: the decisions the versions trade judged instead (through the evidence's label "
+        "accuracy): those it adds at least this accurate, those it gives up less.")] = None,
     shadow_metrics: Annotated[list[str] | None, typer.Option(
         help="--if-better: a worker's /metrics URL (repeat for each worker) shadowing VERSION: its live "
         "figures must pass too.")] = None,

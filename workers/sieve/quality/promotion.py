@@ -10,14 +10,15 @@ on those labels,
   is at least ``min_accuracy`` when one is set;
 - its automatic share is at least the active one's plus ``auto_margin``;
 
-or, with ``min_added_accuracy`` and a proposal that decides more of the labels automatically,
-the accuracy check is on what it adds instead: its automatic decisions beyond the active
-one's (net: right minus the active's right, over decided minus the active's decided) must
-be at least ``min_added_accuracy`` accurate, read as true accuracy through the evidence's
-``label_accuracy`` (:func:`~sieve.quality.targets.accuracy_from_agreement`). The held-back
-labels are the active version's review traffic, where it is sure of few items and right
-on them: a proposal that automates much more is less accurate there on average even
-when every decision it adds is as good as the target asks, and this check sees that.
+or, with ``min_added_accuracy``, both checks judge the decisions the two versions trade
+instead (net: the proposal's right automatic decisions minus the active's, over its
+automatic decisions minus the active's), read as true accuracy through the evidence's
+``label_accuracy`` (:func:`~sieve.quality.targets.accuracy_from_agreement`): a proposal
+that automates more must add decisions at least ``min_added_accuracy`` accurate; one that
+automates less must give up decisions that were less accurate than that (better reviewed);
+``auto_margin`` above 0 still asks for more automation. Labels from review traffic are
+the active version's hard cases, where a proposal that automates much more is less
+accurate on average even when every decision it adds is as good as the target asks.
 
 And the evidence is about the version being promoted. With the workers' metrics of a
 shadow run (:func:`shadow_counts`, :func:`shadow_checks`), the live traffic must agree too:
@@ -43,8 +44,8 @@ class EvidenceError(ValueError):
 class Margins:
     """What the proposal must beat the active version by (shares and accuracies, 0 to 1).
 
-    ``min_added_accuracy``: the accuracy of the automatic decisions a proposal adds, which
-    then replaces the ``accuracy_margin`` check for a proposal that automates more.
+    ``min_added_accuracy``: the accuracy the automatic decisions the versions trade are
+    judged against, instead of ``accuracy_margin`` and (unless ``auto_margin`` > 0) the share.
     """
 
     accuracy_margin: float = 0.0
@@ -86,11 +87,11 @@ def promotion_checks(evidence: dict[str, object], version: str, margins: Margins
     checks = [Check("version", proposed_version == version,
                     f"the evidence is about {proposed_version!r}, promoting {version!r}")]
     a_acc, p_acc = _number(active, "auto_accuracy"), _number(proposed, "auto_accuracy")
-    added = _added_check(evidence, active, proposed, margins.min_added_accuracy)
-    if p_acc is None:
+    trade = _trade_check(evidence, active, proposed, margins.min_added_accuracy)
+    if trade is not None:
+        checks.append(trade)
+    elif p_acc is None:
         checks.append(Check("accuracy", False, "the proposal decides nothing automatically"))
-    elif added is not None:
-        checks.append(added)
     else:
         floor = (a_acc or 0.0) + margins.accuracy_margin
         checks.append(Check("accuracy", p_acc >= floor,
@@ -101,6 +102,8 @@ def promotion_checks(evidence: dict[str, object], version: str, margins: Margins
         low = float(ci[0]) if isinstance(ci, list) and ci else 0.0
         checks.append(Check("accuracy lower bound", low >= margins.min_accuracy,
                             f"Wilson lower bound {low:.3f}, needs {margins.min_accuracy:.3f}"))
+    if margins.min_added_accuracy is not None and margins.auto_margin <= 0:
+        return checks  # the trade check judged the change of automatic share
     a_auto, p_auto = _number(active, "auto_share") or 0.0, _number(proposed, "auto_share") or 0.0
     checks.append(Check("automatic share", p_auto >= a_auto + margins.auto_margin,
                         f"{p_auto:.1%} automatic, needs {a_auto + margins.auto_margin:.1%} "
@@ -108,9 +111,9 @@ def promotion_checks(evidence: dict[str, object], version: str, margins: Margins
     return checks
 
 
-def _added_check(evidence: dict[str, object], active: dict[str, object], proposed: dict[str, object],
+def _trade_check(evidence: dict[str, object], active: dict[str, object], proposed: dict[str, object],
                  floor: float | None) -> Check | None:
-    """The check on the automatic decisions the proposal adds; None when it adds none or none is asked."""
+    """The automatic decisions the versions trade, against ``floor``; None when none is asked or traded."""
     events = _number(proposed, "events")
     if floor is None or not events:
         return None
@@ -118,15 +121,18 @@ def _added_check(evidence: dict[str, object], active: dict[str, object], propose
     decided = {side: (_number(s, "auto_share") or 0.0) * events for side, s in sides}
     right = {side: (_number(s, "auto_accuracy") or 0.0) * decided[side] for side, s in sides}
     more = decided["p"] - decided["a"]
-    if more < 0.5:  # not one decision more: the plain accuracy check applies
+    if abs(more) < 0.5:  # not one decision traded: the plain accuracy check applies
         return None
     label_accuracy = evidence.get("label_accuracy", 1.0)
     q = float(label_accuracy) if isinstance(label_accuracy, int | float) else 1.0
-    agreement = (right["p"] - right["a"]) / more
+    agreement = (right["p"] - right["a"]) / more  # net right per net decision traded
     accuracy = accuracy_from_agreement(agreement, q)
-    return Check("added accuracy", accuracy >= floor,
-                 f"the {more:.0f} automatic decisions it adds are {agreement:.3f} alike with the labels, "
-                 f"{accuracy:.3f} accurate with labels right {q:.1%} of the time; needs {floor:.3f}")
+    read = f"{agreement:.3f} alike with the labels, {accuracy:.3f} accurate with labels right {q:.1%}"
+    if more > 0:
+        return Check("added accuracy", accuracy >= floor,
+                     f"the {more:.0f} automatic decisions it adds are {read}; needs {floor:.3f}")
+    return Check("given-up accuracy", accuracy < floor,
+                 f"the {-more:.0f} automatic decisions it gives up were {read}; must be under {floor:.3f}")
 
 
 @dataclass(frozen=True)
