@@ -13,7 +13,10 @@ deployment's operator (or a job) would: ``sieve labels export`` (the labels topi
 reviewer publishes every verdict) -> ``sieve routes learn ACTIVE --labels ... --out NEW`` ->
 ``sieve routes sync NEW --no-activate`` -> ``sieve routes promote NAME VERSION --evidence
 NEW.learn.json --if-better`` (exit 1, nothing changed, when the held-back labels do not favour
-the candidate). The running worker switches to a promoted version between batches (route
+the candidate). ``--audit-share`` has the router copy that share of its automatic decisions
+to the reviewer, whose verdicts on them are labels too; ``--label-accuracy`` and
+``--promote-min-added-accuracy`` pass the learn and promote options of those names.
+The running worker switches to a promoted version between batches (route
 refresh); the next window is sent once it has had time to. The stream waits while a candidate
 is learned (the figures per window are then each version's own).
 
@@ -22,7 +25,8 @@ novel share, review share, LLM calls and promotions, and writes ``loop.json`` an
 to ``--out``:
 
     .venv/bin/python load-tests/learning_loop.py davidson --routes /tmp/q18/fit0/built.fitted.yaml \\
-        --out /tmp/loop-davidson --limit 4000
+        --out /tmp/loop-davidson --limit 4000 --audit-share 0.05 --label-accuracy 0.95 \\
+        --promote-min-added-accuracy 0.95 --learn-option=--z=1.96
 """
 
 from __future__ import annotations
