@@ -35,7 +35,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from sieve.kafka.broker import start_dev_broker
+from sieve.kafka.broker import start_dev_broker, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"desktop": (1280, 800, False), "phone": (390, 844, True)}
@@ -160,11 +160,7 @@ def main() -> int:
         finally:
             for process in (console, broker):
                 if process is not None:
-                    process.terminate()
-                    try:
-                        process.wait(15)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
+                    stop_process(process, 15)
     return 0
 
 

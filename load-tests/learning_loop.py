@@ -51,7 +51,7 @@ from loadgen import produce_events  # noqa: E402
 from loop_parts import REPO, Collector, OracleLLM, loop_topology, overall, topology_topics, window_row  # noqa: E402
 
 from sieve.cli.demo import free_port  # noqa: E402
-from sieve.kafka.broker import start_dev_broker  # noqa: E402
+from sieve.kafka.broker import start_dev_broker, stop_process  # noqa: E402
 from sieve.kafka.client import ensure_topics  # noqa: E402
 from sieve.quality.datasets import LabelledExample, load_data  # noqa: E402
 from sieve.routeset import head_path_for, load_route_set  # noqa: E402
@@ -150,13 +150,7 @@ class Loop:
     def stop(self) -> None:
         """Stop the worker, reviewer and broker (this run's own processes), last started first."""
         for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
+            stop_process(process, 60)
 
     def check_alive(self) -> None:
         """Raise if the worker or reviewer has exited."""

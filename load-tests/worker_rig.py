@@ -39,7 +39,7 @@ from loadgen import ProduceReport, produce_events  # noqa: E402
 from measure import parse_output  # noqa: E402
 
 from sieve.cli.demo import free_port  # noqa: E402
-from sieve.kafka.broker import start_dev_broker  # noqa: E402
+from sieve.kafka.broker import start_dev_broker, stop_process  # noqa: E402
 from sieve.kafka.client import client_kwargs  # noqa: E402
 from sieve.settings import KafkaSettings, get_settings  # noqa: E402
 from sieve.topology import EncoderSpec  # noqa: E402
@@ -132,13 +132,8 @@ class WorkerRig:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         for process, grace in ((self.worker, 60), (self.broker, 10)):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(grace)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
+            if process is not None:
+                stop_process(process, grace)
 
     def produce(self, events: list[dict], rate: float = 0.0) -> ProduceReport:
         """Send events to the input topic (loadgen.produce_events: flat out, or ``rate`` events/s)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from sieve.encoders.clip import OpenClipEncoder, save_tiny_clip
 from sieve.encoders.sentence_transformers import SentenceTransformerEncoder
 from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.match import RouteIndex
-from sieve.kafka.broker import start_dev_broker
+from sieve.kafka.broker import start_dev_broker, stop_process
 from sieve.routeset import RouteSet, load_route_set
 
 # hypothesis is imported here, at collection, on purpose: its pytest plugin imports it
@@ -118,11 +117,7 @@ def dev_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def worker_env(bootstrap: str, qdrant_path: Path, **extra: str) -> dict[str, str]:

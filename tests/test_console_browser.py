@@ -27,6 +27,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from sieve.kafka.broker import stop_process
 from sieve.topology import load_topology
 
 from .conftest import free_port
@@ -80,12 +81,7 @@ def running(dev_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         wait_ready(url, process, log)
         yield RunningConsole(url, setup, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process, 15)
 
 
 def _until(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], Any], what: str,

@@ -65,3 +65,15 @@ def start_dev_broker(
             raise TimeoutError(f"tansu did not listen on {host}:{port} within {timeout_s}s")
         time.sleep(0.05)
     return process
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Stop a process started here (the dev broker, a worker): SIGTERM, ``grace_s`` to exit, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
