@@ -178,7 +178,24 @@ def test_the_shipped_profanity_list_is_the_vendored_word_list_unchanged() -> Non
     assert (REPO / "routes" / "lists" / "LICENSE.better-profanity").read_text() == (
         REPO / "data" / "blocklists" / "better-profanity" / "LICENSE").read_text()
     moderation = load_route_set(REPO / "routes" / "moderation.yaml")
-    assert [item.name for item in moderation.loaded_lists] == ["profanity"]
+    assert [item.name for item in moderation.loaded_lists] == ["profanity", "slurs"]
+
+
+def test_the_shipped_slur_list_adds_to_the_profanity_list_and_holds_for_review() -> None:
+    slurs = load_list(REPO / "routes" / "lists" / "slurs.yaml")
+    profanity = load_list(REPO / "routes" / "lists" / "profanity.yaml")
+    terms = [e.term for e in slurs.entries]  # type: ignore[union-attr]
+    assert len(terms) == len(set(terms)) > 50
+    assert not set(terms) & {e.term for e in profanity.entries}  # type: ignore[union-attr]
+    assert (slurs.kind, slurs.route, getattr(slurs, "action", None)) == ("block", "hate", "review")
+    matcher = TermMatcher([profanity, slurs])  # type: ignore[list-item]
+    held = ["these hoes ain't loyal", "text me later my nigs", "go back home you towel heads",
+            "what a bunch of R3T4RDS", "white trash everywhere"]
+    assert all(any(h.list == "slurs" for h in matcher.match(text)) for text in held)
+    # plain words around the slurs stay out: a hit needs the whole word
+    fine = ["those shoes are lovely", "horse riding lessons on sunday", "a towel and a headband",
+            "the sandwich was trash-talked by the chef", "the photo was a bit dark"]
+    assert not any(matcher.match(text) for text in fine)
 
 
 def test_built_and_fitted_sets_name_their_lists_and_fit_holds_hits(tmp_path: Path, trivial_encoder) -> None:
