@@ -84,13 +84,18 @@ class RouteDefaults(Thresholds):
     no_match: Literal["default", "needs_review"] = "default"
     # None: no novelty threshold (no event is flagged novel).
     novelty: Novelty | None = None
+    # None: off. A number: an event gets the set's default outcome automatically only when its
+    # best default-outcome route scores at least this much above its best route of any other
+    # outcome (clean because close to clean examples, not because far from violating ones).
+    default_lead: float | None = Field(default=None, ge=0.0, le=2.0)
 
     @model_serializer(mode="wrap")
-    def _without_unset_novelty(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        """Without a novelty threshold the defaults dump (so the version hashes) as before novelty existed."""
+    def _without_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Unset novelty and lead left out: defaults dump (and hash) as before these existed."""
         data: dict[str, object] = handler(self)
-        if data.get("novelty", False) is None:
-            del data["novelty"]
+        for key in ("novelty", "default_lead"):
+            if data.get(key, False) is None:
+                del data[key]
         return data
 
     @property

@@ -21,12 +21,18 @@ but a learned head's combined scores can), it gets ``needs_review``, its reason 
 route kept — unless the set says ``novelty.on_novel: default``. A novel event accepted
 by a route of another outcome keeps it (a route claimed it), and one in a review band
 is reviewed anyway; its decision says ``novel: true`` all the same.
+
+Lead, when the set has one (``defaults.default_lead``): an event gets the default outcome
+automatically only when its best default-outcome route scores at least that much above
+its best route of any other outcome; otherwise ``needs_review``, reason and route kept.
+Clean is then decided by being close to clean examples, not by being far from violating
+ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,6 +60,9 @@ class Policy:
     novelty_threshold: float | None = None
     # True: a novel event never gets the default outcome automatically (False: on_novel default).
     novel_review: bool = True
+    # An event gets the default outcome automatically only when its best default-outcome route
+    # leads its best route of another outcome by at least this (None: no such condition).
+    default_lead: float | None = None
     # mode: multi (sieve.flow.multi): every route judged on its own thresholds.
     multi: bool = False
     # multi mode: per route, its outcome's place in the set's severity order (0: most severe).
@@ -82,6 +91,7 @@ class Policy:
             no_match_review=defaults.no_match == "needs_review",
             novelty_threshold=novelty.threshold if novelty is not None else None,
             novel_review=novelty is None or novelty.on_novel == "needs_review",
+            default_lead=defaults.default_lead,
             multi=route_set.mode == "multi",
             rank=np.array([route_set.severity_order.index(route.outcome) for route in index.routes],
                           dtype=np.int64),
@@ -92,6 +102,30 @@ class Policy:
         if self.novelty_threshold is None:
             return None
         return is_novel(novelty, self.novelty_threshold)
+
+
+    def short_lead(self, route_scores: np.ndarray) -> np.ndarray | None:
+        """Per event, whether the default outcome's lead is short of ``default_lead`` (None: no lead set)."""
+        if self.default_lead is None:
+            return None
+        return lead_short(route_scores, self.outcomes, self.default_outcome, self.default_lead)
+
+
+def lead_short(route_scores: np.ndarray, outcomes: tuple[str, ...], default_outcome: str,
+               lead: float) -> np.ndarray:
+    """Per event, whether its best default-outcome route leads every other outcome's best by less than lead.
+
+    Compared in float32, as the worker holds scores and thresholds. A set with no route of the
+    default outcome, or none of another, has no lead to measure: every event is short, or none.
+    """
+    scores = np.asarray(route_scores, dtype=np.float32)
+    default = np.array([o == default_outcome for o in outcomes], dtype=bool)
+    if not default.any():
+        return np.ones(len(scores), dtype=bool)
+    if default.all():
+        return np.zeros(len(scores), dtype=bool)
+    gap = scores[:, default].max(axis=1) - scores[:, ~default].max(axis=1)
+    return np.asarray(gap < np.float32(lead), dtype=bool)
 
 
 def is_novel(novelty: np.ndarray, threshold: float) -> np.ndarray:
@@ -139,7 +173,7 @@ def decide_scores(
     if n == 0:
         return verdicts
     if policy.multi:
-        return _with_novelty(_decide_multi(scores, policy), policy, novelty)
+        return _with_lead(_with_novelty(_decide_multi(scores, policy), policy, novelty), policy, scores)
     outcomes = policy.outcomes
     outcome_of = np.array(outcomes, dtype=object)
     rows = np.arange(n)
@@ -172,7 +206,17 @@ def decide_scores(
             verdicts.append(Verdict(NEEDS_REVIEW, "review_band", best))
         else:
             verdicts.append(Verdict(no_match, "no_match", None))
-    return _with_novelty(verdicts, policy, novelty)
+    return _with_lead(_with_novelty(verdicts, policy, novelty), policy, scores)
+
+
+def _with_lead(verdicts: list[Verdict], policy: Policy, scores: np.ndarray) -> list[Verdict]:
+    """Default outcomes whose lead is short of ``default_lead`` go to review, reason and route kept."""
+    short = policy.short_lead(scores)
+    if short is None:
+        return verdicts
+    default = policy.default_outcome
+    return [replace(v, outcome=NEEDS_REVIEW) if flag and v.outcome == default else v
+            for v, flag in zip(verdicts, short.tolist(), strict=True)]
 
 
 def _decide_multi(scores: np.ndarray, policy: Policy) -> list[Verdict]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sieve.flow.decide import Policy, decide_scores, is_novel
+from sieve.flow.decide import Policy, decide_scores, is_novel, lead_short
 from sieve.progress import SILENT, Progress
 from sieve.quality.decider import FastDecider, GroupDecider, Params, check_agrees_with_worker
 from sieve.quality.metrics import wilson
@@ -66,6 +66,7 @@ class FitResult:
         policy = self.params.policy(
             base.outcomes, base.default_outcome, self.novelty.threshold if self.novelty else None
         )
+        policy = replace(policy, default_lead=self.route_set.defaults.default_lead)
         if self.novelty is not None and self.novelty.on_novel == "default":
             return replace(policy, novel_review=False)
         return policy
@@ -225,6 +226,10 @@ def fit_thresholds(
     if novelty is not None and novel_share is not None:
         fitted_novelty = fit_novelty(novelty, novel_share)
         novel = is_novel(novelty, fitted_novelty.threshold)
+    lead = route_set.defaults.default_lead
+    if lead is not None:  # the set's own lead: events short of it never get the default either
+        short = lead_short(route_scores, outcomes, route_set.default_outcome, lead)
+        held = short if held is None else held | short
     never_default = novel if held is None else held if novel is None else novel | held
     decider = FastDecider(route_scores, outcomes, route_set.default_outcome, never_default)
     objective = Objective(decider, gold, targets)
@@ -335,6 +340,7 @@ def apply_thresholds(
         margin=margin,
         no_match="needs_review" if params.no_match_review else "default",
         novelty=novelty,
+        default_lead=route_set.defaults.default_lead,
     )
     position = {route.name: i for i, route in enumerate(routes)}
     new_routes = []
