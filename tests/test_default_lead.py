@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
+from typer.testing import CliRunner
 
+from sieve.cli import app
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.decide import Policy, decide_scores, lead_short
 from sieve.flow.match import RouteIndex
-from sieve.quality.fit import fit_thresholds
+from sieve.quality.fit import LEADS, FitResult, fit_lead, fit_thresholds
 from sieve.quality.targets import Targets
-from sieve.routeset import parse_route_set
+from sieve.routeset import RouteSet, load_route_set, parse_route_set
 from sieve.routeset_dump import dump_route_set
 
+from .conftest import REPO
 from .test_fit import SYNTH, synthetic
 from .test_match_decide import CHAT, POLICY, POLICY_SET, SPAM, policy_index
 from .test_multi import BASE, multi_set
@@ -89,3 +93,50 @@ def test_fit_keeps_the_sets_lead_and_searches_with_it_applied():
     short = lead_short(scores, worker.outcomes, "clean", 0.15)
     assert not any(o == "clean" for o, s in zip(outcomes, short.tolist(), strict=True) if s)
     assert short.any() and fit.calibration.auto <= plain.calibration.auto
+
+
+def with_lead(route_set: RouteSet, lead: float | None) -> RouteSet:
+    defaults = route_set.defaults.model_copy(update={"default_lead": lead})
+    return route_set.model_copy(update={"defaults": defaults})
+
+
+def test_fit_lead_takes_the_largest_lead_within_the_cost():
+    scores, gold = synthetic(200, 2)
+    fits: dict[float | None, FitResult] = {}
+
+    def fit(route_set: RouteSet) -> FitResult:  # one real fit per lead, remembered
+        lead = route_set.defaults.default_lead
+        if lead not in fits:
+            fits[lead] = fit_thresholds(scores, gold, route_set, tuple(route_set.routes),
+                                        Targets(accuracy=0.9, z=0.0), min_support=None, sweeps=1)
+        return fits[lead]
+
+    base = fit(SYNTH)
+    chosen = []
+    for cost in (0.0, 0.05, 0.3):
+        got = fit_lead(fit, SYNTH, cost)
+        lead = got.route_set.defaults.default_lead
+        assert got is fits[lead]
+        floor = base.calibration.auto - cost * base.calibration.events
+        assert got.calibration.auto >= floor
+        # every larger lead was over the cost, or lost the targets the fit without one met
+        assert all(fits[larger].calibration.auto < floor or not fits[larger].calibration.feasible
+                   for larger in LEADS if lead is None or larger > lead)
+        chosen.append(lead or 0.0)
+    assert chosen == sorted(chosen) and chosen[-1] > 0  # a dearer budget never buys a smaller lead
+
+
+def test_fit_cli_fits_a_lead_when_asked(tmp_path):
+    rows = [{"text": f"refund my order number {i}", "label": "billing"} for i in range(20)]
+    rows += [{"text": f"where is parcel {i} now", "label": "shipping"} for i in range(20)]
+    rows += [{"text": f"tell me a story about dragons {i}"} for i in range(20)]
+    data = tmp_path / "support.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "fit"
+    result = CliRunner().invoke(app, [
+        "fit", str(data), "--routes", str(REPO / "routes" / "support.yaml"), "--out", str(out),
+        "--min-accuracy", "0.8", "--lead-cost", "1", "--encoder", "trivial", "--no-cache", "--no-plots", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    lead = load_route_set(out / "support.fitted.yaml").defaults.default_lead
+    assert lead in LEADS and f"default lead {lead:g}" in result.output

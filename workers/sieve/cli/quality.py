@@ -168,6 +168,10 @@ def fit_command(
         bool, typer.Option("--novel-default", help="Declare novel events safe (default outcome) if the test "
                                                    "split shows them at the target; `sieve eval` warns.")
     ] = False,
+    lead_cost: Annotated[
+        float | None, typer.Option(help="Also fit defaults.default_lead: the largest lead (0.05 .. 0.5) that "
+                                        "costs at most this share of calibration automation (e.g. 0.02).")
+    ] = None,
     fitted: Annotated[
         Path | None,
         typer.Option(help="Where the fitted route file goes (default: OUT/<routes>.fitted.yaml)."),
@@ -202,8 +206,8 @@ def fit_command(
     try:
         report, fit = run_fit(bench, labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
                               min_support=min_support or None, novel_share=novel_share or None,
-                              novel_default=novel_default, command=command_line(), use_head=head,
-                              progress=progress)
+                              novel_default=novel_default, lead_cost=lead_cost, command=command_line(),
+                              use_head=head, progress=progress)
     except (RouteSetError, HeadError, ValueError) as exc:
         fail(str(exc))
     paths = write_report(report, out, plots=plots)
@@ -212,6 +216,8 @@ def fit_command(
         nov = fit.novelty
         console.print(f"novelty threshold {nov.threshold:g}: {nov.baseline or 0:.1%} of calibration novel; "
                       f"novel events -> {nov.on_novel}; on test: novel {s.novel_share or 0:.1%}")
+    if fit.route_set.defaults.default_lead is not None:
+        console.print(f"default lead {fit.route_set.defaults.default_lead:g}")
     console.print(
         f"fitted on calibration (review {fit.calibration.review_share:.1%}, targets "
         f"{'met' if fit.calibration.feasible else 'NOT met'}); on test: auto {s.auto_share:.1%} at accuracy "

@@ -24,6 +24,7 @@ a separate, opt-in step checked on held-out data (:func:`novel_default_holds`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -267,6 +268,33 @@ def fit_thresholds(
         refined,
         fitted_novelty,
     )
+
+
+LEADS = tuple(round(0.05 * i, 2) for i in range(1, 11))  # the leads fit_lead tries: 0.05 .. 0.5
+
+
+def fit_lead(fit: Callable[[RouteSet], FitResult], route_set: RouteSet, lead_cost: float) -> FitResult:
+    """The fit with the largest lead (``LEADS``) that keeps calibration automation within ``lead_cost``.
+
+    ``fit`` fits a route set on calibration. Without a lead first; then each lead in turn, up
+    to the largest whose fit decides at most ``lead_cost`` (a share of the calibration events)
+    fewer events automatically and still meets its targets if the fit without one did. The
+    lead asks for as much evidence of the default outcome as in-domain traffic gives at that
+    cost: what it buys is safety on traffic unlike the calibration data, which calibration
+    cannot show (docs/quality.md, Lead).
+    """
+    def with_lead(lead: float | None) -> FitResult:
+        return fit(route_set.model_copy(update={"defaults": route_set.defaults.model_copy(
+            update={"default_lead": lead})}))
+
+    best = base = with_lead(None)
+    floor = base.calibration.auto - lead_cost * base.calibration.events
+    for lead in LEADS:
+        tried = with_lead(lead)
+        if tried.calibration.auto < floor or (base.calibration.feasible and not tried.calibration.feasible):
+            continue
+        best = tried
+    return best
 
 
 def fit_novelty(novelty: np.ndarray, novel_share: float) -> Novelty:

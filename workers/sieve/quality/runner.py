@@ -27,7 +27,7 @@ from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Advance, Progress
 from sieve.quality.build import BuildResult, build_route_set, with_head
 from sieve.quality.datasets import LabelledData
-from sieve.quality.fit import NOVEL_SHARE, FitResult, declare_novel_default, fit_thresholds
+from sieve.quality.fit import NOVEL_SHARE, FitResult, declare_novel_default, fit_lead, fit_thresholds
 from sieve.quality.report_data import Report, SystemEntry, describe_route_set
 from sieve.quality.scoring import held_by_lists, score_split, three_way_run
 from sieve.quality.semantic_router import (
@@ -237,6 +237,7 @@ def run_fit(
     min_support: int | None = 50,
     novel_share: float | None = NOVEL_SHARE,
     novel_default: bool = False,
+    lead_cost: float | None = None,
     command: str = "",
     use_head: bool = True,
     progress: Progress = SILENT,
@@ -244,7 +245,8 @@ def run_fit(
     """Fit each route file on calibration, write the first one's fit (its head's, with one), compare on test.
 
     ``novel_share``: the share of calibration events the novelty threshold flags (None: no
-    threshold); ``novel_default``: declare novel events safe where the test split shows it.
+    threshold); ``novel_default``: declare novel events safe where the test split shows it;
+    ``lead_cost``: fit a default lead too (:func:`fit_lead`; None: the set's own lead).
     Side by side on test, per route file: the fitted policy, the file's own thresholds, the
     head (fitted too), semantic-router at its default threshold and at its ``fit``'s.
     """
@@ -263,7 +265,7 @@ def run_fit(
         scored = score_split(test, index, bench.encoder, test_vectors)
         fit_on = functools.partial(_fit_on, cal=cal, scored=scored, candidate=candidate, targets=targets,
                                    min_support=min_support, novel_share=novel_share,
-                                   novel_default=novel_default, progress=progress)
+                                   novel_default=novel_default, lead_cost=lead_cost, progress=progress)
         fit = fit_on(cal.match.route_scores, scored.match.route_scores)
         fitted_policy = fit.policy(Policy.for_index(index))
         head_policy = None
@@ -329,13 +331,15 @@ def run_fit(
 def _fit_on(
     cal_scores: np.ndarray, test_scores: np.ndarray, *, cal: ScoredSplit, scored: ScoredSplit,
     candidate: Candidate, targets: Targets, min_support: int | None, novel_share: float | None,
-    novel_default: bool, progress: Progress,
+    novel_default: bool, lead_cost: float | None, progress: Progress,
 ) -> FitResult:
-    """Thresholds fitted on calibration scores (nearest or the head's); novel declared safe if asked."""
+    """Thresholds (a lead too, with ``lead_cost``) fitted on calibration; novel declared safe if asked."""
     index = candidate.index
-    fitted = fit_thresholds(cal_scores, list(cal.gold), candidate.route_set, index.routes, targets,
+    fit = functools.partial(fit_thresholds, cal_scores, list(cal.gold), routes=index.routes, targets=targets,
                             min_support=min_support, novelty=novelty_scores(cal.match.nearest_score),
                             novel_share=novel_share, held=held_by_lists(cal), progress=progress)
+    fitted = (fit(route_set=candidate.route_set) if lead_cost is None
+              else fit_lead(lambda rs: fit(route_set=rs), candidate.route_set, lead_cost))
     if novel_default:
         fitted = declare_novel_default(fitted, Policy.for_index(index), test_scores,
                                        novelty_scores(scored.match.nearest_score), list(scored.gold))
@@ -374,9 +378,7 @@ def _check_written_fit(
 def _examples_of(index: RouteIndex, route: str) -> list[tuple[str, str, np.ndarray]]:
     position = index.route_names.index(route)
     start, end = index.bounds[position]
-    return [
-        (index.example_ids[row], index.example_texts[row], index.vectors[row]) for row in range(start, end)
-    ]
+    return [(index.example_ids[r], index.example_texts[r], index.vectors[r]) for r in range(start, end)]
 
 
 def _data_notes(data: LabelledData) -> list[str]:
@@ -390,8 +392,6 @@ def _data_notes(data: LabelledData) -> list[str]:
             "per-category rows leave unknowns out."
         )
     if data.name == "clinc150":
-        notes.append(
-            "Out-of-scope queries (intent 'oos') have no route: their gold outcome is the route "
-            "set's default."
-        )
+        notes.append("Out-of-scope queries (intent 'oos') have no route: their gold outcome is the route "
+                     "set's default.")
     return notes
