@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +17,7 @@ from sieve.routeset import RouteSet, load_route_set, parse_route_set
 from sieve.routeset_dump import dump_route_set
 
 from .conftest import REPO
-from .test_fit import SYNTH, synthetic
+from .test_fit import SYNTH, support_jsonl, synthetic
 from .test_match_decide import CHAT, POLICY, POLICY_SET, SPAM, policy_index
 from .test_multi import BASE, multi_set
 
@@ -127,11 +126,7 @@ def test_fit_lead_takes_the_largest_lead_within_the_cost():
 
 
 def test_fit_cli_fits_a_lead_when_asked(tmp_path):
-    rows = [{"text": f"refund my order number {i}", "label": "billing"} for i in range(20)]
-    rows += [{"text": f"where is parcel {i} now", "label": "shipping"} for i in range(20)]
-    rows += [{"text": f"tell me a story about dragons {i}"} for i in range(20)]
-    data = tmp_path / "support.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data = support_jsonl(tmp_path)
     out = tmp_path / "fit"
     result = CliRunner().invoke(app, [
         "fit", str(data), "--routes", str(REPO / "routes" / "support.yaml"), "--out", str(out),
@@ -140,3 +135,8 @@ def test_fit_cli_fits_a_lead_when_asked(tmp_path):
     assert result.exit_code == 0, result.output
     lead = load_route_set(out / "support.fitted.yaml").defaults.default_lead
     assert lead in LEADS and f"default lead {lead:g}" in result.output
+    # a multi-mode set's categories are fitted to precision alone: asking for a lead is refused
+    moderation = str(REPO / "routes" / "moderation.yaml")
+    multi = CliRunner().invoke(app, ["fit", "openai-moderation", "--routes", moderation,
+                                     "--lead-cost", "0.02", "--encoder", "trivial", "--no-cache", "-q"])
+    assert multi.exit_code != 0 and "--lead-cost" in multi.output

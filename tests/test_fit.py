@@ -276,12 +276,18 @@ def test_moderation_precision_targets_per_outcome(moderation_bench, tmp_path):
     assert report.primary.summary.auto_share >= 0.35
 
 
-def test_fit_cli(tmp_path):
+def support_jsonl(tmp_path: Path) -> Path:
+    """A small labelled file for routes/support.yaml: billing, shipping and unrouted rows."""
     rows = [{"text": f"refund my order number {i}", "label": "billing"} for i in range(20)]
     rows += [{"text": f"where is parcel {i} now", "label": "shipping"} for i in range(20)]
     rows += [{"text": f"tell me a story about dragons {i}"} for i in range(20)]
     data = tmp_path / "support.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
+    return data
+
+
+def test_fit_cli(tmp_path):
+    data = support_jsonl(tmp_path)
     out = tmp_path / "fit"
     result = CliRunner().invoke(app, [
         "fit", str(data), "--routes", str(REPO / "routes" / "support.yaml"), "--out", str(out),

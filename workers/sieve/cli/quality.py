@@ -201,6 +201,9 @@ def fit_command(
         fail(f"{data}: no calibration or no test examples to fit on (a test-only set takes --resplit)")
     fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
     if _is_multi(routes):
+        if lead_cost is not None:
+            fail("--lead-cost fits the lead of a three-way set; a multi-mode set's categories are fitted "
+                 "to their precision alone: write its defaults.default_lead by hand (docs/routes.md)")
         _fit_categories(bench, routes, targets, fitted_out, out, progress)
         return
     try:

@@ -103,7 +103,6 @@ class Policy:
             return None
         return is_novel(novelty, self.novelty_threshold)
 
-
     def short_lead(self, route_scores: np.ndarray) -> np.ndarray | None:
         """Per event, whether the default outcome's lead is short of ``default_lead`` (None: no lead set)."""
         if self.default_lead is None:
