@@ -172,6 +172,10 @@ def fit_command(
         float | None, typer.Option(help="Also fit defaults.default_lead: the largest lead (0.05 .. 0.5) that "
                                         "costs at most this share of calibration automation (e.g. 0.02).")
     ] = None,
+    unseen_share: Annotated[
+        float | None, typer.Option(help="Fit as if this share of traffic (e.g. 0.5) came from topics the "
+                                        "routes lack: calibration events scored without their own route.")
+    ] = None,
     fitted: Annotated[
         Path | None,
         typer.Option(help="Where the fitted route file goes (default: OUT/<routes>.fitted.yaml)."),
@@ -201,15 +205,16 @@ def fit_command(
         fail(f"{data}: no calibration or no test examples to fit on (a test-only set takes --resplit)")
     fitted_out = fitted or out / f"{routes.stem}.fitted.yaml"
     if _is_multi(routes):
-        if lead_cost is not None:
-            fail("--lead-cost fits the lead of a three-way set; a multi-mode set's categories are fitted "
-                 "to their precision alone: write its defaults.default_lead by hand (docs/routes.md)")
+        if lead_cost is not None or unseen_share is not None:
+            fail("--lead-cost and --unseen-share fit a three-way set; a multi-mode set's categories are "
+                 "fitted to their precision alone: write its defaults.default_lead by hand (docs/routes.md)")
         _fit_categories(bench, routes, targets, fitted_out, out, progress)
         return
     try:
         report, fit = run_fit(bench, labelled([routes, *(compare or [])]), targets, fitted_out=fitted_out,
                               min_support=min_support or None, novel_share=novel_share or None,
-                              novel_default=novel_default, lead_cost=lead_cost, command=command_line(),
+                              novel_default=novel_default, lead_cost=lead_cost, unseen_share=unseen_share,
+                              command=command_line(),
                               use_head=head, progress=progress)
     except (RouteSetError, HeadError, ValueError) as exc:
         fail(str(exc))

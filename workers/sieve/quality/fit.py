@@ -34,6 +34,7 @@ from sieve.progress import SILENT, Progress
 from sieve.quality.decider import FastDecider, GroupDecider, Params, check_agrees_with_worker
 from sieve.quality.metrics import wilson
 from sieve.quality.targets import Assessment, Objective, Targets
+from sieve.quality.unseen import Unseen
 from sieve.routeset import Route, RouteSet
 from sieve.thresholds import Novelty, RouteDefaults, ThresholdOverrides
 
@@ -211,6 +212,7 @@ def fit_thresholds(
     novelty: np.ndarray | None = None,
     novel_share: float | None = NOVEL_SHARE,
     held: np.ndarray | None = None,
+    unseen: Unseen | None = None,
     progress: Progress = SILENT,
 ) -> FitResult:
     """Fit on a calibration split's ``(n, routes)`` scores (``routes``: the index's routes, in order).
@@ -220,12 +222,18 @@ def fit_thresholds(
     ``novelty``: the calibration events' novelty; with ``novel_share`` (None: no
     threshold) the set gets a novelty threshold, fitted first. ``held``: per event, a list
     hit holds it for review (a block list with ``action: review``): like a novel event, it
-    never gets the default outcome automatically, and the search sees it so.
+    never gets the default outcome automatically, and the search sees it so. ``unseen``:
+    events as if their route did not exist (:mod:`~sieve.quality.unseen`), searched with the
+    calibration events; the novelty threshold is fitted on the calibration events alone.
     """
     outcomes = tuple(route.outcome for route in routes)
     fitted_novelty = novel = None
     if novelty is not None and novel_share is not None:
         fitted_novelty = fit_novelty(novelty, novel_share)
+    if unseen is not None:  # only outcome groups move: a route no left-out event reached is no safer
+        route_scores, gold, novelty, held = unseen.appended(route_scores, gold, novelty, held)
+        min_support = None
+    if novelty is not None and fitted_novelty is not None:
         novel = is_novel(novelty, fitted_novelty.threshold)
     lead = route_set.defaults.default_lead
     if lead is not None:  # the set's own lead: events short of it never get the default either

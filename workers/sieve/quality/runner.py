@@ -39,6 +39,7 @@ from sieve.quality.semantic_router import (
 from sieve.quality.systems import ScoredSplit, SystemRun
 from sieve.quality.tables import summarise
 from sieve.quality.targets import Targets
+from sieve.quality.unseen import Unseen, unseen_of
 from sieve.quality.workbench import EvalSplit, Workbench
 from sieve.routeset import RouteSet, head_path_for, load_route_set
 from sieve.routeset_dump import dump_route_set
@@ -111,9 +112,6 @@ def run_build(
 def _set_name(data_name: str) -> str:
     cleaned = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in data_name.lower()).strip("-_")
     return f"{cleaned or 'routes'}-built"[:64]
-
-
-# --------------------------------------------------------------------------- eval and fit
 
 
 @dataclass
@@ -238,6 +236,7 @@ def run_fit(
     novel_share: float | None = NOVEL_SHARE,
     novel_default: bool = False,
     lead_cost: float | None = None,
+    unseen_share: float | None = None,
     command: str = "",
     use_head: bool = True,
     progress: Progress = SILENT,
@@ -246,7 +245,8 @@ def run_fit(
 
     ``novel_share``: the share of calibration events the novelty threshold flags (None: no
     threshold); ``novel_default``: declare novel events safe where the test split shows it;
-    ``lead_cost``: fit a default lead too (:func:`fit_lead`; None: the set's own lead).
+    ``lead_cost``: fit a default lead too (:func:`fit_lead`; None: the set's own lead);
+    ``unseen_share``: fit with that share of calibration events left out of their routes (:mod:`.unseen`).
     Side by side on test, per route file: the fitted policy, the file's own thresholds, the
     head (fitted too), semantic-router at its default threshold and at its ``fit``'s.
     """
@@ -266,7 +266,7 @@ def run_fit(
         fit_on = functools.partial(_fit_on, cal=cal, scored=scored, candidate=candidate, targets=targets,
                                    min_support=min_support, novel_share=novel_share,
                                    novel_default=novel_default, lead_cost=lead_cost, progress=progress)
-        fit = fit_on(cal.match.route_scores, scored.match.route_scores)
+        fit = fit_on(cal.match.route_scores, scored.match.route_scores, unseen_of(cal, None, unseen_share))
         fitted_policy = fit.policy(Policy.for_index(index))
         head_policy = None
         head_fit = None
@@ -274,7 +274,8 @@ def run_fit(
         if candidate.head is not None:
             cal_scores = decision_scores(cal.match.route_scores, cal.vectors, index, candidate.head)
             head_fit = fit_on(cal_scores, decision_scores(scored.match.route_scores, scored.vectors, index,
-                                                          candidate.head))
+                                                          candidate.head),
+                              unseen_of(cal, candidate.head, unseen_share))
             head_policy = head_fit.policy(Policy.for_index(index))
         sr_threshold, sr_accuracy = semantic_router_fit(cal)
         with progress.task(f"scoring {label} on test", total=4 + (candidate.head is not None)) as advance:
@@ -329,15 +330,16 @@ def run_fit(
 
 
 def _fit_on(
-    cal_scores: np.ndarray, test_scores: np.ndarray, *, cal: ScoredSplit, scored: ScoredSplit,
-    candidate: Candidate, targets: Targets, min_support: int | None, novel_share: float | None,
-    novel_default: bool, lead_cost: float | None, progress: Progress,
+    cal_scores: np.ndarray, test_scores: np.ndarray, unseen: Unseen | None, *, cal: ScoredSplit,
+    scored: ScoredSplit, candidate: Candidate, targets: Targets, min_support: int | None,
+    novel_share: float | None, novel_default: bool, lead_cost: float | None, progress: Progress,
 ) -> FitResult:
     """Thresholds (a lead too, with ``lead_cost``) fitted on calibration; novel declared safe if asked."""
     index = candidate.index
     fit = functools.partial(fit_thresholds, cal_scores, list(cal.gold), routes=index.routes, targets=targets,
                             min_support=min_support, novelty=novelty_scores(cal.match.nearest_score),
-                            novel_share=novel_share, held=held_by_lists(cal), progress=progress)
+                            novel_share=novel_share, held=held_by_lists(cal), unseen=unseen,
+                            progress=progress)
     fitted = (fit(route_set=candidate.route_set) if lead_cost is None
               else fit_lead(lambda rs: fit(route_set=rs), candidate.route_set, lead_cost))
     if novel_default:
