@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import produce_events  # noqa: E402
 from loop_parts import REPO, Collector, OracleLLM, loop_topology, overall, topology_topics, window_row  # noqa: E402
+from loop_plot import plot  # noqa: E402
 
 from sieve.cli.demo import free_port  # noqa: E402
 from sieve.kafka.broker import start_dev_broker, stop_process  # noqa: E402
@@ -115,7 +116,11 @@ class Loop:
             "SIEVE_LLM__MODEL": "oracle-double",
             "SIEVE_LLM__TIMEOUT_S": "10",
         }
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[subprocess.Popen[bytes]] = []  # the broker's
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.reviewer: subprocess.Popen[bytes] | None = None
+        self.llm_base_url, self.metrics_port = "", 0
+        self.shadowing: tuple[str, Path] | None = None  # the candidate the worker shadows, and its file
 
     def cli(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``sieve ARGV`` in the checkout (its caches), with the run's environment."""
@@ -140,33 +145,52 @@ class Loop:
             self.processes.append(start_dev_broker(port=port, log_path=self.out / "broker.log"))
         asyncio.run(ensure_topics(self.kafka, topology_topics(self.topology)))
         self.cli("routes", "sync", str(self.routes), "--topology", str(self.topology_path), "-q")
-        for command, topology in (("worker", self.topology_path), ("review", self.review_topology_path)):
-            env = {**self.env, "SIEVE_LLM__BASE_URL": llm_base_url}
-            log = (self.out / f"{command}.log").open("wb")
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "sieve", command, str(topology)], env=env, stdout=log,
-                stderr=subprocess.STDOUT, cwd=self.out))
+        self.llm_base_url = llm_base_url
+        self.worker = self.spawn("worker", self.topology_path)
+        self.reviewer = self.spawn("review", self.review_topology_path)
+
+    def spawn(self, command: str, topology: Path, **env: str) -> subprocess.Popen[bytes]:
+        """``sieve COMMAND TOPOLOGY`` in the background, its output appended to COMMAND.log."""
+        log = (self.out / f"{command}.log").open("ab")
+        return subprocess.Popen([sys.executable, "-m", "sieve", command, str(topology)],
+                                env={**self.env, "SIEVE_LLM__BASE_URL": self.llm_base_url, **env},
+                                stdout=log, stderr=subprocess.STDOUT, cwd=self.out)
+
+    def shadow(self, version: str, candidate: Path) -> None:
+        """Restart the worker shadowing ``version`` (a new shadow takes a restart), with /metrics served."""
+        stop_process(self.worker, 60)
+        topology = {**self.topology, "route_set": {**self.topology["route_set"], "shadow": version}}
+        path = self.out / "topology-shadow.yaml"
+        path.write_text(yaml.safe_dump(topology, sort_keys=False))
+        self.metrics_port = free_port()
+        self.worker = self.spawn("worker", path, SIEVE_METRICS_PORT=str(self.metrics_port))
+        self.shadowing = (version, candidate)
 
     def stop(self) -> None:
         """Stop the worker, reviewer and broker (this run's own processes), last started first."""
-        for process in reversed(self.processes):
-            stop_process(process, 60)
+        for process in (self.reviewer, self.worker, *reversed(self.processes)):
+            if process is not None:
+                stop_process(process, 60)
 
     def check_alive(self) -> None:
         """Raise if the worker or reviewer has exited."""
-        for process, name in zip(self.processes[-2:], ("worker", "review"), strict=True):
-            if process.poll() is not None:
+        for process, name in ((self.worker, "worker"), (self.reviewer, "review")):
+            if process is not None and process.poll() is not None:
                 tail = (self.out / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"sieve {name} exited with {process.returncode}:\n{tail}")
 
     def learn(self, step: int) -> dict[str, Any]:
-        """Export the labels, learn a candidate, store it, promote it if its evidence favours it."""
+        """Export the labels; promote the shadowed candidate if its evidence favours it (``--shadow``);
+        learn a candidate and store it; then promote it (its held-back evidence alone) or shadow it."""
         labels = self.out / "labels" / f"labels-{step}.jsonl"
         labels.parent.mkdir(exist_ok=True)
         self.cli("labels", "export", "--topic", self.topology["review"]["labels_topic"], "--out", str(labels),
                  "--idle", "2")
         count = sum(1 for _ in labels.open())
         record: dict[str, Any] = {"after_window": step, "labels": count, "promoted": False}
+        if self.shadowing is not None:
+            record.update(self.promote(*self.shadowing, f"http://127.0.0.1:{self.metrics_port}/metrics"))
+            self.shadowing = None
         candidate = self.out / "routes" / f"after-window-{step}.yaml"
         started = time.monotonic()
         noise = ["--label-accuracy", str(self.args.label_accuracy)] if self.args.label_accuracy else []
@@ -181,22 +205,33 @@ class Loop:
         version = load_route_set(candidate).version
         self.cli("routes", "sync", str(candidate), "--topology", str(self.topology_path), "--no-activate",
                  "-q")
+        if self.args.shadow:
+            self.shadow(version, candidate)
+            record["shadowing"] = version
+        else:
+            record.update(self.promote(version, candidate))
+        return record
+
+    def promote(self, version: str, candidate: Path, shadow_metrics: str | None = None) -> dict[str, Any]:
+        """``sieve routes promote --if-better`` with the candidate's evidence (and its shadow's metrics)."""
         evidence = candidate.with_suffix(".learn.json")
         floor, added = self.args.promote_min_accuracy, self.args.promote_min_added_accuracy
         gate = (["--min-accuracy", str(floor)] if floor else []) + (
             ["--min-added-accuracy", str(added)] if added else [])
+        if shadow_metrics:
+            gate += ["--shadow-metrics", shadow_metrics,
+                     "--min-shadow-events", str(self.args.min_shadow_events)]
         promoted = self.cli("routes", "promote", self.route_set.name, version, "--topology",
                             str(self.topology_path), "--evidence", str(evidence), "--if-better", *gate,
                             check=False)
         said = (promoted.stdout + promoted.stderr).strip()
-        record.update(candidate=version, promote_output=said.splitlines())
+        if promoted.returncode != 0 and "not promoted" not in said:
+            raise RuntimeError(f"sieve routes promote failed:\n{promoted.stdout}{promoted.stderr}")
         if promoted.returncode == 0:
-            record["promoted"] = True
             self.routes = candidate
             time.sleep(2 * self.args.refresh_s + 1)  # the worker looks for a new active version this often
-        elif "not promoted" not in said:
-            raise RuntimeError(f"sieve routes promote failed:\n{promoted.stdout}{promoted.stderr}")
-        return record
+        return {"candidate": version, "promoted": promoted.returncode == 0,
+                "promote_output": said.splitlines()}
 
 
 def events_of(examples: list[LabelledExample], start: int) -> list[dict]:
@@ -256,7 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         learning.append(step)
                         note = (f"  then {labels} labels, learn {step['learn_s']} s: "
                                 + ("promoted " + step["candidate"] if step["promoted"] else
-                                   step["learn_error"][0] if "learn_error" in step else "not promoted"))
+                                   step["learn_error"][0] if "learn_error" in step else "not promoted")
+                                + (f", shadowing {step['shadowing']}" if "shadowing" in step else ""))
                     print(format_row(row) + note, flush=True)
                     result = report(args, rows, learning, oracle, time.monotonic() - started)
                     (args.out / "loop.json").write_text(json.dumps(result, indent=2))  # so far
@@ -274,7 +310,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[
     return {"data": args.data, "routes": str(args.routes), "window": args.window, "wrong": args.wrong,
             "promote_min_accuracy": args.promote_min_accuracy, "llm_delay_s": args.llm_delay_s,
             "label_accuracy": args.label_accuracy, "learn_options": args.learn_option,
-            "audit_share": args.audit_share,
+            "audit_share": args.audit_share, "shadow": args.shadow,
             "promote_min_added_accuracy": args.promote_min_added_accuracy,
             "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
             "overall": summary}
@@ -290,36 +326,6 @@ def format_row(row: dict[str, Any]) -> str:
     return (f"{row['window']:>6} {row['events']:>6} {row['labels_before']:>6} {row['automatic_share']:>6.1%} "
             f"{accuracy:>8} {interval:>14} {row['novel_share']:>6.1%} {row['review_share']:>6.1%} "
             f"{row['llm_calls']:>5} {row['promotions']:>4}{extra}")
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Automatic share and automatic accuracy per window, promotions marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    rows = result["windows"]
-    x = [r["window"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(x, [r["automatic_share"] for r in rows], "o-", label="automatic share")
-    accuracy = [r["automatic_accuracy"] for r in rows]
-    ax.plot(x, accuracy, "s-", label="automatic accuracy")
-    ax.fill_between(x, [(r["automatic_accuracy_ci"] or [None, None])[0] for r in rows],
-                    [(r["automatic_accuracy_ci"] or [None, None])[1] for r in rows], alpha=0.2)
-    for r in rows:
-        if r["promotions"]:
-            ax.axvline(r["window"] + 0.5, color="grey", linestyle="--", linewidth=1)
-    ax.axhline(0.95, color="green", linestyle=":", linewidth=1, label="0.95")
-    ax.set_ylim(0, 1.02)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(f"window ({result['window']} events; dashed: a promotion after the window)")
-    ax.set_title(f"learning loop, {result['data']} (oracle LLM double, wrong {result['wrong']:.0%})")
-    ax.legend(loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -346,6 +352,10 @@ def main() -> None:
                         help="promote --min-accuracy: the candidate's Wilson lower bound at least this")
     parser.add_argument("--promote-min-added-accuracy", type=float, default=None,
                         help="promote --min-added-accuracy: what a candidate adds at least this accurate")
+    parser.add_argument("--shadow", action="store_true",
+                        help="shadow each candidate through the next window (the worker restarted with "
+                        "route_set.shadow), then promote it only if its shadow metrics pass too")
+    parser.add_argument("--min-shadow-events", type=int, default=500, help="promote --min-shadow-events")
     parser.add_argument("--audit-share", type=float, default=0.0,
                         help="review.audit_share: automatic decisions also labelled by the reviewer")
     parser.add_argument("--learn-option", action="append", default=[],

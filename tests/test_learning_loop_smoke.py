@@ -3,8 +3,9 @@
 Three windows of 40 events of a synthetic labelled set (examples of the shipped moderation
 routes with their route's outcome, and everyday chatter as clean) go through the real
 ``sieve worker`` and ``sieve review`` on the session's dev broker; the reviewer's LLM is the
-script's oracle double; half the automatic decisions are audited. Figures are not asserted,
-only that they are there and consistent.
+script's oracle double; half the automatic decisions are audited; each candidate is shadowed
+through the next window before its promotion is judged (``--shadow``). Figures are not
+asserted, only that they are there and consistent.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
         [sys.executable, str(REPO / "load-tests" / "learning_loop.py"), str(data),
          "--routes", str(REPO / "routes" / "moderation.yaml"), "--out", str(out), "--encoder", "trivial",
          "--window", "40", "--llm-delay-s", "0.02", "--refresh-s", "1", "--bootstrap", dev_broker,
-         "--prefix", f"loop-smoke-{tmp_path.name}", "--audit-share", "0.5"],
-        capture_output=True, text=True, timeout=240,
+         "--prefix", f"loop-smoke-{tmp_path.name}", "--audit-share", "0.5", "--shadow",
+         "--min-shadow-events", "1"],
+        capture_output=True, text=True, timeout=420,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     report = json.loads((out / "loop.json").read_text())
@@ -63,6 +65,12 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
     assert all(w["reviewer_verdicts"] + w["handoffs"] == round(w["review_share"] * 40) for w in windows)
     assert windows[0]["labels_before"] == 0 < windows[1]["labels_before"] <= windows[2]["labels_before"]
     assert len(report["learning"]) == 2
+    # The candidate learned after window 0 was shadowed through window 1 (the worker restarted with
+    # it), and its promotion was judged on that window's live shadow counts too.
+    first, second = report["learning"]
+    assert report["shadow"] and second["candidate"] == first["shadowing"] != second["shadowing"]
+    said = " ".join(second["promote_output"])
+    assert "40 events shadowed" in said and "shadow agreement" in said, said
     # The LLM calls the reviewer's decisions report are the requests the oracle answered.
     assert sum(w["llm_calls"] for w in windows) == report["overall"]["oracle_requests"] > 0
     assert report["overall"]["oracle_unknown_items"] == 0
