@@ -4,7 +4,7 @@ After ``load-tests/clinc_half.py``: ``clinc_new_intents.py ROUTES...`` decides C
 test split with each route file (its own thresholds, lists and head) as the worker would,
 and prints per kind of query the share decided automatically, the share decided
 automatically and right (its own intent; out-of-scope: ``oos``), and the accuracy of the
-automatic decisions.
+automatic decisions; then the same over all of them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main() -> None:
             stats[kind, "n"] += 1
             stats[kind, "auto"] += automatic
             stats[kind, "right"] += automatic and right
-        for kind in ("new", "known", "oos"):
+        for key in ("n", "auto", "right"):
+            stats["all", key] = sum(stats[kind, key] for kind in ("new", "known", "oos"))
+        for kind in ("new", "known", "oos", "all"):
             n, auto, right = stats[kind, "n"], stats[kind, "auto"], stats[kind, "right"]
             print(f"{path.name} {kind}: {n} queries, automatic {auto / n:.1%}, automatic and right "
                   f"{right / n:.1%}, accuracy of automatic {right / max(auto, 1):.3f}")
