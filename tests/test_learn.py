@@ -11,8 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from sieve.cli import app
+from sieve.flow.head import train_head
+from sieve.quality.build import RoutePool
 from sieve.quality.datasets import LabelledData, LabelledExample
-from sieve.quality.learn import LearnError, check_labels, propose, run_learn
+from sieve.quality.learn import LearnError, check_labels, head_training, propose, run_learn
 from sieve.quality.targets import Targets
 from sieve.quality.workbench import open_workbench
 from sieve.routeset import head_path_for, load_route_set, parse_route_set
@@ -212,3 +214,36 @@ def test_targets_on_labels_are_the_agreement_a_decider_of_that_accuracy_has_with
     assert read.z == 1.0 and accuracy_from_agreement(0.02, 0.95) == 0.0
     with pytest.raises(ValueError, match="label accuracy"):
         targets.on_labels(0.5)
+
+
+def test_a_learned_head_trains_on_the_sets_examples_and_the_labels():
+    route_set = parse_route_set(yaml.safe_load(ACTIVE.replace("lists: [lists/threats.yaml]\n", "")))
+    rows = [LabelledExample(f"s{i}", f"scam {i}", "violating", frozenset({"scam"})) for i in range(3)]
+    train = LabelledData("l", tuple(rows), ("scam",), source="l.jsonl", licence="-")
+    vectors = np.ones((3, 4), np.float32)
+    examples = np.arange(16, dtype=np.float32).reshape(4, 4)  # spam's two, then clean's two
+    data, stacked, pools = head_training(route_set, train, vectors, examples, (RoutePool("scam", "violating",
+                                                                                       (0, 1, 2)),))
+    # the labels' rows first, then the set's examples; every route of the set has a pool, labelled or not
+    assert [ex.text for ex in data.examples[3:]] == ["buy cheap pills now", "cheap pills for sale today",
+                                                      "see you at lunch", "lovely weather today"]
+    assert data.examples[3].labels == {"spam"} and data.examples[5].outcome == "clean"
+    np.testing.assert_array_equal(stacked, np.vstack([vectors, examples]))
+    assert {p.name: p.rows for p in pools} == {"scam": (0, 1, 2), "spam": (3, 4), "clean": (5, 6)}
+
+
+def test_a_balanced_head_gives_a_route_with_few_rows_its_share():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:3] + 0.6 * np.eye(8, dtype=np.float32)[3]
+    counts = (200, 200, 6)  # two routes with many rows, one the labels named a few times
+    vectors = np.vstack([centres[r] + 0.35 * rng.normal(size=(n, 8)) for r, n in enumerate(counts)])
+    membership = np.zeros((sum(counts), 3), bool)
+    membership[np.arange(sum(counts)), np.repeat(np.arange(3), counts)] = True
+    test = np.vstack([centres[2] + 0.35 * rng.normal(size=(200, 8))]).astype(np.float32)
+    shares = {}
+    for balanced in (False, True):
+        head = train_head(vectors.astype(np.float32), membership, ["a", "b", "c"], "x", c=1.0,
+                          balanced=balanced)
+        shares[balanced] = float((head.probabilities(test).argmax(axis=1) == 2).mean())
+        assert head.meta.get("balanced", False) is balanced
+    assert shares[False] < shares[True] and shares[True] > 0.6

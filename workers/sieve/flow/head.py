@@ -175,12 +175,14 @@ def train_head(
     c: float = 10.0,
     weight: float = 0.5,
     seed: int = 0,
+    balanced: bool = False,
     progress: Progress = SILENT,
 ) -> LearnedHead:
     """Logistic regression on ``vectors`` (n, d) with ``membership`` (n, routes) bool.
 
-    One route per row: a multinomial (softmax) model. Rows in several routes
-    (multi-label moderation data): one binary model per route.
+    One route per row: a multinomial (softmax) model; ``balanced`` weighs every route
+    alike whatever its number of rows (sklearn's ``class_weight="balanced"``). Rows in several
+    routes (multi-label moderation data): one binary model per route.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -198,7 +200,8 @@ def train_head(
         if single:
             classes = m.argmax(axis=1)
             present = np.unique(classes)
-            model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+            model = LogisticRegression(C=c, max_iter=2000, random_state=seed,
+                                       class_weight="balanced" if balanced else None)
             model.fit(x, classes)
             if len(present) == 2:  # sklearn folds two classes into one logit
                 coef[present[1]], intercept[present[1]] = model.coef_[0], model.intercept_[0]
@@ -217,6 +220,8 @@ def train_head(
                 advance(1)
             kind = "one_vs_rest"
     meta: dict[str, object] = {"rows": int(keep.sum()), "c": c, "seed": seed}
+    if balanced and single:
+        meta["balanced"] = True
     return LearnedHead(
         tuple(route_names),
         encoder_id,

@@ -186,12 +186,14 @@ def with_head(
     c: float = 10.0,
     weight: float = 0.5,
     seed: int = 0,
+    balanced: bool = False,
     progress: Progress = SILENT,
 ) -> BuildResult:
     """The build result with a logistic-regression head trained on the whole training split."""
     membership = membership_matrix(train, result.pools)
     names = [pool.name for pool in result.pools]
     head = train_head(
-        vectors, membership, names, encoder_id, c=c, weight=weight, seed=seed, progress=progress
+        vectors, membership, names, encoder_id, c=c, weight=weight, seed=seed, balanced=balanced,
+        progress=progress,
     )
     return BuildResult(result.route_set, result.pools, result.kept, head)

@@ -29,7 +29,7 @@ from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.head import LearnedHead
 from sieve.progress import SILENT, Progress
 from sieve.quality.build import BuildResult, RoutePool, route_pools, select_representatives, with_head
-from sieve.quality.datasets import LabelledData
+from sieve.quality.datasets import LabelledData, LabelledExample
 from sieve.quality.learn_report import compare, render_comparison
 from sieve.quality.runner import run_eval, run_fit
 from sieve.quality.targets import Targets
@@ -191,6 +191,31 @@ def propose(
     return Proposal(proposed, changes, head_pools)
 
 
+def head_training(
+    route_set: RouteSet, train: LabelledData, vectors: np.ndarray, example_vectors: np.ndarray,
+    pools: tuple[RoutePool, ...],
+) -> tuple[LabelledData, np.ndarray, tuple[RoutePool, ...]]:
+    """What a learned head is trained on: the labels' training rows and the set's own examples.
+
+    ``example_vectors``: the set's examples, route by route in its order. Every route keeps
+    its class, labelled or not; trained balanced, routes with many rows (the labels' frequent
+    routes, the set's large ones) do not crowd out a route that has few.
+    """
+    extra: list[LabelledExample] = []
+    rows: dict[str, list[int]] = {}
+    for route in route_set.routes:
+        for k, text in enumerate(route.utterances):
+            rows.setdefault(route.name, []).append(len(train.examples) + len(extra))
+            extra.append(LabelledExample(f"example:{route.name}:{k}", text, route.outcome,
+                                         frozenset({route.name})))
+    named = {pool.name for pool in pools}
+    merged = [RoutePool(p.name, p.outcome, p.rows + tuple(rows.get(p.name, ()))) for p in pools]
+    merged += [RoutePool(r.name, r.outcome, tuple(rows[r.name])) for r in route_set.routes
+               if r.name not in named and r.name in rows]
+    data = train.with_examples([*train.examples, *extra])
+    return data, np.vstack([vectors, example_vectors]).astype(np.float32), tuple(merged)
+
+
 def run_learn(
     bench: Workbench,
     active_file: Path,
@@ -248,8 +273,9 @@ def run_learn(
                        near_duplicate=near_duplicate, seed=seed)
     if (head or active_head is not None) and not multi:
         weight = head_weight if head_weight is not None else active_head.weight if active_head else 0.5
-        built = with_head(BuildResult(proposal.route_set, proposal.pools, {}), train, train_vectors,
-                          bench.encoder.id, c=head_c, weight=weight, seed=seed, progress=progress)
+        head_data, vectors, pools = head_training(active, train, train_vectors, existing, proposal.pools)
+        built = with_head(BuildResult(proposal.route_set, pools, {}), head_data, vectors, bench.encoder.id,
+                          c=head_c, weight=weight, seed=seed, balanced=True, progress=progress)
         proposal.head = built.head
     out.parent.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {"proposed": str(out)}
