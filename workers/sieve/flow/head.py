@@ -73,8 +73,11 @@ class LearnedHead:
 
     def combine(self, nearest_scores: np.ndarray, vectors: np.ndarray, index: RouteIndex) -> np.ndarray:
         """``(1 - weight) * nearest + weight * p``, the scores the policy then decides on."""
-        head = self.route_scores(vectors, index)
-        return ((1.0 - self.weight) * nearest_scores + self.weight * head).astype(np.float32)
+        return self.mix(nearest_scores, self.route_scores(vectors, index))
+
+    def mix(self, nearest_scores: np.ndarray, head_scores: np.ndarray) -> np.ndarray:
+        """``(1 - weight) * nearest + weight * p`` for route scores the caller has aligned."""
+        return ((1.0 - self.weight) * nearest_scores + self.weight * head_scores).astype(np.float32)
 
     def to_bytes(self) -> bytes:
         """The ``.npz`` file :meth:`save` writes, as bytes."""

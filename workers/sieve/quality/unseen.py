@@ -93,7 +93,7 @@ def leave_routes_out(
         p[mask] = 0.0
         if head.kind == "softmax":  # the same model without the removed classes: renormalised
             p /= np.maximum(p.sum(axis=1, keepdims=True), np.float32(1e-12))
-        scores = ((1.0 - head.weight) * nearest + head.weight * p).astype(np.float32)
+        scores = head.mix(nearest, p)
     scores[mask] = REMOVED
     return Unseen(scores, novelty, tuple(gold[i] for i in rows),
                   None if held is None else np.asarray(held, dtype=bool)[rows])
