@@ -122,20 +122,27 @@ def test_promote_if_better_refuses_or_promotes_and_logs_its_checks(tmp_path: Pat
 
 
 def metrics_text(version: str, events: int, automatic: int, active: int, both: int, alike: int,
-                 topology: str = "t") -> str:
-    """A worker's /metrics lines for one shadow version (the names and labels the worker exports)."""
+                 topology: str = "t", equivalent: int | None = None) -> str:
+    """A worker's /metrics lines for one shadow version (the names and labels the worker exports).
+
+    Without ``equivalent``, the lines of a worker that does not count equivalent decisions.
+    """
     labels = f'{{topology="{topology}",shadow_version="{version}"}}'
     counts = {"events": events, "automatic": automatic, "active_automatic": active, "both_automatic": both,
               "both_automatic_agreed": alike}
+    if equivalent is not None:
+        counts["both_automatic_equivalent"] = equivalent
     return "".join(f"# TYPE sieve_shadow_{name}_total counter\nsieve_shadow_{name}_total{labels} {value}\n"
                    for name, value in counts.items())
 
 
 def test_shadow_counts_sum_the_workers_and_keep_to_the_version() -> None:
-    one = metrics_text("v2", 600, 500, 300, 290, 285)
+    one = metrics_text("v2", 600, 500, 300, 290, 285, equivalent=288)
     two = metrics_text("v2", 400, 300, 200, 190, 180) + metrics_text("v1", 999, 999, 999, 999, 0, "u")
+    # the second worker counts no equivalent decisions: its alike ones count as equivalent
     assert shadow_counts([one, two], "v2") == {"events": 1000, "automatic": 800, "active_automatic": 500,
-                                              "both_automatic": 480, "both_automatic_agreed": 465}
+                                              "both_automatic": 480, "both_automatic_agreed": 465,
+                                              "both_automatic_equivalent": 468}
     assert shadow_counts([one], "v9")["events"] == 0
 
 
@@ -147,6 +154,11 @@ def test_the_shadow_must_agree_where_the_active_version_was_sure_and_automate_mo
     assert failed(shadow_checks(good, ShadowMargins(auto_margin=0.4))) == {"shadow automatic share"}
     contradicts = shadow_counts([metrics_text("v2", 1000, 800, 500, 480, 400)], "v2")  # 83% alike
     assert failed(shadow_checks(contradicts, ShadowMargins())) == {"shadow agreement"}
+    # clean through another benign route (or none): another route, the same decision
+    other_route = shadow_counts([metrics_text("v2", 1000, 800, 500, 480, 400, equivalent=470)], "v2")
+    assert failed(shadow_checks(other_route, ShadowMargins())) == set()
+    flips = shadow_counts([metrics_text("v2", 1000, 800, 500, 480, 380, equivalent=400)], "v2")
+    assert failed(shadow_checks(flips, ShadowMargins())) == {"shadow agreement"}
     nothing = shadow_counts([], "v2")
     assert failed(shadow_checks(nothing, ShadowMargins())) == {"shadow events", "shadow agreement",
                                                                "shadow automatic share"}

@@ -93,7 +93,7 @@ def test_the_shadow_decides_from_the_same_vectors_as_its_own_active_version_woul
         "partial": ("needs_review", "threat", False), "unrelated": ("needs_review", None, True)}
     assert result.shadow == ShadowStats(shadow_index.version, events=6, agreed=2, automatic=4, novel=1,
                                          active_automatic=6, both_automatic=4,
-                                          both_automatic_agreed=2)
+                                          both_automatic_agreed=2, both_automatic_equivalent=2)
     sent = shadow_messages(result)
     assert [m["event_id"] for m in sent] == ["goose-1", "goose-2", "partial", "unrelated"]
     for message in sent:
@@ -107,6 +107,22 @@ def test_the_shadow_decides_from_the_same_vectors_as_its_own_active_version_woul
     assert all(m["decision_id"] == decision_ids[m["event_id"]] for m in sent)
     # the decisions published are the active version's alone
     assert {d.route_set_version for d in result.decisions} == {pipeline.index.version}
+
+
+def test_clean_through_another_benign_route_or_none_is_an_equivalent_decision() -> None:
+    data = route_set("base", insult=True).model_dump(mode="json", exclude_none=True)
+    data["routes"].append({"name": "smalltalk", "outcome": "clean", "utterances": [UNRELATED]})
+    encoder = TrivialEncoder()
+    pipeline = RouterPipeline(topology(), encoder, RouteIndex.build(route_set("base"), encoder), "t",
+                              shadow_index=RouteIndex.build(parse_route_set(data), encoder))
+    result = pipeline.process(records())
+    active = {d.event_id: (d.outcome, d.route) for d in result.decisions}
+    assert active["unrelated"] == ("clean", None) and active["goose-1"] == ("clean", None)
+    stats = result.shadow
+    assert stats is not None and stats.both_automatic == 6
+    # unrelated: clean by no match, and clean through smalltalk; the geese: clean, and violating (insult)
+    assert (stats.both_automatic_agreed, stats.both_automatic_equivalent) == (3, 4)
+    assert {m["event_id"] for m in shadow_messages(result)} == {"goose-1", "goose-2", "unrelated"}
 
 
 def test_disagreements_are_capped_per_batch_and_need_a_topic() -> None:
@@ -154,7 +170,8 @@ def test_events_a_list_decided_are_not_shadowed(tmp_path: Path) -> None:
     result = pipeline.process([record(0, "a", "I will K1LL you"), record(1, "b", "hello there friend")])
     assert result.decisions[0].list_hits is not None  # decided by the block list, before the encoder
     assert result.shadow == ShadowStats(listed.index.version, events=1, agreed=1, automatic=1,
-                                        active_automatic=1, both_automatic=1, both_automatic_agreed=1)
+                                        active_automatic=1, both_automatic=1, both_automatic_agreed=1,
+                                        both_automatic_equivalent=1)
 
 
 def test_a_shadow_that_does_not_fit_is_refused() -> None:
@@ -208,11 +225,11 @@ def test_metrics_count_the_shadow_of_a_computed_batch() -> None:
     computed = summarise(pipeline.process(batch))
     assert computed.shadow == ShadowStats(shadow_index.version, events=6, agreed=2, automatic=4, novel=1,
                                           active_automatic=6, both_automatic=4,
-                                          both_automatic_agreed=2)
+                                          both_automatic_agreed=2, both_automatic_equivalent=2)
     computed.add(summarise(pipeline.process(records(start=10))))  # a batch computed in two parts
     labels = {"topology": "shadow-metrics", "shadow_version": shadow_index.version}
     names = ("events", "agreed", "automatic", "novel", "active_automatic", "both_automatic",
-             "both_automatic_agreed")
+             "both_automatic_agreed", "both_automatic_equivalent")
 
     def values() -> dict[str, float]:
         return {n: REGISTRY.get_sample_value(f"sieve_shadow_{n}_total", labels) or 0.0 for n in names}
@@ -222,7 +239,8 @@ def test_metrics_count_the_shadow_of_a_computed_batch() -> None:
     after = values()
     assert {n: after[n] - before[n] for n in names} == {"events": 12, "agreed": 4, "automatic": 8, "novel": 2,
                                                         "active_automatic": 12, "both_automatic": 8,
-                                                        "both_automatic_agreed": 4}
+                                                        "both_automatic_agreed": 4,
+                                                        "both_automatic_equivalent": 4}
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
@@ -239,6 +257,6 @@ def test_compute_shadows_in_both_modes(mode: str, trivial_encoder) -> None:
         compute.close()
     assert computed.shadow == ShadowStats(shadow_index.version, events=6, agreed=2, automatic=4, novel=1,
                                           active_automatic=6, both_automatic=4,
-                                          both_automatic_agreed=2)
+                                          both_automatic_agreed=2, both_automatic_equivalent=2)
     sent = [json.loads(m.value)["event_id"] for m in computed.outbound if m.topic == SHADOW_TOPIC]
     assert sent == ["goose-1", "goose-2"]  # capped by settings.shadow_messages

@@ -271,8 +271,14 @@ PANELS: list[dict[str, Any]] = [
     row("Shadow: a candidate version decided beside the active one"),
     timeseries("Shadow agreement", "Share of the shadowed events (text events of the topology's own "
                "policy encoded by the router, not repeats from the cache or list decisions) whose "
-               "shadow outcome and route were the active decision's, per shadow version.",
-               [q(shadow_share("agreed"), "{{shadow_version}} agreement")], "percentunit"),
+               "shadow outcome and route were the active decision's, per shadow version; dashed, of "
+               "the events both versions decided automatically, the share decided equivalently (the "
+               "same outcome; the same route unless it is the default outcome), which promotion checks.",
+               [q(shadow_share("agreed"), "{{shadow_version}} agreement"),
+                q(f"sum by (shadow_version) (rate(sieve_shadow_both_automatic_equivalent_total{{{T}}}{RATE}))"
+                  f" / sum by (shadow_version) (rate(sieve_shadow_both_automatic_total{{{T}}}{RATE}))",
+                  "{{shadow_version}} equivalent where both automatic")],
+               "percentunit", dashed=".* where both automatic$"),
     timeseries("Shadow automatic share", "Share of the shadowed events the shadow version would have "
                "decided automatically (not needs_review); dashed, the active version's share on the "
                "same events.",

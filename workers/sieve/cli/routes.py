@@ -318,7 +318,8 @@ def routes_promote(
     min_shadow_events: Annotated[int, typer.Option(
         help="--shadow-metrics: events shadowed, at least.")] = 500,
     min_agreement: Annotated[float, typer.Option(
-        help="--shadow-metrics: alike on the events both versions decided automatically, at least.")] = 0.95,
+        help="--shadow-metrics: equivalent (same outcome; same route unless the default) on the events "
+        "both versions decided automatically, at least.")] = 0.95,
     shadow_auto_margin: Annotated[float, typer.Option(
         help="--shadow-metrics: live automatic share at least the active one's plus this.")] = 0.0,
 ) -> None:

@@ -11,7 +11,9 @@ The shadow's verdicts are never published as decisions. What comes of them:
 - :class:`ShadowStats` per batch: events shadowed, agreed (same outcome and route as
   the active decision), automatic (not ``needs_review``) and novel, and the active
   decisions of the same events that were automatic, and of the events both decided
-  automatically, how many they decided alike; the worker counts them as
+  automatically, how many they decided alike and how many equivalently (the same
+  outcome, and the same route unless that outcome is the route set's default: clean is
+  clean whether a benign route or no route gave it); the worker counts them as
   ``sieve_shadow_*_total`` metrics.
 - Up to ``max_messages`` disagreements per batch as JSON messages to
   ``output.shadow_topic`` (none without one), keyed by event id.
@@ -54,6 +56,7 @@ class ShadowStats:
     active_automatic: int = 0  # of them, the active decision's outcome not needs_review
     both_automatic: int = 0  # of them, decided automatically by both versions
     both_automatic_agreed: int = 0  # of those, with the same outcome and route
+    both_automatic_equivalent: int = 0  # of those, the same outcome; the same route unless it is the default
 
     def add(self, other: ShadowStats) -> None:
         """Add ``other``'s counts (the same version's) to these."""
@@ -66,6 +69,7 @@ class ShadowStats:
         self.active_automatic += other.active_automatic
         self.both_automatic += other.both_automatic
         self.both_automatic_agreed += other.both_automatic_agreed
+        self.both_automatic_equivalent += other.both_automatic_equivalent
 
 
 @dataclass
@@ -116,6 +120,7 @@ class Shadow:
         scores = decision_scores(match.route_scores, vectors, index, head)
         _, verdicts = decide_with_lists(scores, policy, novelty_scores(match.nearest_score), hits, index)
         names = index.route_names
+        default = policy.default_outcome
         topic = self.topology.output.shadow_topic
         stats = batch.stats
         for row, verdict, score in zip(rows, verdicts, scores.tolist(), strict=True):
@@ -129,6 +134,8 @@ class Shadow:
             both = verdict.outcome != NEEDS_REVIEW and row["outcome"] != NEEDS_REVIEW
             stats.both_automatic += both
             stats.both_automatic_agreed += both and agreed
+            stats.both_automatic_equivalent += both and verdict.outcome == row["outcome"] and (
+                verdict.outcome == default or route == row["route"])
             if agreed or topic is None or len(batch.messages) >= self.max_messages:
                 continue
             message = {

@@ -22,11 +22,13 @@ accurate on average even when every decision it adds is as good as the target as
 
 And the evidence is about the version being promoted. With the workers' metrics of a
 shadow run (:func:`shadow_counts`, :func:`shadow_checks`), the live traffic must agree too:
-enough events shadowed, the candidate deciding alike where both versions decided
+enough events shadowed, the candidate deciding equivalently where both versions decided
 automatically (``min_agreement``: it must not contradict what the active version was sure
-of), and its would-be automatic share at least the active one's plus ``auto_margin``. Every
-check is reported, passed or not. Novel events need no check of their own: they go to review,
-so they count against the automatic share.
+of; equivalent is the same outcome, and the same route unless the outcome is the route
+set's default, so clean through a benign route and clean through none agree), and its
+would-be automatic share at least the active one's plus ``auto_margin``. Every check is
+reported, passed or not. Novel events need no check of their own: they go to review, so
+they count against the automatic share.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ class ShadowMargins:
     auto_margin: float = 0.0
 
 
-SHADOW_COUNTERS = ("events", "automatic", "active_automatic", "both_automatic", "both_automatic_agreed")
+SHADOW_COUNTERS = ("events", "automatic", "active_automatic", "both_automatic", "both_automatic_agreed",
+                   "both_automatic_equivalent")
 
 
 def scrape(urls: list[str]) -> list[str]:
@@ -163,17 +166,28 @@ def scrape(urls: list[str]) -> list[str]:
 
 
 def shadow_counts(scrapes: list[str], version: str) -> dict[str, float]:
-    """The shadow counters of ``version`` summed over the workers' ``/metrics`` texts (every topology)."""
+    """The shadow counters of ``version`` summed over the workers' ``/metrics`` texts (every topology).
+
+    A worker that does not count ``both_automatic_equivalent`` yet adds its
+    ``both_automatic_agreed`` there (decided alike is decided equivalently).
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     counts = dict.fromkeys(SHADOW_COUNTERS, 0.0)
     names = {f"sieve_shadow_{key}_total": key for key in SHADOW_COUNTERS}
     for text in scrapes:
+        one = dict.fromkeys(SHADOW_COUNTERS, 0.0)
+        seen = set()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 key = names.get(sample.name)
                 if key is not None and sample.labels.get("shadow_version") == version:
-                    counts[key] += sample.value
+                    one[key] += sample.value
+                    seen.add(key)
+        if "both_automatic_equivalent" not in seen:
+            one["both_automatic_equivalent"] = one["both_automatic_agreed"]
+        for key, value in one.items():
+            counts[key] += value
     return counts
 
 
@@ -187,10 +201,11 @@ def shadow_checks(counts: dict[str, float], margins: ShadowMargins) -> list[Chec
     checks = [Check("shadow events", events >= margins.min_events,
                     f"{events:.0f} events shadowed, needs {margins.min_events}")]
     both = counts["both_automatic"]
-    agreement = counts["both_automatic_agreed"] / both if both else 0.0
+    agreement = counts["both_automatic_equivalent"] / both if both else 0.0
+    alike = counts["both_automatic_agreed"] / both if both else 0.0
     checks.append(Check("shadow agreement", both > 0 and agreement >= margins.min_agreement,
-                        f"{agreement:.1%} alike on the {both:.0f} events both decided automatically, "
-                        f"needs {margins.min_agreement:.1%}"))
+                        f"{agreement:.1%} equivalent ({alike:.1%} alike, route too) on the {both:.0f} "
+                        f"events both decided automatically, needs {margins.min_agreement:.1%}"))
     shadow_auto = counts["automatic"] / events if events else 0.0
     active_auto = counts["active_automatic"] / events if events else 0.0
     more = events > 0 and shadow_auto >= active_auto + margins.auto_margin

@@ -133,6 +133,12 @@ SHADOW_BOTH_AUTOMATIC_AGREED = Counter(
     "alike (outcome and route): the shadow's agreement where the active version was sure.",
     ["topology", "shadow_version"],
 )
+SHADOW_BOTH_AUTOMATIC_EQUIVALENT = Counter(
+    "sieve_shadow_both_automatic_equivalent_total", "Shadowed events both versions decided "
+    "automatically with the same outcome, and the same route unless the outcome is the route set's "
+    "default (clean through a benign route or through none is the same decision).",
+    ["topology", "shadow_version"],
+)
 IN_FLIGHT = Gauge("sieve_batch_in_flight", "1 while a batch is being processed.", ["topology"])
 CONSUMER_LAG = Gauge(
     "sieve_consumer_lag",
@@ -205,6 +211,8 @@ def record_batch(
         SHADOW_ACTIVE_AUTOMATIC.labels(topology, shadow.version).inc(shadow.active_automatic)
         SHADOW_BOTH_AUTOMATIC.labels(topology, shadow.version).inc(shadow.both_automatic)
         SHADOW_BOTH_AUTOMATIC_AGREED.labels(topology, shadow.version).inc(shadow.both_automatic_agreed)
+        SHADOW_BOTH_AUTOMATIC_EQUIVALENT.labels(topology, shadow.version).inc(
+            shadow.both_automatic_equivalent)
 
 
 def record_route_set(topology: str, index: RouteIndex, *, info: bool = True) -> None:
