@@ -247,3 +247,22 @@ def test_a_balanced_head_gives_a_route_with_few_rows_its_share():
         shares[balanced] = float((head.probabilities(test).argmax(axis=1) == 2).mean())
         assert head.meta.get("balanced", False) is balanced
     assert shares[False] < shares[True] and shares[True] > 0.6
+
+
+def test_a_head_learned_from_labels_with_a_route_each_trains_balanced(tmp_path, trivial_encoder):
+    """An active one-vs-rest head (multi-label training data), labels of one route each: the
+    proposed head is a softmax trained on the labels alone, balanced (review traffic's mix of
+    routes is not the stream's)."""
+    active = active_file(tmp_path)
+    membership = np.array([[1, 1], [1, 0], [0, 1], [0, 1]], bool)  # a row in both routes: one-vs-rest
+    vectors = trivial_encoder.encode(["cheap pills", "buy now", "lunch", "weather"])
+    train_head(vectors, membership, ["spam", "clean"], trivial_encoder.id, c=1.0).save(head_path_for(active))
+    labels = write_labels(tmp_path / "labels.jsonl", label_rows())
+    bench = open_workbench(str(labels), trivial_encoder, datasets_dir=tmp_path)
+    out = tmp_path / "proposed" / "chat.yaml"
+    result = run_learn(bench, active, out, Targets(accuracy=0.9, z=0.0), max_per_route=5, seed=0,
+                       min_support=None)
+    head = result.comparison["head"]
+    assert head is not None and head["balanced"] is True
+    # the labels alone: no row of the set's own examples joined them
+    assert head["rows"] == sum(1 for ex in bench.splits.train.examples if ex.labels or ex.outcome == "clean")

@@ -273,14 +273,16 @@ def run_learn(
                        near_duplicate=near_duplicate, seed=seed)
     if (head or active_head is not None) and not multi:
         weight = head_weight if head_weight is not None else active_head.weight if active_head else 0.5
-        # a softmax head (a route per row) learns from the set's examples too, balanced; a
-        # one-vs-rest head from the labels alone (with the examples it automated less on Davidson)
+        # a softmax head (a route per row) learns from the set's examples too; a one-vs-rest
+        # head from the labels alone (with the examples it automated less on Davidson). Either
+        # trains balanced when its rows have a route each: the labels come mostly from review
+        # traffic, whose mix of routes is not the stream's, and the head must not learn that mix.
         softmax = (active_head is None or active_head.kind == "softmax") and all(
             len(ex.labels) <= 1 for ex in train.examples)
         head_data, vectors, pools = (head_training(active, train, train_vectors, existing, proposal.pools)
                                      if softmax else (train, train_vectors, proposal.pools))
         built = with_head(BuildResult(proposal.route_set, pools, {}), head_data, vectors, bench.encoder.id,
-                          c=head_c, weight=weight, seed=seed, balanced=softmax, progress=progress)
+                          c=head_c, weight=weight, seed=seed, balanced=True, progress=progress)
         proposal.head = built.head
     out.parent.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {"proposed": str(out)}
