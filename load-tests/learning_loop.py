@@ -88,7 +88,8 @@ class Loop:
             {"backend": args.backend} if args.encoder != "trivial" else {})
         self.topology = loop_topology(args.prefix, self.routes, self.route_set.name, outcomes, encoder,
                                       max_events=args.batch, review_concurrency=args.review_concurrency,
-                                      reviews_per_s=args.reviews_per_s, audit_share=args.audit_share)
+                                      reviews_per_s=args.reviews_per_s, audit_share=args.audit_share,
+                                      shadow_audit_share=args.shadow_audit_share)
         self.topology_path = self.out / "topology.yaml"
         self.topology_path.write_text(yaml.safe_dump(self.topology, sort_keys=False))
         self.review_topology_path = self.topology_path
@@ -219,7 +220,7 @@ class Loop:
         gate = (["--min-accuracy", str(floor)] if floor else []) + (
             ["--min-added-accuracy", str(added)] if added else [])
         if shadow_metrics:
-            gate += ["--shadow-metrics", shadow_metrics,
+            gate += ["--shadow-metrics", shadow_metrics, "--min-agreement", str(self.args.min_agreement),
                      "--min-shadow-events", str(self.args.min_shadow_events)]
         promoted = self.cli("routes", "promote", self.route_set.name, version, "--topology",
                             str(self.topology_path), "--evidence", str(evidence), "--if-better", *gate,
@@ -260,10 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             loop.start(oracle.base_url)
             review = loop.topology["review"]
-            skip = {review["audit_topic"], *loop.topology["input"]["topics"]}
+            skip = set(loop.topology["input"]["topics"])
             topics = [t for t in topology_topics(loop.topology) if t not in skip]
             with Collector(loop.kafka, topics, loop.topology["output"]["dead_letter_topic"],
-                           review["labels_topic"], args.audit_share) as collector:
+                           review["labels_topic"], args.audit_share, review["audit_topic"]) as collector:
                 labels = 0
                 print(HEADER, flush=True)
                 for index, start in enumerate(range(0, len(examples), args.window)):
@@ -273,11 +274,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     window_started = time.monotonic()
                     asyncio.run(produce_events(loop.kafka, loop.topology["input"]["topics"][0], events))
                     deadline = time.monotonic() + args.window_timeout_s
-                    while collector.done(ids) < len(ids):
-                        loop.check_alive()
-                        if time.monotonic() > deadline:
-                            raise TimeoutError(f"window {index}: {collector.done(ids)} of {len(ids)} done")
-                        time.sleep(0.5)
+                    # the shadow's audits are not predictable from the decisions: let them arrive too
+                    for settle in [0.0] + ([2.0] if args.shadow_audit_share > 0 else []):
+                        time.sleep(settle)
+                        while (done := collector.done(ids)) < len(ids):
+                            loop.check_alive()
+                            if time.monotonic() > deadline:
+                                raise TimeoutError(f"window {index}: {done} of {len(ids)} done")
+                            time.sleep(0.5)
                     extra = {"new_intents": [bool(ex.labels & new) for ex in chunk]} if new else None
                     row = window_row(index, collector.snapshot(ids), [ex.gold(default) for ex in chunk],
                                      labels_before=labels, extra=extra)
@@ -310,7 +314,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[
     return {"data": args.data, "routes": str(args.routes), "window": args.window, "wrong": args.wrong,
             "promote_min_accuracy": args.promote_min_accuracy, "llm_delay_s": args.llm_delay_s,
             "label_accuracy": args.label_accuracy, "learn_options": args.learn_option,
-            "audit_share": args.audit_share, "shadow": args.shadow,
+            "audit_share": args.audit_share, "shadow": args.shadow, "min_agreement": args.min_agreement,
+            "shadow_audit_share": args.shadow_audit_share,
             "promote_min_added_accuracy": args.promote_min_added_accuracy,
             "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
             "overall": summary}
@@ -356,6 +361,9 @@ def main() -> None:
                         help="shadow each candidate through the next window (the worker restarted with "
                         "route_set.shadow), then promote it only if its shadow metrics pass too")
     parser.add_argument("--min-shadow-events", type=int, default=500, help="promote --min-shadow-events")
+    parser.add_argument("--min-agreement", type=float, default=0.95, help="promote --min-agreement")
+    parser.add_argument("--shadow-audit-share", type=float, default=0.0,
+                        help="review.shadow_audit_share: what the shadow would overturn, labelled too")
     parser.add_argument("--audit-share", type=float, default=0.0,
                         help="review.audit_share: automatic decisions also labelled by the reviewer")
     parser.add_argument("--learn-option", action="append", default=[],

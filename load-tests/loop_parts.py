@@ -111,7 +111,7 @@ class OracleLLM(ScriptedEndpoint):
 
 def loop_topology(prefix: str, routes: Path, route_set_name: str, outcomes: list[str], encoder: dict,
                   *, max_events: int, review_concurrency: int, reviews_per_s: float,
-                  audit_share: float = 0.0) -> dict:
+                  audit_share: float = 0.0, shadow_audit_share: float = 0.0) -> dict:
     """topologies/moderation.yaml for one run: its own topics under ``prefix``, the run's route file."""
     topology = yaml.safe_load((REPO / "topologies" / "moderation.yaml").read_text())
     topology.update(name=prefix, group_id=f"{prefix}-worker")
@@ -129,6 +129,7 @@ def loop_topology(prefix: str, routes: Path, route_set_name: str, outcomes: list
         human_review_topic=f"{prefix}.human-review", labels_topic=f"{prefix}.labels",
         group_id=f"{prefix}-review", max_concurrency=review_concurrency, max_reviews_per_s=reviews_per_s,
         daily_token_budget=None, audit_share=audit_share, audit_topic=f"{prefix}.audit",
+        shadow_audit_share=shadow_audit_share,
     )
     return topology
 
@@ -166,9 +167,10 @@ class Collector:
     """Reads the run's output topics from the beginning on a thread; ``state`` is per event id."""
 
     def __init__(self, kafka: KafkaSettings, topics: list[str], dead_letter_topic: str,
-                 labels_topic: str | None = None, audit_share: float = 0.0) -> None:
+                 labels_topic: str | None = None, audit_share: float = 0.0,
+                 audit_topic: str | None = None) -> None:
         self.kafka, self.topics, self.dead_letter_topic = kafka, topics, dead_letter_topic
-        self.labels_topic, self.audit_share = labels_topic, audit_share
+        self.labels_topic, self.audit_share, self.audit_topic = labels_topic, audit_share, audit_topic
         self.state: dict[str, EventState] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -228,9 +230,12 @@ class Collector:
             return
         state = self.state.setdefault(str(body["event_id"]), EventState())
         if topic == self.labels_topic:  # read for the audits' labels only: one LLM call each
-            if body.get("router_outcome") != NEEDS_REVIEW and state.audit_pending:
+            if body.get("router_outcome") != NEEDS_REVIEW and not state.audited:
                 state.audit_pending, state.audited = False, True
                 state.llm_calls += 1
+            return
+        if topic == self.audit_topic:  # an audit the sample does not predict (the shadow's)
+            state.audit_pending = not state.audited
             return
         if body.get("decided_by", "router") == "router":
             if state.router_outcome is None:

@@ -4,8 +4,9 @@ Three windows of 40 events of a synthetic labelled set (examples of the shipped 
 routes with their route's outcome, and everyday chatter as clean) go through the real
 ``sieve worker`` and ``sieve review`` on the session's dev broker; the reviewer's LLM is the
 script's oracle double; half the automatic decisions are audited; each candidate is shadowed
-through the next window before its promotion is judged (``--shadow``). Figures are not
-asserted, only that they are there and consistent.
+through the next window before its promotion is judged (``--shadow``), and what it would
+overturn is audited too (``--shadow-audit-share``). Figures are not asserted, only that they
+are there and consistent.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
          "--routes", str(REPO / "routes" / "moderation.yaml"), "--out", str(out), "--encoder", "trivial",
          "--window", "40", "--llm-delay-s", "0.02", "--refresh-s", "1", "--bootstrap", dev_broker,
          "--prefix", f"loop-smoke-{tmp_path.name}", "--audit-share", "0.5", "--shadow",
-         "--min-shadow-events", "1"],
+         "--min-shadow-events", "1", "--shadow-audit-share", "1"],
         capture_output=True, text=True, timeout=420,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
@@ -69,6 +70,8 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
     # it), and its promotion was judged on that window's live shadow counts too.
     first, second = report["learning"]
     assert report["shadow"] and second["candidate"] == first["shadowing"] != second["shadowing"]
+    assert report["shadow_audit_share"] == 1.0
+    assert yaml.safe_load((out / "topology.yaml").read_text())["review"]["shadow_audit_share"] == 1.0
     said = " ".join(second["promote_output"])
     assert "40 events shadowed" in said and "shadow agreement" in said, said
     # The LLM calls the reviewer's decisions report are the requests the oracle answered.

@@ -125,6 +125,28 @@ def test_clean_through_another_benign_route_or_none_is_an_equivalent_decision() 
     assert {m["event_id"] for m in shadow_messages(result)} == {"goose-1", "goose-2", "unrelated"}
 
 
+def test_what_the_shadow_would_overturn_is_audited_at_its_share_and_never_twice() -> None:
+    from sieve.topology import ReviewSpec
+
+    def audits(audit_share: float, shadow_audit_share: float) -> list[bytes]:
+        review = ReviewSpec(audit_topic="m.audit", audit_share=audit_share, shadow_audit_share=shadow_audit_share)
+        shadowed = topology().model_copy(update={"review": review})
+        encoder = TrivialEncoder()
+        pipeline = RouterPipeline(shadowed, encoder, RouteIndex.build(route_set("base"), encoder), "t",
+                                  shadow_index=RouteIndex.build(candidate(), encoder))
+        result = pipeline.process(records())
+        sent = [m for m in result.outbound if m.topic == "m.audit"]
+        assert all(("sieve-audit", b"true") in m.headers for m in sent)
+        return sorted(m.key for m in sent)
+
+    # both decided automatically, otherwise: the geese (clean, and violating through insult)
+    assert audits(0.0, 1.0) == [b"goose-1", b"goose-2"]
+    assert audits(0.0, 0.0) == []
+    assert audits(1.0, 1.0) == sorted(e.encode() for e in BATCH)  # every automatic decision, once
+    assert "m.audit" in topology().model_copy(update={"review": ReviewSpec(
+        audit_topic="m.audit", shadow_audit_share=0.5)}).output_topics(route_set("base"))
+
+
 def test_disagreements_are_capped_per_batch_and_need_a_topic() -> None:
     capped, _ = build(TrivialEncoder(), messages=1)
     first = capped.process(records())

@@ -95,7 +95,7 @@ def test_defaults_of_a_minimal_topology(tmp_path):
     assert topology.output.dead_letter_topic == "sieve.dead-letter"
     assert topology.limits.max_text_chars == 8000
     assert topology.thresholds is None
-    assert topology.schema_version == TOPOLOGY_SCHEMA_VERSION == 4, "optional in the file"
+    assert topology.schema_version == TOPOLOGY_SCHEMA_VERSION == 5, "optional in the file"
     assert topology.review is None or topology.review.audit_share == 0.0  # audits only when asked
 
 

@@ -25,7 +25,7 @@ from sieve.thresholds import ThresholdOverrides
 TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_PATTERN)]
 # The topology file format's version: up by one with each additive change (a new optional field).
-TOPOLOGY_SCHEMA_VERSION = 4  # 2: tenants; 3: route_set.shadow, output.shadow_topic; 4: review.audit_*
+TOPOLOGY_SCHEMA_VERSION = 5  # 2: tenants; 3: shadow; 4: review.audit_*; 5: review.shadow_audit_share
 
 
 class TopologyError(ValueError):
@@ -198,6 +198,12 @@ class ReviewSpec(BaseModel):
     # The labels then cover what the router decides alone, not only what it was unsure of.
     audit_share: float = Field(default=0.0, ge=0.0, le=1.0)
     audit_topic: TopicName = "sieve.audit"
+    shadow_audit_share: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @property
+    def audits(self) -> bool:
+        """Audits on: audit_share, or shadow_audit_share (of what route_set.shadow decides otherwise)."""
+        return self.audit_share > 0 or self.shadow_audit_share > 0
 
 
 class Topology(BaseModel):
@@ -312,7 +318,7 @@ class Topology(BaseModel):
         topics.add(self.output.dead_letter_topic)
         if self.output.shadow_topic is not None:
             topics.add(self.output.shadow_topic)
-        if self.review is not None and self.review.audit_share > 0:
+        if self.review is not None and self.review.audits:
             topics.add(self.review.audit_topic)
         return sorted(topics)
 

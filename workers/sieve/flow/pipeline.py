@@ -39,7 +39,7 @@ from sieve.flow.images import ImageRejected, load_image
 from sieve.flow.lists import ListHit
 from sieve.flow.match import RouteIndex, match_batch
 from sieve.flow.prefilter import Prefilter, repeat_rows
-from sieve.flow.publish import plan_audits, plan_dead_letters, plan_decisions
+from sieve.flow.publish import audited, plan_audits, plan_dead_letters, plan_decisions
 from sieve.flow.rows import decision_rows, validate_decisions
 from sieve.flow.shadow import Shadow, ShadowBatch, ShadowStats
 from sieve.flow.tenant_groups import TenantGroup, build_groups, positions_by, swap_groups, take_rows
@@ -378,6 +378,10 @@ class RouterPipeline:
         review = self.topology.review
         if review is not None and review.audit_share > 0:
             outbound += plan_audits(decisions, review.audit_topic, review.audit_share)
+        if review is not None and shadow is not None and review.shadow_audit_share > 0:
+            disputed = [row for row in decisions if row["id"] in shadow.disputed
+                        and not audited(row["id"], review.audit_share)]  # not twice
+            outbound += plan_audits(disputed, review.audit_topic, review.shadow_audit_share)
         if shadow is None:
             return BatchResult(decisions, letters, outbound, seconds)
         return BatchResult(decisions, letters, outbound + shadow.messages, seconds, shadow.stats)

@@ -17,6 +17,8 @@ The shadow's verdicts are never published as decisions. What comes of them:
   ``sieve_shadow_*_total`` metrics.
 - Up to ``max_messages`` disagreements per batch as JSON messages to
   ``output.shadow_topic`` (none without one), keyed by event id.
+- The ids of the active decisions it would overturn (both automatic, not equivalent), of
+  which the pipeline audits ``review.shadow_audit_share``.
 
 Not shadowed: repeats answered from the cache and events a list decided before the
 encoder (they were not encoded in the batch), tenants' events decided with another
@@ -78,6 +80,7 @@ class ShadowBatch:
 
     stats: ShadowStats
     messages: list[Outbound] = field(default_factory=list)
+    disputed: set[str] = field(default_factory=set)  # ids of the active decisions it would overturn
 
 
 class Shadow:
@@ -134,8 +137,11 @@ class Shadow:
             both = verdict.outcome != NEEDS_REVIEW and row["outcome"] != NEEDS_REVIEW
             stats.both_automatic += both
             stats.both_automatic_agreed += both and agreed
-            stats.both_automatic_equivalent += both and verdict.outcome == row["outcome"] and (
+            equivalent = verdict.outcome == row["outcome"] and (
                 verdict.outcome == default or route == row["route"])
+            stats.both_automatic_equivalent += both and equivalent
+            if both and not equivalent:
+                batch.disputed.add(row["id"])
             if agreed or topic is None or len(batch.messages) >= self.max_messages:
                 continue
             message = {

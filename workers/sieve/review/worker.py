@@ -1,7 +1,7 @@
 """The LLM reviewer worker: needs-review decisions in, final decisions (or hand-offs) out.
 
-With ``review.audit_share`` it also reads the audit topic: automatic decisions the router
-sampled, which get a label and no verdict (:func:`~sieve.review.steps.plan_review`).
+With ``review.audit_share`` or ``shadow_audit_share`` it also reads the audit topic: automatic
+decisions the router sampled, which get a label and no verdict (:func:`~sieve.review.steps.plan_review`).
 
 :class:`ReviewerWorker` is the thin Faust shell around a
 :class:`~sieve.review.engine.ReviewEngine`, like the router's
@@ -63,7 +63,7 @@ class ReviewerWorker(BatchWorker):
         self.spec = spec
         self.engine = engine
         self.input_topic = review_input_topic(topology)
-        self.topics = [self.input_topic] + ([spec.audit_topic] if spec.audit_share > 0 else [])
+        self.topics = [self.input_topic] + ([spec.audit_topic] if spec.audits else [])
         self._add_agent(self.topics, topology.output.partitions, f"sieve.{topology.name}.reviewer")
 
     async def handle(self, records: list[RawRecord]) -> list[Decision]:
@@ -92,7 +92,7 @@ def review_topics(topology: Topology, outcomes: set[str], route_names: list[str]
               output.dead_letter_topic: output.partitions}
     if spec.labels_topic is not None:
         topics[spec.labels_topic] = output.partitions
-    if spec.audit_share > 0:
+    if spec.audits:
         topics[spec.audit_topic] = output.partitions
     for outcome in outcomes:
         topics[output.topic_for(outcome)] = output.partitions
