@@ -129,7 +129,8 @@ def test_what_the_shadow_would_overturn_is_audited_at_its_share_and_never_twice(
     from sieve.topology import ReviewSpec
 
     def audits(audit_share: float, shadow_audit_share: float) -> list[bytes]:
-        review = ReviewSpec(audit_topic="m.audit", audit_share=audit_share, shadow_audit_share=shadow_audit_share)
+        review = ReviewSpec(audit_topic="m.audit", audit_share=audit_share,
+                            shadow_audit_share=shadow_audit_share)
         shadowed = topology().model_copy(update={"review": review})
         encoder = TrivialEncoder()
         pipeline = RouterPipeline(shadowed, encoder, RouteIndex.build(route_set("base"), encoder), "t",
