@@ -24,6 +24,7 @@ import numpy as np
 
 from sieve.cli.workbench import open_bench
 from sieve.contracts import NEEDS_REVIEW
+from sieve.flow.shadow import equivalent
 from sieve.quality.runner import load_candidate
 from sieve.quality.scoring import score_split, three_way_run
 from sieve.quality.systems import SystemRun
@@ -61,13 +62,13 @@ def main() -> None:
         _, outcomes, routes = decided(bench, path, args.split)
         auto = outcomes != NEEDS_REVIEW
         both = sure & auto
-        same = outcomes == active
-        alike = both & same & (routes == active_routes)
-        equivalent = both & same & ((outcomes == default) | (routes == active_routes))
-        other = both & ~equivalent
+        alike = both & (outcomes == active) & (routes == active_routes)
+        same = both & np.array([equivalent(o, r, a, ar, default)
+                                for o, r, a, ar in zip(outcomes, routes, active, active_routes, strict=True)])
+        other = both & ~same
         n = max(int(both.sum()), 1)
         print(f"| {path} | {auto.mean():.1%} at {(outcomes[auto] == gold[auto]).mean():.3f} | "
-              f"{both.sum()} | {equivalent.sum() / n:.1%} | {alike.sum() / n:.1%} | {other.sum()} | "
+              f"{both.sum()} | {same.sum() / n:.1%} | {alike.sum() / n:.1%} | {other.sum()} | "
               f"{(outcomes[other] == gold[other]).sum()} | {(active[other] == gold[other]).sum()} |")
 
 

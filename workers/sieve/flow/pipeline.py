@@ -378,7 +378,7 @@ class RouterPipeline:
         review = self.topology.review
         if review is not None and review.audit_share > 0:
             outbound += plan_audits(decisions, review.audit_topic, review.audit_share)
-        if review is not None and shadow is not None and review.shadow_audit_share > 0:
+        if review is not None and shadow is not None and shadow.disputed and review.shadow_audit_share > 0:
             disputed = [row for row in decisions if row["id"] in shadow.disputed
                         and not audited(row["id"], review.audit_share)]  # not twice
             outbound += plan_audits(disputed, review.audit_topic, review.shadow_audit_share)

@@ -46,6 +46,16 @@ from sieve.kafka.records import Outbound
 from sieve.topology import Topology
 
 
+def equivalent(outcome: str, route: str | None, other_outcome: str, other_route: str | None,
+               default: str) -> bool:
+    """Whether two decisions are the same decision.
+
+    The same outcome, and the same route unless the outcome is the route set's ``default``
+    (clean through a benign route or through none).
+    """
+    return outcome == other_outcome and (outcome == default or route == other_route)
+
+
 @dataclass
 class ShadowStats:
     """Shadow counts of one batch (or a sum of batches) for one shadow ``version``."""
@@ -137,10 +147,9 @@ class Shadow:
             both = verdict.outcome != NEEDS_REVIEW and row["outcome"] != NEEDS_REVIEW
             stats.both_automatic += both
             stats.both_automatic_agreed += both and agreed
-            equivalent = verdict.outcome == row["outcome"] and (
-                verdict.outcome == default or route == row["route"])
-            stats.both_automatic_equivalent += both and equivalent
-            if both and not equivalent:
+            same = equivalent(verdict.outcome, route, row["outcome"], row["route"], default)
+            stats.both_automatic_equivalent += both and same
+            if both and not same:
                 batch.disputed.add(row["id"])
             if agreed or topic is None or len(batch.messages) >= self.max_messages:
                 continue
