@@ -14,11 +14,12 @@ reviewer publishes every verdict) -> ``sieve routes learn ACTIVE --labels ... --
 ``sieve routes sync NEW --no-activate`` -> ``sieve routes promote NAME VERSION --evidence
 NEW.learn.json --if-better`` (exit 1, nothing changed, when the held-back labels do not favour
 the candidate). ``--audit-share`` has the router copy that share of its automatic decisions
-to the reviewer, whose verdicts on them are labels too; ``--label-accuracy`` and
-``--promote-min-added-accuracy`` pass the learn and promote options of those names.
-The running worker switches to a promoted version between batches (route
-refresh); the next window is sent once it has had time to. The stream waits while a candidate
-is learned (the figures per window are then each version's own).
+to the reviewer, whose verdicts on them are labels too; ``--anchors`` has ``routes learn``
+keep the active version's automatic decisions (``sieve labels anchors``); ``--label-accuracy``
+and ``--promote-min-added-accuracy`` pass the learn and promote options of those names. The
+running worker switches to a promoted version between batches (route refresh); the next window
+is sent once it has had time to. The stream waits while a candidate is learned (the figures
+per window are then each version's own).
 
 Per window it prints automatic share, automatic accuracy with its Wilson interval (z = 1.96),
 novel share, review share, LLM calls and promotions, and writes ``loop.json`` and ``loop.png``
@@ -52,6 +53,7 @@ from loop_parts import REPO, Collector, OracleLLM, loop_topology, overall, topol
 from loop_plot import plot  # noqa: E402
 
 from sieve.cli.demo import free_port  # noqa: E402
+from sieve.contracts import NEEDS_REVIEW  # noqa: E402
 from sieve.kafka.broker import start_dev_broker, stop_process  # noqa: E402
 from sieve.kafka.client import ensure_topics  # noqa: E402
 from sieve.quality.datasets import LabelledExample, load_data  # noqa: E402
@@ -181,8 +183,8 @@ class Loop:
                 raise RuntimeError(f"sieve {name} exited with {process.returncode}:\n{tail}")
 
     def learn(self, step: int) -> dict[str, Any]:
-        """Export the labels; promote the shadowed candidate if its evidence favours it (``--shadow``);
-        learn a candidate and store it; then promote it (its held-back evidence alone) or shadow it."""
+        """Export the labels (and anchors); promote the shadowed candidate if its evidence favours it
+        (``--shadow``); learn a candidate and store it; then promote it or shadow it."""
         labels = self.out / "labels" / f"labels-{step}.jsonl"
         labels.parent.mkdir(exist_ok=True)
         self.cli("labels", "export", "--topic", self.topology["review"]["labels_topic"], "--out", str(labels),
@@ -195,6 +197,12 @@ class Loop:
         candidate = self.out / "routes" / f"after-window-{step}.yaml"
         started = time.monotonic()
         noise = ["--label-accuracy", str(self.args.label_accuracy)] if self.args.label_accuracy else []
+        if self.args.anchors:  # the active version's automatic decisions, for the candidate to keep
+            topics = [f"--topic={t}" for o, t in self.topology["output"]["outcome_topics"].items()
+                      if o != NEEDS_REVIEW]
+            noise += ["--anchors", str(labels.with_name(f"anchors-{step}.jsonl"))]
+            self.cli("labels", "anchors", "--out", noise[-1], "--idle", "2", *topics, "--version",
+                     load_route_set(self.routes).version)
         learned = self.cli("routes", "learn", str(self.routes), "--labels", str(labels), "--out",
                            str(candidate), "--seed", str(self.args.seed), *self.encoder_options(), "-q",
                            *(["--new-outcomes"] if self.args.new_outcomes else []),
@@ -315,7 +323,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[
             "promote_min_accuracy": args.promote_min_accuracy, "llm_delay_s": args.llm_delay_s,
             "label_accuracy": args.label_accuracy, "learn_options": args.learn_option,
             "audit_share": args.audit_share, "shadow": args.shadow, "min_agreement": args.min_agreement,
-            "shadow_audit_share": args.shadow_audit_share,
+            "shadow_audit_share": args.shadow_audit_share, "anchors": args.anchors,
             "promote_min_added_accuracy": args.promote_min_added_accuracy,
             "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
             "overall": summary}
@@ -366,18 +374,17 @@ def main() -> None:
                         help="review.shadow_audit_share: what the shadow would overturn, labelled too")
     parser.add_argument("--audit-share", type=float, default=0.0,
                         help="review.audit_share: automatic decisions also labelled by the reviewer")
+    parser.add_argument("--anchors", action="store_true", help="routes learn --anchors (labels anchors)")
     parser.add_argument("--learn-option", action="append", default=[],
                         help="one more option for routes learn (repeatable), e.g. --learn-option=--z=1.96")
     parser.add_argument("--label-accuracy", type=float, default=None,
-                        help="routes learn --label-accuracy: how often the labels are right (the oracle's "
-                        "1 - --wrong is known here; a deployment reads it off the console's LLM-human "
-                        "agreement)")
+                        help="routes learn --label-accuracy: how often the labels are right (here 1 - "
+                        "--wrong; a deployment reads it off the console's LLM-human agreement)")
     parser.add_argument("--bootstrap", default=None, help="use this broker (default: start a dev broker)")
     parser.add_argument("--prefix", default="loop", help="the run's topic and consumer-group prefix")
     parser.add_argument("--window-timeout-s", type=float, default=1800.0)
     parser.add_argument("--review-routes", type=Path, default=None,
-                        help="the reviewer's route file (e.g. every CLINC150 intent), renamed to the "
-                        "set's name")
+                        help="the reviewer's route file (e.g. every CLINC150 intent), renamed to the set's")
     parser.add_argument("--new-outcomes", action="store_true", help="routes learn --new-outcomes (intents)")
     parser.add_argument("--new-intents", type=Path, default=None,
                         help="clinc_half.py's new.json: also report the new intents' automatic and right "

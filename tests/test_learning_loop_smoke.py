@@ -5,7 +5,8 @@ routes with their route's outcome, and everyday chatter as clean) go through the
 ``sieve worker`` and ``sieve review`` on the session's dev broker; the reviewer's LLM is the
 script's oracle double; half the automatic decisions are audited; each candidate is shadowed
 through the next window before its promotion is judged (``--shadow``), and what it would
-overturn is audited too (``--shadow-audit-share``). Figures are not asserted, only that they
+overturn is audited too (``--shadow-audit-share``); each candidate keeps the active version's
+automatic decisions (``--anchors``). Figures are not asserted, only that they
 are there and consistent.
 """
 
@@ -49,7 +50,7 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
          "--routes", str(REPO / "routes" / "moderation.yaml"), "--out", str(out), "--encoder", "trivial",
          "--window", "40", "--llm-delay-s", "0.02", "--refresh-s", "1", "--bootstrap", dev_broker,
          "--prefix", f"loop-smoke-{tmp_path.name}", "--audit-share", "0.5", "--shadow",
-         "--min-shadow-events", "1", "--shadow-audit-share", "1"],
+         "--min-shadow-events", "1", "--shadow-audit-share", "1", "--anchors"],
         capture_output=True, text=True, timeout=420,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
@@ -72,6 +73,16 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
     assert report["shadow"] and second["candidate"] == first["shadowing"] != second["shadowing"]
     assert report["shadow_audit_share"] == 1.0
     assert yaml.safe_load((out / "topology.yaml").read_text())["review"]["shadow_audit_share"] == 1.0
+    # Each learn read the active version's automatic decisions as anchors (none yet from a
+    # version promoted just before)
+    assert report["anchors"]
+    for step in (0, 1):
+        anchors = [json.loads(line) for line in (out / "labels" / f"anchors-{step}.jsonl").open()]
+        assert all(a["labeller"].startswith("router:") and a["outcome"] != "needs_review" for a in anchors)
+        evidence = json.loads((out / "routes" / f"after-window-{step}.learn.json").read_text())
+        assert (evidence["anchors"] or {"read": 0})["read"] == len(anchors)
+        if step == 0:  # window 0's automatic decisions, one per text
+            assert 0 < len(anchors) <= windows[0]["automatic"]
     said = " ".join(second["promote_output"])
     assert "40 events shadowed" in said and "shadow agreement" in said, said
     # The LLM calls the reviewer's decisions report are the requests the oracle answered.

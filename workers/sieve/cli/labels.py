@@ -17,11 +17,11 @@ app = typer.Typer(help="Labels: final verdicts (the reviewer's, moderators') as 
                   no_args_is_help=True)
 
 
-async def _read_messages(topic: str, idle_s: float) -> list[bytes]:
+async def _read_messages(topics: list[str], idle_s: float) -> list[bytes]:
     from sieve.kafka.client import read_topic
     from sieve.settings import get_settings
 
-    return [record.value async for record in read_topic(get_settings().kafka, [topic], idle_timeout_s=idle_s)
+    return [record.value async for record in read_topic(get_settings().kafka, topics, idle_timeout_s=idle_s)
             if record.value is not None]
 
 
@@ -47,7 +47,7 @@ def labels_export(
         except OSError as exc:
             fail(f"{from_file}: cannot read: {exc.strerror or exc}")
     else:
-        lines = asyncio.run(_read_messages(topic, idle))
+        lines = asyncio.run(_read_messages([topic], idle))
     rows, report = export_rows(parse_labels(lines, report), report)
     if not rows:
         fail(f"no labels to export ({report.read} messages read, {report.unreadable} unreadable)")
@@ -61,6 +61,31 @@ def labels_export(
         lost = ", ".join(_verdict(o) for o in conflict.overruled)
         console.print(f"  conflict {conflict.content[:60]!r}: kept {_verdict(conflict.kept)}; "
                       f"overruled {lost}")
+
+
+@app.command("anchors")
+def labels_anchors(
+    out: Annotated[Path, typer.Option("--out", help="The labelled JSONL to write.")],
+    topic: Annotated[list[str], typer.Option(help="An outcome topic (repeatable), e.g. sieve.clean.")],
+    version: Annotated[str | None, typer.Option(
+        help="Keep only this route-set version's decisions (the active one's).")] = None,
+    idle: Annotated[float, typer.Option(help="Stop reading the topics after this many idle seconds.")] = 3.0,
+) -> None:
+    """Write the router's own automatic decisions as labelled rows, one per text (`routes learn --anchors`).
+
+    A candidate learned with them keeps what the active version decides by itself, which
+    reviewers' labels never cover. They are the router's word: the file may be empty.
+    """
+    from sieve.quality.anchors import anchor_rows
+    from sieve.quality.labels import write_jsonl
+
+    rows, report = anchor_rows(asyncio.run(_read_messages(topic, idle)), version)
+    write_jsonl(rows, out)
+    console.print(
+        f"wrote {report.exported} anchors to {out}: {report.read} decisions, {report.other_version} of "
+        f"other versions, {report.not_automatic} not automatic, {report.no_text} without text, "
+        f"{report.repeats} repeated texts, {report.unreadable} unreadable"
+    )
 
 
 def _verdict(label: Label) -> str:

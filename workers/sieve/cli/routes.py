@@ -197,6 +197,8 @@ def routes_learn(
     new_outcomes: Annotated[bool, typer.Option(
         "--new-outcomes", help="Allow label outcomes the set does not know (intent routing: each intent "
         "its own outcome; the topology needs a topic for each).")] = False,
+    anchors: Annotated[Path | None, typer.Option(help="The active version's automatic decisions "
+                                                      "(`sieve labels anchors`), for it to keep.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Propose a new version of a route set from reviewers' labels, fitted and compared with the active one.
@@ -206,6 +208,7 @@ def routes_learn(
     """
     from sieve.cli.quality import parse_targets
     from sieve.flow.head import HeadError
+    from sieve.quality.datasets import load_data
     from sieve.quality.learn import run_learn
     from sieve.routeset import RouteSetError, load_route_set
 
@@ -230,12 +233,13 @@ def routes_learn(
     progress = progress_for(console, quiet=quiet)
     bench = open_bench(str(labels), seed, None, encoder, model, cache, False, backend, progress=progress)
     try:
-        result = run_learn(bench, routes, out, targets, max_per_route=max_per_route,
+        kept = load_data(str(anchors), Path(".")) if anchors and anchors.read_text().strip() else None
+        result = run_learn(bench, routes, out, targets, max_per_route=max_per_route, anchors=kept,
                            near_duplicate=near_duplicate, seed=seed, head=head, head_weight=head_weight,
                            min_support=min_support or None, novel_share=novel_share or None,
                            new_outcomes=new_outcomes, label_accuracy=label_accuracy, command=command_line(),
                            progress=progress)
-    except (RouteSetError, HeadError, ValueError) as exc:
+    except (RouteSetError, HeadError, ValueError, OSError) as exc:
         fail(str(exc))
     added = sum(len(change.added) for change in result.changes)
     new = [change.route for change in result.changes if change.new and change.added]

@@ -28,6 +28,7 @@ import numpy as np
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.head import LearnedHead
 from sieve.progress import SILENT, Progress
+from sieve.quality.anchors import with_anchors
 from sieve.quality.build import BuildResult, RoutePool, route_pools, select_representatives, with_head
 from sieve.quality.datasets import LabelledData, LabelledExample
 from sieve.quality.learn_report import compare, render_comparison
@@ -232,6 +233,7 @@ def run_learn(
     novel_share: float | None = 0.05,
     new_outcomes: bool = False,
     label_accuracy: float = 1.0,
+    anchors: LabelledData | None = None,
     command: str = "",
     progress: Progress = SILENT,
 ) -> LearnResult:
@@ -242,6 +244,8 @@ def run_learn(
     Every check that can refuse the labels runs before anything is written. The targets are
     on true accuracy: with ``label_accuracy`` below 1 (how often the labels are right) the fit
     reads them against the labels by :meth:`~sieve.quality.targets.Targets.on_labels`.
+    ``anchors``: the active version's automatic decisions (:mod:`sieve.quality.anchors`), at
+    most as many as labels, added to train and calibration.
     """
     active = load_route_set(active_file)
     if out.resolve() == active_file.resolve():
@@ -249,6 +253,8 @@ def run_learn(
     check_labels(bench.data, active, new_outcomes=new_outcomes)
     on_labels = targets.on_labels(label_accuracy)
     named = labels_route_sets(Path(bench.data.source)) - {active.name}
+    if anchors is not None:
+        named |= labels_route_sets(Path(anchors.source)) - {active.name}
     if named:
         raise LearnError(f"{bench.data.source}: labels of route set {', '.join(sorted(named))}, not "
                          f"{active.name}; export or filter the labels of {active.name}")
@@ -256,6 +262,9 @@ def run_learn(
     if not splits.train.examples or not splits.calibration.examples or not splits.test.examples:
         raise LearnError(f"{bench.data.source}: {len(bench.data)} labels leave a train, calibration or test "
                          f"split empty ({bench.splits.record.sizes}); learning needs all three")
+    anchor_counts = None
+    if anchors is not None:
+        bench, anchor_counts = with_anchors(bench, anchors, seed=seed, cap=len(bench.data))
     active_head_file = head_path_for(active_file)
     active_head = LearnedHead.load(active_head_file) if active_head_file.exists() else None
     if active_head is not None and active_head.encoder_id != bench.encoder.id:
@@ -320,6 +329,7 @@ def run_learn(
         "seed": seed,
         "targets": targets.as_dict(),
         "label_accuracy": label_accuracy,
+        "anchors": anchor_counts,
         "targets_on_labels": on_labels.as_dict(),
         "head": None if proposal.head is None else {"weight": proposal.head.weight, **proposal.head.meta},
         "fit": fitted,
