@@ -13,11 +13,17 @@ outcomes as the live counters cannot be:
   version has right.
 
     .venv/bin/python load-tests/shadow_replay.py davidson ACTIVE.yaml after-window-0.yaml
+
+``--stream 4000:12000`` replays only those events of ``learning_loop.py``'s stream (its
+order for ``--seed``): e.g. the windows after the ones a candidate learned from.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +31,25 @@ import numpy as np
 from sieve.cli.workbench import open_bench
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.shadow import equivalent
+from sieve.quality.datasets import load_data
 from sieve.quality.runner import load_candidate
 from sieve.quality.scoring import score_split, three_way_run
 from sieve.quality.systems import SystemRun
+from sieve.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stream_part(data: str, span: str, seed: int, folder: Path) -> str:
+    """Events ``FROM:TO`` of the learning loop's stream of ``data`` as labelled JSONL in ``folder``."""
+    start, end = (int(x) for x in span.split(":"))
+    examples = [ex for ex in load_data(data, (REPO / Settings().datasets_dir).resolve()).examples
+                if ex.text and ex.text.strip()]
+    random.Random(seed).shuffle(examples)  # as learning_loop.py orders its stream
+    path = folder / "stream.jsonl"
+    path.write_text("".join(json.dumps({"id": ex.id, "text": ex.text, "outcome": ex.outcome,
+                                        "labels": sorted(ex.labels)}) + "\n" for ex in examples[start:end]))
+    return str(path)
 
 
 def decided(bench, path: Path, split: str) -> tuple[SystemRun, np.ndarray, np.ndarray]:
@@ -47,8 +69,16 @@ def main() -> None:
     parser.add_argument("active", type=Path)
     parser.add_argument("candidates", nargs="+", type=Path)
     parser.add_argument("--split", default="all", help="test, calibration, train or all")
+    parser.add_argument("--stream", default=None, help="FROM:TO: only these events of the loop's stream")
+    parser.add_argument("--seed", type=int, default=0, help="the loop's --seed (its stream order)")
     args = parser.parse_args()
-    bench = open_bench(args.data, 0, None, "sentence-transformers", None, True, False)
+    with tempfile.TemporaryDirectory() as folder:
+        data = stream_part(args.data, args.stream, args.seed, Path(folder)) if args.stream else args.data
+        replay(args, open_bench(data, 0, None, "sentence-transformers", None, True, False))
+
+
+def replay(args: argparse.Namespace, bench) -> None:
+    """Decide with the active version and each candidate; print the table."""
     run, active, active_routes = decided(bench, args.active, args.split)
     gold = np.array(run.gold, dtype=object)
     default = run.route_set.default_outcome
