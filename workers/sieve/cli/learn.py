@@ -80,7 +80,8 @@ def routes_learn(
     progress = progress_for(console, quiet=quiet)
     bench = open_bench(str(labels), seed, None, encoder, model, cache, False, backend, progress=progress)
     try:
-        kept = load_data(str(anchors), Path(".")) if anchors and anchors.read_text().strip() else None
+        given = anchors is not None and anchors.read_text(encoding="utf-8").strip()
+        kept = load_data(str(anchors), Path(".")) if given else None  # an empty file: no anchors
         result = run_learn(bench, routes, out, targets, max_per_route=max_per_route, anchors=kept,
                            near_duplicate=near_duplicate, seed=seed, head=head, head_weight=head_weight,
                            min_support=min_support or None, novel_share=novel_share or None,
