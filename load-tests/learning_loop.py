@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -49,14 +48,24 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import produce_events  # noqa: E402
-from loop_parts import REPO, Collector, OracleLLM, loop_topology, overall, topology_topics, window_row  # noqa: E402
+from loop_parts import (  # noqa: E402
+    REPO,
+    Collector,
+    OracleLLM,
+    events_of,
+    loop_stream,
+    loop_topology,
+    overall,
+    topology_topics,
+    window_row,
+)
 from loop_plot import plot  # noqa: E402
 
 from sieve.cli.demo import free_port  # noqa: E402
 from sieve.contracts import NEEDS_REVIEW  # noqa: E402
 from sieve.kafka.broker import start_dev_broker, stop_process  # noqa: E402
 from sieve.kafka.client import ensure_topics  # noqa: E402
-from sieve.quality.datasets import LabelledExample, load_data  # noqa: E402
+from sieve.quality.datasets import LabelledExample  # noqa: E402
 from sieve.routeset import head_path_for, load_route_set  # noqa: E402
 from sieve.routeset_dump import dump_route_set  # noqa: E402
 from sieve.settings import KafkaSettings, Settings  # noqa: E402
@@ -243,19 +252,10 @@ class Loop:
                 "promote_output": said.splitlines()}
 
 
-def events_of(examples: list[LabelledExample], start: int) -> list[dict]:
-    """The stream's events (ids ``loop-<i>``), as loadgen sends them."""
-    return [{"id": f"loop-{start + i}", "text": ex.text, "metadata": {}} for i, ex in enumerate(examples)]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns what ``loop.json`` holds."""
-    data = load_data(args.data, (REPO / Settings().datasets_dir).resolve())
+    data, examples = loop_stream(args.data, args.seed, args.split or None)
     default = data.default_outcome or "unrouted"
-    examples = [ex for ex in data.examples if ex.text and ex.text.strip()]
-    if args.split:
-        examples = [ex for ex in examples if ex.source_split == args.split]
-    random.Random(args.seed).shuffle(examples)
     examples = examples[: args.limit] if args.limit else examples
     gold = {ex.text or "": ex.gold(default) for ex in reversed(examples)}  # a repeated text: its first label
     routes_of = {ex.text or "": ex.labels for ex in examples}

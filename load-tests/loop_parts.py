@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import re
 import sys
 import threading
@@ -33,10 +34,25 @@ from llm_script import ScriptedEndpoint, message_text, share_of  # noqa: E402
 
 from sieve.flow.publish import audited  # noqa: E402
 from sieve.kafka.client import client_kwargs  # noqa: E402
+from sieve.quality.datasets import LabelledData, LabelledExample, load_data  # noqa: E402
 from sieve.quality.metrics import wilson  # noqa: E402
-from sieve.settings import KafkaSettings  # noqa: E402
+from sieve.settings import KafkaSettings, Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def loop_stream(data: str, seed: int, split: str | None = None) -> tuple[LabelledData, list[LabelledExample]]:
+    """``data`` and the learning loop's stream of it: the examples with text (of ``split``), seeded order."""
+    loaded = load_data(data, (REPO / Settings().datasets_dir).resolve())
+    examples = [ex for ex in loaded.examples
+                if ex.text and ex.text.strip() and (split is None or ex.source_split == split)]
+    random.Random(seed).shuffle(examples)
+    return loaded, examples
+
+
+def events_of(examples: list[LabelledExample], start: int) -> list[dict]:
+    """The stream's events (ids ``loop-<i>``), as loadgen sends them."""
+    return [{"id": f"loop-{start + i}", "text": ex.text, "metadata": {}} for i, ex in enumerate(examples)]
 NEEDS_REVIEW = "needs_review"
 _ITEM = re.compile(r"<item-([0-9a-f]+)>\n(.*)\n</item-\1>", re.DOTALL)
 _ROUTE = re.compile(r"^- (\S+) -> (\S+): ", re.MULTILINE)

@@ -22,33 +22,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from loop_parts import loop_stream
 
 from sieve.cli.workbench import open_bench
 from sieve.contracts import NEEDS_REVIEW
 from sieve.flow.shadow import equivalent
-from sieve.quality.datasets import load_data
 from sieve.quality.runner import load_candidate
 from sieve.quality.scoring import score_split, three_way_run
 from sieve.quality.systems import SystemRun
-from sieve.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def stream_part(data: str, span: str, seed: int, folder: Path) -> str:
     """Events ``FROM:TO`` of the learning loop's stream of ``data`` as labelled JSONL in ``folder``."""
     start, end = (int(x) for x in span.split(":"))
-    examples = [ex for ex in load_data(data, (REPO / Settings().datasets_dir).resolve()).examples
-                if ex.text and ex.text.strip()]
-    random.Random(seed).shuffle(examples)  # as learning_loop.py orders its stream
     path = folder / "stream.jsonl"
     path.write_text("".join(json.dumps({"id": ex.id, "text": ex.text, "outcome": ex.outcome,
-                                        "labels": sorted(ex.labels)}) + "\n" for ex in examples[start:end]))
+                                        "labels": sorted(ex.labels)}) + "\n"
+                            for ex in loop_stream(data, seed)[1][start:end]))
     return str(path)
 
 

@@ -109,6 +109,7 @@ def test_routes_learn_keeps_anchors_out_of_the_held_back_comparison(tmp_path):
     result = runner.invoke(app, ["routes", "learn", str(active), "-o", str(tmp_path / "x.yaml"), *common,
                                  "--anchors", str(other)])
     assert result.exit_code != 0 and "route set other, not chat" in result.output
+    assert "other.jsonl" in result.output  # the file at fault is named
     result = runner.invoke(app, ["routes", "learn", str(active), "-o", str(tmp_path / "y.yaml"), *common,
                                  "--anchors", str(tmp_path / "missing.jsonl")])
     assert result.exit_code != 0 and "missing.jsonl" in result.output

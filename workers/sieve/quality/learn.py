@@ -252,12 +252,11 @@ def run_learn(
         raise LearnError(f"{out}: the proposed version must not overwrite the active route file")
     check_labels(bench.data, active, new_outcomes=new_outcomes)
     on_labels = targets.on_labels(label_accuracy)
-    named = labels_route_sets(Path(bench.data.source)) - {active.name}
-    if anchors is not None:
-        named |= labels_route_sets(Path(anchors.source)) - {active.name}
-    if named:
-        raise LearnError(f"{bench.data.source}: labels of route set {', '.join(sorted(named))}, not "
-                         f"{active.name}; export or filter the labels of {active.name}")
+    for source in [bench.data.source] + ([anchors.source] if anchors is not None else []):
+        named = labels_route_sets(Path(source)) - {active.name}
+        if named:
+            raise LearnError(f"{source}: labels of route set {', '.join(sorted(named))}, not "
+                             f"{active.name}; export or filter the labels of {active.name}")
     splits = bench.splits
     if not splits.train.examples or not splits.calibration.examples or not splits.test.examples:
         raise LearnError(f"{bench.data.source}: {len(bench.data)} labels leave a train, calibration or test "
