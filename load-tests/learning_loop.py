@@ -19,7 +19,10 @@ keep the active version's automatic decisions (``sieve labels anchors``); ``--la
 and ``--promote-min-added-accuracy`` pass the learn and promote options of those names. The
 running worker switches to a promoted version between batches (route refresh); the next window
 is sent once it has had time to. The stream waits while a candidate is learned (the figures
-per window are then each version's own).
+per window are then each version's own). With ``--shadow``, each candidate is shadowed through the next
+window and judged at its end; ``--shadow-checks N`` judges it after each of N equal parts of
+the window as well, on its shadow's counts so far, as a deployment would promote once the
+evidence is in rather than at a window's end.
 
 Per window it prints automatic share, automatic accuracy with its Wilson interval (z = 1.96),
 novel share, review share, LLM calls and promotions, and writes ``loop.json`` and ``loop.png``
@@ -36,7 +39,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -49,10 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import produce_events  # noqa: E402
 from loop_parts import (  # noqa: E402
+    HEADER,
     REPO,
     Collector,
     OracleLLM,
+    copy_routes,
     events_of,
+    format_row,
     loop_stream,
     loop_topology,
     overall,
@@ -66,22 +71,9 @@ from sieve.contracts import NEEDS_REVIEW  # noqa: E402
 from sieve.kafka.broker import start_dev_broker, stop_process  # noqa: E402
 from sieve.kafka.client import ensure_topics  # noqa: E402
 from sieve.quality.datasets import LabelledExample  # noqa: E402
-from sieve.routeset import head_path_for, load_route_set  # noqa: E402
+from sieve.routeset import load_route_set  # noqa: E402
 from sieve.routeset_dump import dump_route_set  # noqa: E402
 from sieve.settings import KafkaSettings, Settings  # noqa: E402
-
-HEADER = (f"{'window':>6} {'events':>6} {'labels':>6} {'auto':>6} {'auto acc':>8} {'95% Wilson':>14} "
-          f"{'novel':>6} {'review':>6} {'LLM':>5} {'prom':>4}")
-
-
-def copy_routes(routes: Path, folder: Path, name: str) -> Path:
-    """``routes`` (with its head) as ``folder/name``: list files named from there."""
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / name
-    copy.write_text(dump_route_set(load_route_set(routes), folder), encoding="utf-8")
-    if head_path_for(routes).exists():
-        shutil.copyfile(head_path_for(routes), head_path_for(copy))
-    return copy
 
 
 class Loop:
@@ -201,7 +193,7 @@ class Loop:
         count = sum(1 for _ in labels.open())
         record: dict[str, Any] = {"after_window": step, "labels": count, "promoted": False}
         if self.shadowing is not None:
-            record.update(self.promote(*self.shadowing, f"http://127.0.0.1:{self.metrics_port}/metrics"))
+            record.update(self.judge())
             self.shadowing = None
         candidate = self.out / "routes" / f"after-window-{step}.yaml"
         started = time.monotonic()
@@ -228,6 +220,14 @@ class Loop:
             record["shadowing"] = version
         else:
             record.update(self.promote(version, candidate))
+        return record
+
+    def judge(self) -> dict[str, Any]:
+        """Promote the shadowed candidate if its evidence and its shadow's counts so far favour it."""
+        assert self.shadowing is not None
+        record = self.promote(*self.shadowing, f"http://127.0.0.1:{self.metrics_port}/metrics")
+        if record["promoted"]:
+            self.shadowing = None
         return record
 
     def promote(self, version: str, candidate: Path, shadow_metrics: str | None = None) -> dict[str, Any]:
@@ -280,28 +280,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     events = events_of(chunk, start)
                     ids = [e["id"] for e in events]
                     window_started = time.monotonic()
-                    asyncio.run(produce_events(loop.kafka, loop.topology["input"]["topics"][0], events))
                     deadline = time.monotonic() + args.window_timeout_s
-                    # the shadow's audits are not predictable from the decisions: let them arrive too
-                    for settle in [0.0] + ([2.0] if args.shadow_audit_share > 0 else []):
-                        time.sleep(settle)
-                        while (done := collector.done(ids)) < len(ids):
-                            loop.check_alive()
-                            if time.monotonic() > deadline:
-                                raise TimeoutError(f"window {index}: {done} of {len(ids)} done")
-                            time.sleep(0.5)
+                    part, judged = -(-len(events) // max(1, args.shadow_checks)), 0
+                    for at in range(0, len(events), part):  # judging a shadowed candidate between parts
+                        asyncio.run(produce_events(loop.kafka, loop.topology["input"]["topics"][0],
+                                                   events[at: at + part]))
+                        # the shadow's audits are not predictable from the decisions: let them arrive too
+                        collector.wait(ids[: at + part], deadline, loop.check_alive,
+                                       2.0 if args.shadow_audit_share > 0 else 0.0)
+                        if at + part < len(events) and loop.shadowing is not None:
+                            learning.append({"in_window": index, "after_events": at + part, **loop.judge()})
+                            judged += learning[-1]["promoted"]
                     extra = {"new_intents": [bool(ex.labels & new) for ex in chunk]} if new else None
                     row = window_row(index, collector.snapshot(ids), [ex.gold(default) for ex in chunk],
                                      labels_before=labels, extra=extra)
+                    row["promotions"] = judged
                     row["seconds"] = round(time.monotonic() - window_started, 1)
                     rows.append(row)
-                    note = ""
+                    note = "".join(f"  promoted {s['candidate']} after {s['after_events']} events;"
+                                   for s in learning if s.get("in_window") == index and s["promoted"])
                     if start + args.window < len(examples):
                         step = loop.learn(index)
                         labels = step["labels"]
-                        row["promotions"] = int(step["promoted"])
+                        row["promotions"] = judged + int(step["promoted"])
                         learning.append(step)
-                        note = (f"  then {labels} labels, learn {step['learn_s']} s: "
+                        note += (f"  then {labels} labels, learn {step['learn_s']} s: "
                                 + ("promoted " + step["candidate"] if step["promoted"] else
                                    step["learn_error"][0] if "learn_error" in step else "not promoted")
                                 + (f", shadowing {step['shadowing']}" if "shadowing" in step else ""))
@@ -324,21 +327,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], learning: list[
             "label_accuracy": args.label_accuracy, "learn_options": args.learn_option,
             "audit_share": args.audit_share, "shadow": args.shadow, "min_agreement": args.min_agreement,
             "shadow_audit_share": args.shadow_audit_share, "anchors": args.anchors,
+            "shadow_checks": args.shadow_checks,
             "promote_min_added_accuracy": args.promote_min_added_accuracy,
             "seed": args.seed, "encoder": args.encoder, "windows": rows, "learning": learning,
             "overall": summary}
-
-
-def format_row(row: dict[str, Any]) -> str:
-    """One printed line of the table."""
-    ci = row["automatic_accuracy_ci"]
-    accuracy = "-" if row["automatic_accuracy"] is None else f"{row['automatic_accuracy']:.3f}"
-    extra = (f"  new-intents auto+right {row['new_intents_automatic_right_share']:.1%}"
-             if row.get("new_intents_automatic_right_share") is not None else "")
-    interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
-    return (f"{row['window']:>6} {row['events']:>6} {row['labels_before']:>6} {row['automatic_share']:>6.1%} "
-            f"{accuracy:>8} {interval:>14} {row['novel_share']:>6.1%} {row['review_share']:>6.1%} "
-            f"{row['llm_calls']:>5} {row['promotions']:>4}{extra}")
 
 
 def main() -> None:
@@ -369,6 +361,9 @@ def main() -> None:
                         help="shadow each candidate through the next window (the worker restarted with "
                         "route_set.shadow), then promote it only if its shadow metrics pass too")
     parser.add_argument("--min-shadow-events", type=int, default=500, help="promote --min-shadow-events")
+    parser.add_argument("--shadow-checks", type=int, default=1,
+                        help="judge a shadowed candidate this often a window: after each of as many equal "
+                        "parts (1: at the window's end only)")
     parser.add_argument("--min-agreement", type=float, default=0.95, help="promote --min-agreement")
     parser.add_argument("--shadow-audit-share", type=float, default=0.0,
                         help="review.shadow_audit_share: what the shadow would overturn, labelled too")

@@ -19,8 +19,11 @@ import base64
 import json
 import random
 import re
+import shutil
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,14 @@ from sieve.flow.publish import audited  # noqa: E402
 from sieve.kafka.client import client_kwargs  # noqa: E402
 from sieve.quality.datasets import LabelledData, LabelledExample, load_data  # noqa: E402
 from sieve.quality.metrics import wilson  # noqa: E402
+from sieve.routeset import head_path_for, load_route_set  # noqa: E402
+from sieve.routeset_dump import dump_route_set  # noqa: E402
 from sieve.settings import KafkaSettings, Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+HEADER = (f"{'window':>6} {'events':>6} {'labels':>6} {'auto':>6} {'auto acc':>8} {'95% Wilson':>14} "
+          f"{'novel':>6} {'review':>6} {'LLM':>5} {'prom':>4}")
 
 
 def loop_stream(data: str, seed: int, split: str | None = None) -> tuple[LabelledData, list[LabelledExample]]:
@@ -209,6 +217,17 @@ class Collector:
         with self.lock:
             return sum(1 for i in ids if i in self.state and self.state[i].done)
 
+    def wait(self, ids: list[str], deadline: float, alive: Callable[[], None], settle: float = 0.0) -> None:
+        """Return once every one of ``ids`` is done (and again ``settle`` seconds later: what arrives
+        after a decision, such as the shadow's audits); ``alive`` raises when a process has died."""
+        for pause in [0.0] + ([settle] if settle else []):
+            time.sleep(pause)
+            while (done := self.done(ids)) < len(ids):
+                alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{done} of {len(ids)} events done")
+                time.sleep(0.5)
+
     def snapshot(self, ids: list[str]) -> list[EventState]:
         """The states of ``ids`` (an empty state for an event with no output yet)."""
         with self.lock:
@@ -325,3 +344,25 @@ def overall(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bar_automatic_share_after_2000_labels": (all(r["automatic_share"] >= 0.60 for r in after)
                                                   if after else None),
     }
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One printed line of the table."""
+    ci = row["automatic_accuracy_ci"]
+    accuracy = "-" if row["automatic_accuracy"] is None else f"{row['automatic_accuracy']:.3f}"
+    extra = (f"  new-intents auto+right {row['new_intents_automatic_right_share']:.1%}"
+             if row.get("new_intents_automatic_right_share") is not None else "")
+    interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+    return (f"{row['window']:>6} {row['events']:>6} {row['labels_before']:>6} {row['automatic_share']:>6.1%} "
+            f"{accuracy:>8} {interval:>14} {row['novel_share']:>6.1%} {row['review_share']:>6.1%} "
+            f"{row['llm_calls']:>5} {row['promotions']:>4}{extra}")
+
+
+def copy_routes(routes: Path, folder: Path, name: str) -> Path:
+    """``routes`` (with its head) as ``folder/name``: list files named from there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / name
+    copy.write_text(dump_route_set(load_route_set(routes), folder), encoding="utf-8")
+    if head_path_for(routes).exists():
+        shutil.copyfile(head_path_for(routes), head_path_for(copy))
+    return copy

@@ -50,7 +50,7 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
          "--routes", str(REPO / "routes" / "moderation.yaml"), "--out", str(out), "--encoder", "trivial",
          "--window", "40", "--llm-delay-s", "0.02", "--refresh-s", "1", "--bootstrap", dev_broker,
          "--prefix", f"loop-smoke-{tmp_path.name}", "--audit-share", "0.5", "--shadow",
-         "--min-shadow-events", "1", "--shadow-audit-share", "1", "--anchors"],
+         "--min-shadow-events", "1", "--shadow-checks", "2", "--shadow-audit-share", "1", "--anchors"],
         capture_output=True, text=True, timeout=420,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
@@ -66,11 +66,18 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
     assert 0 < sum(w["audits"] for w in windows) <= sum(w["automatic"] for w in windows)
     assert all(w["reviewer_verdicts"] + w["handoffs"] == round(w["review_share"] * 40) for w in windows)
     assert windows[0]["labels_before"] == 0 < windows[1]["labels_before"] <= windows[2]["labels_before"]
-    assert len(report["learning"]) == 2
+    ends = [step for step in report["learning"] if "in_window" not in step]
+    assert len(ends) == 2
     # The candidate learned after window 0 was shadowed through window 1 (the worker restarted with
-    # it), and its promotion was judged on that window's live shadow counts too.
-    first, second = report["learning"]
-    assert report["shadow"] and second["candidate"] == first["shadowing"] != second["shadowing"]
+    # it), and its promotion was judged on that window's live shadow counts too: halfway through
+    # (--shadow-checks 2) and, unless promoted then, again at the window's end.
+    first, second = ends
+    assert report["shadow"] and report["shadow_checks"] == 2 and first["shadowing"] != second["shadowing"]
+    judged = [step for step in report["learning"] if step.get("candidate") == first["shadowing"]]
+    assert (judged[0]["in_window"], judged[0]["after_events"]) == (1, 20)
+    assert "20 events shadowed" in " ".join(judged[0]["promote_output"])
+    assert judged == [judged[0]] if judged[0]["promoted"] else judged == [judged[0], second]
+    assert sum(w["promotions"] for w in windows) == sum(step["promoted"] for step in report["learning"])
     assert report["shadow_audit_share"] == 1.0
     assert yaml.safe_load((out / "topology.yaml").read_text())["review"]["shadow_audit_share"] == 1.0
     # Each learn read the active version's automatic decisions as anchors (none yet from a
@@ -83,8 +90,8 @@ def test_learning_loop_streams_windows_and_counts_every_llm_call(tmp_path: Path,
         assert (evidence["anchors"] or {"read": 0})["read"] == len(anchors)
         if step == 0:  # window 0's automatic decisions, one per text
             assert 0 < len(anchors) <= windows[0]["automatic"]
-    said = " ".join(second["promote_output"])
-    assert "40 events shadowed" in said and "shadow agreement" in said, said
+    said = " ".join(judged[-1]["promote_output"])
+    assert f"{20 * len(judged)} events shadowed" in said and "shadow agreement" in said, said
     # The LLM calls the reviewer's decisions report are the requests the oracle answered.
     assert sum(w["llm_calls"] for w in windows) == report["overall"]["oracle_requests"] > 0
     assert report["overall"]["oracle_unknown_items"] == 0
