@@ -22,13 +22,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(x, accuracy, "s-", label="automatic accuracy")
     ax.fill_between(x, [(r["automatic_accuracy_ci"] or [None, None])[0] for r in rows],
                     [(r["automatic_accuracy_ci"] or [None, None])[1] for r in rows], alpha=0.2)
-    for r in rows:
-        if r["promotions"]:
-            ax.axvline(r["window"] + 0.5, color="grey", linestyle="--", linewidth=1)
+    for step in result["learning"]:  # after a window, or within one (learning_loop.py --shadow-checks)
+        if step["promoted"]:
+            at = (step["in_window"] - 0.5 + step["after_events"] / result["window"] if "in_window" in step
+                  else step["after_window"] + 0.5)
+            ax.axvline(at, color="grey", linestyle="--", linewidth=1)
     ax.axhline(0.95, color="green", linestyle=":", linewidth=1, label="0.95")
     ax.set_ylim(0, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(f"window ({result['window']} events; dashed: a promotion after the window)")
+    ax.set_xlabel(f"window ({result['window']} events; dashed: a promotion)")
     ax.set_title(f"learning loop, {result['data']} (oracle LLM double, wrong {result['wrong']:.0%})")
     ax.legend(loc="center right")
     fig.tight_layout()
