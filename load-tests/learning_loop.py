@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if start + args.window < len(examples):
                         step = loop.learn(index)
                         labels = step["labels"]
-                        row["promotions"] = judged + int(step["promoted"])
+                        row["promotions"] += int(step["promoted"])
                         learning.append(step)
                         note += (f"  then {labels} labels, learn {step['learn_s']} s: "
                                 + ("promoted " + step["candidate"] if step["promoted"] else

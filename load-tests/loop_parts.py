@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_script import ScriptedEndpoint, message_text, share_of  # noqa: E402
 
+from sieve.contracts import NEEDS_REVIEW  # noqa: E402
 from sieve.flow.publish import audited  # noqa: E402
 from sieve.kafka.client import client_kwargs  # noqa: E402
 from sieve.quality.datasets import LabelledData, LabelledExample, load_data  # noqa: E402
@@ -61,7 +62,8 @@ def loop_stream(data: str, seed: int, split: str | None = None) -> tuple[Labelle
 def events_of(examples: list[LabelledExample], start: int) -> list[dict]:
     """The stream's events (ids ``loop-<i>``), as loadgen sends them."""
     return [{"id": f"loop-{start + i}", "text": ex.text, "metadata": {}} for i, ex in enumerate(examples)]
-NEEDS_REVIEW = "needs_review"
+
+
 _ITEM = re.compile(r"<item-([0-9a-f]+)>\n(.*)\n</item-\1>", re.DOTALL)
 _ROUTE = re.compile(r"^- (\S+) -> (\S+): ", re.MULTILINE)
 _CANDIDATE = re.compile(r"^- (\S+) \((\S+)\) [0-9.]+$", re.MULTILINE)
