@@ -27,6 +27,7 @@ example; ``route_set.shadow``, docs/routes.md) with a shadow topic for disagreem
     .venv/bin/python load-tests/bench_stream.py --events 2000 --quick
     .venv/bin/python load-tests/bench_stream.py --profile         # + py-spy summary
     .venv/bin/python load-tests/bench_stream.py --head            # with a learned head
+    .venv/bin/python load-tests/bench_stream.py --head --head-words   # a head that scores words too
     .venv/bin/python load-tests/bench_stream.py --shadow          # with a shadow version
 """
 
@@ -267,6 +268,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--head", action="store_true",
                         help="a learned head (trained on the routes' own examples) in the route-set version")
+    parser.add_argument("--head-words", action="store_true", help="with --head: the head scores words too")
     parser.add_argument("--shadow", action="store_true",
                         help="the workers shadow a candidate version (the routes with one more example)")
     args = parser.parse_args()
@@ -278,7 +280,7 @@ def main() -> None:
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}")
     try:
         encoder = TrivialEncoder()
-        args.routes = copy_with_head(ROUTES, tmp, encoder) if args.head else ROUTES
+        args.routes = copy_with_head(ROUTES, tmp, encoder, words=args.head_words) if args.head else ROUTES
         route_set = load_route_set(args.routes)
         RouteStore(QdrantSettings(path=tmp / "qdrant")).sync(route_set, encoder)
         if args.shadow:  # a stored candidate, not active: what `routes learn` and `sync --no-activate` make
@@ -321,12 +323,13 @@ def main() -> None:
     reference = (first["rate"] + last["rate"]) / 2
     rows.insert(0, ("aiokafka loop, one send per event (mean of the runs before and after)",
                     {"events": min(first["events"], last["events"]), "rate": reference}))
+    head = ("with words" if args.head_words else "on") if args.head else "off"
     print(f"\nSieve streaming ceiling — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU cores, dev broker (tansu) on the same cores; {args.events} demo "
           f"events, {args.partitions} partitions, {payload_size}-byte messages; the aiokafka loop "
           f"ran at {first['rate']:,.0f} events/s first and {last['rate']:,.0f} last; a worker's "
           f"default here, compute=auto, is compute={default_mode} ({usable_cpus()} usable CPUs); "
-          f"learned head {'on' if args.head else 'off'}, shadow {args.shadow_version or 'off'}\n")
+          f"learned head {head}, shadow {args.shadow_version or 'off'}\n")
     print("| loop | events out | events/s | vs. aiokafka loop |")
     print("|---|---:|---:|---:|")
     for label, row in rows:

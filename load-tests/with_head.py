@@ -30,16 +30,22 @@ from sieve.settings import Settings
 from sieve.topology import load_topology
 
 
-def copy_with_head(routes: Path, folder: Path, encoder: TextEncoder, weight: float = 0.5) -> Path:
-    """A copy of ``routes`` in ``folder`` with a head trained on its own utterances beside it."""
+def copy_with_head(routes: Path, folder: Path, encoder: TextEncoder, weight: float = 0.5,
+                   words: bool = False) -> Path:
+    """A copy of ``routes`` in ``folder`` with a head trained on its own utterances beside it.
+
+    ``words``: the head scores the texts' words too (``sieve routes build --head-words``).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / routes.name  # its list files named from there (the originals)
     copy.write_text(dump_route_set(load_route_set(routes), folder), encoding="utf-8")
     route_set = load_route_set(copy)
     rows = [(position, text) for position, route in enumerate(route_set.routes) for text in route.utterances]
     membership = np.eye(len(route_set.routes), dtype=bool)[[position for position, _ in rows]]
-    head = train_head(encoder.encode([text for _, text in rows]), membership,
-                      [route.name for route in route_set.routes], encoder.id, weight=weight)
+    texts = [text for _, text in rows]
+    names = [route.name for route in route_set.routes]
+    head = train_head(encoder.encode(texts), membership, names, encoder.id, weight=weight,
+                      texts=texts if words else None)
     head.save(head_path_for(copy))
     return copy
 
@@ -50,6 +56,7 @@ def main() -> None:
     parser.add_argument("topology", type=Path)
     parser.add_argument("folder", type=Path, help="where the copied topology, routes and head go")
     parser.add_argument("--weight", type=float, default=0.5, help="the head's weight in a route's score")
+    parser.add_argument("--words", action="store_true", help="the head scores the texts' words too")
     args = parser.parse_args()
 
     from sieve.worker.compute import build_encoders
@@ -57,7 +64,7 @@ def main() -> None:
     topology = load_topology(args.topology)  # paths in it resolved
     assert topology.route_set.file is not None, "the topology names no route file"
     encoder, _ = build_encoders(topology.model_copy(update={"image_encoder": None}), Settings())
-    routes = copy_with_head(topology.route_set.file, args.folder / "routes", encoder, args.weight)
+    routes = copy_with_head(topology.route_set.file, args.folder / "routes", encoder, args.weight, args.words)
     data = topology.model_dump(mode="json", exclude_none=True)
     data["route_set"]["file"] = str(routes.resolve())
     out = args.folder / args.topology.name
@@ -65,7 +72,7 @@ def main() -> None:
     load_topology(out)  # the copy is a valid topology
     route_set = load_route_set(routes)
     print(f"{out}: route set {route_set.name}@{route_set.version} with a head beside {routes} "
-          f"(weight {args.weight:g}, encoder {encoder.id})")
+          f"(weight {args.weight:g}, encoder {encoder.id}{', words' if args.words else ''})")
 
 
 if __name__ == "__main__":

@@ -93,9 +93,10 @@ def test_the_head_is_part_of_the_version(tmp_path, trivial_encoder):
 # --------------------------------------------------------------------------- worker = eval
 
 
-def test_the_worker_decides_as_eval_measures_the_head(moderation_bench, tmp_path):
+@pytest.mark.parametrize("words", [False, True], ids=["vectors", "vectors and words"])
+def test_the_worker_decides_as_eval_measures_the_head(moderation_bench, tmp_path, words):
     out = tmp_path / "built.yaml"
-    run_build(moderation_bench, out, max_examples=10, head=True)
+    run_build(moderation_bench, out, max_examples=10, head=True, head_words=words)
     report = run_eval(moderation_bench, [("built", out)])
     by_label = {entry.label: entry.run for entry in report.systems}
     measured = by_label["built + head, its own thresholds"]
@@ -108,7 +109,7 @@ def test_the_worker_decides_as_eval_measures_the_head(moderation_bench, tmp_path
     assert index.version == measured.index.version  # eval measured this version, head included
     outcomes = tuple(sorted(index.route_set.outcomes - {"needs_review"}))
     pipeline = RouterPipeline(topology(index.route_set.name, outcomes), encoder, index, "t")
-    assert pipeline.head is not None
+    assert pipeline.head is not None and (pipeline.head.words is not None) == words
     texts = [str(ex.text) for ex in moderation_bench.splits.test.examples]
     names = index.route_names
     expected = [(o, r, names[p] if p is not None else None)

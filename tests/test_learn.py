@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sieve.cli import app
-from sieve.flow.head import train_head
+from sieve.flow.head import LearnedHead, train_head
 from sieve.quality.build import RoutePool
 from sieve.quality.datasets import LabelledData, LabelledExample
 from sieve.quality.learn import LearnError, check_labels, head_training, propose, run_learn
@@ -249,14 +249,16 @@ def test_a_balanced_head_gives_a_route_with_few_rows_its_share():
     assert shares[False] < shares[True] and shares[True] > 0.6
 
 
-def test_a_head_learned_from_labels_with_a_route_each_trains_balanced(tmp_path, trivial_encoder):
+@pytest.mark.parametrize("words", [False, True], ids=["vectors", "vectors and words"])
+def test_a_head_learned_from_labels_with_a_route_each_trains_balanced(tmp_path, trivial_encoder, words):
     """An active one-vs-rest head (multi-label training data), labels of one route each: the
     proposed head is a softmax trained on the labels alone, balanced (review traffic's mix of
-    routes is not the stream's)."""
+    routes is not the stream's); it scores words when the active head does."""
     active = active_file(tmp_path)
     membership = np.array([[1, 1], [1, 0], [0, 1], [0, 1]], bool)  # a row in both routes: one-vs-rest
-    vectors = trivial_encoder.encode(["cheap pills", "buy now", "lunch", "weather"])
-    train_head(vectors, membership, ["spam", "clean"], trivial_encoder.id, c=1.0).save(head_path_for(active))
+    texts = ["cheap pills now", "buy cheap now", "lunch now", "weather now"]
+    train_head(trivial_encoder.encode(texts), membership, ["spam", "clean"], trivial_encoder.id, c=1.0,
+               texts=texts if words else None).save(head_path_for(active))
     labels = write_labels(tmp_path / "labels.jsonl", label_rows())
     bench = open_workbench(str(labels), trivial_encoder, datasets_dir=tmp_path)
     out = tmp_path / "proposed" / "chat.yaml"
@@ -264,5 +266,7 @@ def test_a_head_learned_from_labels_with_a_route_each_trains_balanced(tmp_path, 
                        min_support=None)
     head = result.comparison["head"]
     assert head is not None and head["balanced"] is True
+    assert ("words" in head) is words
+    assert (LearnedHead.load(head_path_for(out)).words is not None) is words
     # the labels alone: no row of the set's own examples joined them
     assert head["rows"] == sum(1 for ex in bench.splits.train.examples if ex.labels or ex.outcome == "clean")

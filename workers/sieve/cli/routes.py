@@ -129,6 +129,8 @@ def routes_build(
     head_weight: Annotated[float, typer.Option(help="Weight of the head's probability in a route's "
                                                    "score.")] = 0.5,
     head_c: Annotated[float, typer.Option(help="Inverse regularisation strength of the head.")] = 1.0,
+    head_words: Annotated[bool, typer.Option(help="The head also scores the text's words and word pairs "
+                                                  "(TF-IDF), not only its embedding.")] = False,
     lists: Annotated[list[Path] | None, typer.Option(
         "--lists", help="A list file the built set names (repeatable), e.g. routes/lists/profanity.yaml; "
         "its route must be one the data builds.")] = None,
@@ -148,12 +150,15 @@ def routes_build(
         fail("--max-examples must be at least 1")
     if not 0.0 <= head_weight <= 1.0:
         fail("--head-weight must be within [0, 1]")
+    if head_words and not head:
+        fail("--head-words needs --head")
     progress = progress_for(console, quiet=quiet)
     bench = open_bench(data, seed, sample, encoder, model, cache, resplit, backend, progress=progress)
     try:
         result = run_build(bench, out, name=name, max_examples=max_examples, seed=seed,
                            default_outcome=default_outcome, head=head, head_c=head_c,
-                           head_weight=head_weight, lists=lists or (), command=command_line(),
+                           head_weight=head_weight, head_words=head_words, lists=lists or (),
+                           command=command_line(),
                            progress=progress)
     except ValueError as exc:
         fail(str(exc))

@@ -13,7 +13,9 @@ version hashes them, and the route store keeps them with the version. The worker
 (:class:`~sieve.flow.pipeline.RouterPipeline`) and ``sieve eval`` / ``sieve fit`` get
 the scores they decide on from the same function, :func:`decision_scores`. A head is
 trained on text vectors: it applies in the text space, to an index encoded with its
-encoder.
+encoder. A head trained with words (:mod:`sieve.flow.head_words`) scores the text's word
+features beside its vector; it is written as format ``sieve-head/2``, which a worker that
+predates word features refuses rather than scoring without them.
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
+from sieve.flow.head_words import WordFeatures
 from sieve.flow.match import RouteIndex
 from sieve.progress import SILENT, Progress
 
 HeadKind = Literal["softmax", "one_vs_rest"]
 HEAD_FORMAT = "sieve-head/1"
+HEAD_FORMAT_WORDS = "sieve-head/2"  # with word features
 
 
 class HeadError(ValueError):
@@ -49,21 +54,28 @@ class LearnedHead:
     intercept: np.ndarray  # (routes,)
     weight: float = 0.5
     meta: dict[str, object] = field(default_factory=dict)
+    words: WordFeatures | None = None
+    word_coef: np.ndarray | None = None  # (routes, len(words))
 
-    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        """``(n, routes)`` probabilities in ``route_names`` order."""
+    def probabilities(self, vectors: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """``(n, routes)`` probabilities in ``route_names`` order (``texts``: needed by a head with words)."""
         logits = vectors.astype(np.float64) @ self.coef.T + self.intercept
+        if self.words is not None and self.word_coef is not None:
+            if texts is None or len(texts) != vectors.shape[0]:
+                raise HeadError("this head scores words: it needs the texts of the vectors")
+            logits = logits + np.asarray(self.words.transform(texts) @ self.word_coef.T.astype(np.float64))
         if self.kind == "softmax":
             logits -= logits.max(axis=1, keepdims=True)
             exp = np.exp(logits)
             return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
         return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
-    def route_scores(self, vectors: np.ndarray, index: RouteIndex) -> np.ndarray:
+    def route_scores(self, vectors: np.ndarray, index: RouteIndex,
+                     texts: Sequence[str] | None = None) -> np.ndarray:
         """Probabilities aligned with ``index``'s routes (a route the head lacks scores 0)."""
         if index.encoder_id != self.encoder_id:
             raise HeadError(f"head trained on {self.encoder_id!r} vectors, index holds {index.encoder_id!r}")
-        probs = self.probabilities(vectors)
+        probs = self.probabilities(vectors, texts)
         column = {name: i for i, name in enumerate(self.route_names)}
         out = np.zeros((vectors.shape[0], len(index.route_names)), dtype=np.float32)
         for position, name in enumerate(index.route_names):
@@ -71,9 +83,10 @@ class LearnedHead:
                 out[:, position] = probs[:, column[name]]
         return out
 
-    def combine(self, nearest_scores: np.ndarray, vectors: np.ndarray, index: RouteIndex) -> np.ndarray:
+    def combine(self, nearest_scores: np.ndarray, vectors: np.ndarray, index: RouteIndex,
+                texts: Sequence[str] | None = None) -> np.ndarray:
         """``(1 - weight) * nearest + weight * p``, the scores the policy then decides on."""
-        return self.mix(nearest_scores, self.route_scores(vectors, index))
+        return self.mix(nearest_scores, self.route_scores(vectors, index, texts))
 
     def mix(self, nearest_scores: np.ndarray, head_scores: np.ndarray) -> np.ndarray:
         """``(1 - weight) * nearest + weight * p`` for route scores the caller has aligned."""
@@ -93,7 +106,7 @@ class LearnedHead:
     def save(self, path: str | Path | IO[bytes]) -> None:
         """Write as ``.npz`` (arrays and a JSON header; loadable without pickle)."""
         header = {
-            "format": HEAD_FORMAT,
+            "format": HEAD_FORMAT if self.words is None else HEAD_FORMAT_WORDS,
             "encoder_id": self.encoder_id,
             "kind": self.kind,
             "weight": self.weight,
@@ -103,8 +116,16 @@ class LearnedHead:
         if isinstance(path, str | Path):
             with open(path, "wb") as handle:
                 return self.save(handle)
-        np.savez(path, coef=self.coef.astype(np.float32), intercept=self.intercept.astype(np.float32),
-                 header=np.array(json.dumps(header)))
+        arrays: dict[str, Any] = {"coef": self.coef.astype(np.float32),
+                                  "intercept": self.intercept.astype(np.float32),
+                                  "header": np.array(json.dumps(header))}
+        if self.words is not None and self.word_coef is not None:
+            arrays.update(words=np.array(self.words.vocabulary, dtype=str),
+                          idf=np.asarray(self.words.idf, dtype=np.float32),
+                          word_coef=self.word_coef.astype(np.float32))
+            np.savez_compressed(path, **arrays)  # the vocabulary compresses well
+            return
+        np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path | IO[bytes], source: str | None = None) -> LearnedHead:
@@ -114,9 +135,15 @@ class LearnedHead:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
                 coef, intercept = data["coef"], data["intercept"]
+                words = word_coef = None
+                if header.get("format") == HEAD_FORMAT_WORDS:
+                    words = WordFeatures(tuple(str(w) for w in data["words"]), data["idf"])
+                    word_coef = data["word_coef"]
+                    if word_coef.shape != (coef.shape[0], len(words)):
+                        raise ValueError(f"word_coef has shape {word_coef.shape}")
         except (OSError, ValueError, KeyError) as exc:
             raise HeadError(f"{source}: not a head file: {exc}") from None
-        if header.get("format") != HEAD_FORMAT:
+        if header.get("format") not in (HEAD_FORMAT, HEAD_FORMAT_WORDS):
             raise HeadError(f"{source}: unknown head format {header.get('format')!r}")
         return cls(
             tuple(header["route_names"]),
@@ -126,6 +153,8 @@ class LearnedHead:
             intercept,
             float(header["weight"]),
             header.get("meta", {}),
+            words,
+            word_coef,
         )
 
 
@@ -158,15 +187,17 @@ def head_of(index: RouteIndex) -> LearnedHead | None:
 
 
 def decision_scores(
-    route_scores: np.ndarray, vectors: np.ndarray, index: RouteIndex, head: LearnedHead | None
+    route_scores: np.ndarray, vectors: np.ndarray, index: RouteIndex, head: LearnedHead | None,
+    texts: Sequence[str] | None = None,
 ) -> np.ndarray:
     """The ``(n, routes)`` scores the policy decides on: the match's route scores, combined with the head.
 
     The one place the head is applied: the worker's pipeline and ``sieve eval``/``fit`` both call it.
+    ``texts``: the events' texts, which a head with words scores too.
     """
     if head is None:
         return route_scores
-    return head.combine(route_scores, vectors, index)
+    return head.combine(route_scores, vectors, index, texts)
 
 
 def train_head(
@@ -179,20 +210,29 @@ def train_head(
     weight: float = 0.5,
     seed: int = 0,
     balanced: bool = False,
+    texts: Sequence[str] | None = None,
     progress: Progress = SILENT,
 ) -> LearnedHead:
     """Logistic regression on ``vectors`` (n, d) with ``membership`` (n, routes) bool.
 
     One route per row: a multinomial (softmax) model; ``balanced`` weighs every route
     alike whatever its number of rows (sklearn's ``class_weight="balanced"``). Rows in several
-    routes (multi-label moderation data): one binary model per route.
+    routes (multi-label moderation data): one binary model per route. With ``texts`` (one per
+    row) the head also learns word features, fitted on the texts of the rows it trains on.
     """
+    from scipy.sparse import csr_matrix, hstack
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     membership = np.asarray(membership, dtype=bool)
     keep = membership.any(axis=1)
     x, m = vectors[keep].astype(np.float64), membership[keep]
+    dim = x.shape[1]
+    words = None
+    if texts is not None:
+        kept_texts = [texts[int(i)] for i in np.flatnonzero(keep)]
+        words = WordFeatures.fit(kept_texts)
+        x = hstack([csr_matrix(x), words.transform(kept_texts).astype(np.float64)]).tocsr()
     single = bool((m.sum(axis=1) == 1).all())
     coef = np.zeros((len(route_names), x.shape[1]))
     intercept = np.full(len(route_names), -1e4)  # a route with no rows gets ~0 probability
@@ -225,12 +265,16 @@ def train_head(
     meta: dict[str, object] = {"rows": int(keep.sum()), "c": c, "seed": seed}
     if balanced and single:
         meta["balanced"] = True
+    if words is not None:
+        meta["words"] = len(words)
     return LearnedHead(
         tuple(route_names),
         encoder_id,
         kind,
-        coef.astype(np.float32),
+        coef[:, :dim].astype(np.float32),
         intercept.astype(np.float32),
         weight,
         meta,
+        words,
+        coef[:, dim:].astype(np.float32) if words is not None else None,
     )

@@ -268,7 +268,9 @@ class RouterPipeline:
             started = time.perf_counter()
             some = vectors[rows]
             match = match_batch(some, index, index.aggregation)
-            match = replace(match, route_scores=decision_scores(match.route_scores, some, index, first.head))
+            texts = [items[at[r]].event.text or "" for r in rows] if space == "text" else None
+            match = replace(match, route_scores=decision_scores(match.route_scores, some, index, first.head,
+                                                                texts))
             matched = time.perf_counter()
             for members in positions_by([groups[at[r]].cache_policy for r in rows]).values():
                 positions = [at[rows[m]] for m in members]
@@ -333,7 +335,8 @@ class RouterPipeline:
                     started = time.perf_counter()
                     own = [k for k, p in enumerate(at) if groups[p].policy is None]
                     self._shadow.decide(shadow, vectors[own], [decided[at[k]] for k in own],
-                                        [hits.get(at[k], []) for k in own])
+                                        [hits.get(at[k], []) for k in own],
+                                        [items[at[k]].event.text or "" for k in own])
                     seconds["shadow"] = seconds.get("shadow", 0.0) + time.perf_counter() - started
                 placed += decided.items()
         for group, group_repeats in repeats:

@@ -121,16 +121,17 @@ class Shadow:
         return ShadowBatch(ShadowStats(self.index.version))
 
     def decide(self, batch: ShadowBatch, vectors: np.ndarray, rows: Sequence[dict[str, Any]],
-               hits: Sequence[list[ListHit]] | None) -> None:
+               hits: Sequence[list[ListHit]] | None, texts: Sequence[str] | None = None) -> None:
         """Decide the events of ``rows`` (the active decisions) from their ``vectors``; count into ``batch``.
 
-        ``hits``: the events' list hits, as the active decisions were given them.
+        ``hits``: the events' list hits, as the active decisions were given them; ``texts``: their
+        texts, which a head with words needs.
         """
         if not rows:
             return
         index, policy, head = self.active.index, self.active.policy, self.active.head
         match = match_batch(vectors, index, index.aggregation)
-        scores = decision_scores(match.route_scores, vectors, index, head)
+        scores = decision_scores(match.route_scores, vectors, index, head, texts)
         _, verdicts = decide_with_lists(scores, policy, novelty_scores(match.nearest_score), hits, index)
         names = index.route_names
         default = policy.default_outcome

@@ -187,13 +187,17 @@ def with_head(
     weight: float = 0.5,
     seed: int = 0,
     balanced: bool = False,
+    words: bool = False,
     progress: Progress = SILENT,
 ) -> BuildResult:
-    """The build result with a logistic-regression head trained on the whole training split."""
+    """The build result with a logistic-regression head trained on the whole training split.
+
+    ``words``: the head scores word features of the texts too (:mod:`sieve.flow.head_words`).
+    """
     membership = membership_matrix(train, result.pools)
     names = [pool.name for pool in result.pools]
     head = train_head(
         vectors, membership, names, encoder_id, c=c, weight=weight, seed=seed, balanced=balanced,
-        progress=progress,
+        texts=[example.text or "" for example in train.examples] if words else None, progress=progress,
     )
     return BuildResult(result.route_set, result.pools, result.kept, head)

@@ -290,7 +290,8 @@ def run_learn(
         head_data, vectors, pools = (head_training(active, train, train_vectors, existing, proposal.pools)
                                      if softmax else (train, train_vectors, proposal.pools))
         built = with_head(BuildResult(proposal.route_set, pools, {}), head_data, vectors, bench.encoder.id,
-                          c=head_c, weight=weight, seed=seed, balanced=True, progress=progress)
+                          c=head_c, weight=weight, seed=seed, balanced=True,
+                          words=active_head is not None and active_head.words is not None, progress=progress)
         proposal.head = built.head
     out.parent.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {"proposed": str(out)}

@@ -57,8 +57,7 @@ def run_build(
     seed: int = 0,
     default_outcome: str | None = None,
     head: bool = False,
-    head_c: float = 1.0,
-    head_weight: float = 0.5,
+    head_c: float = 1.0, head_weight: float = 0.5, head_words: bool = False,
     lists: Sequence[Path] = (),
     command: str = "",
     progress: Progress = SILENT,
@@ -90,7 +89,7 @@ def run_build(
     )
     if head:
         result = with_head(result, train, vectors, bench.encoder.id, c=head_c, weight=head_weight, seed=seed,
-                           progress=progress)
+                           words=head_words, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     named = [os.path.relpath(Path(p).resolve(), out.parent.resolve()) for p in lists]  # relative to the file
     out.write_text(dump_route_set(result.route_set.model_copy(update={"lists": named})), encoding="utf-8")
@@ -272,9 +271,10 @@ def run_fit(
         head_fit = None
         cal_scores = cal.match.route_scores
         if candidate.head is not None:
-            cal_scores = decision_scores(cal.match.route_scores, cal.vectors, index, candidate.head)
+            cal_scores = decision_scores(cal.match.route_scores, cal.vectors, index, candidate.head,
+                                         cal.texts)
             head_fit = fit_on(cal_scores, decision_scores(scored.match.route_scores, scored.vectors, index,
-                                                          candidate.head),
+                                                          candidate.head, scored.texts),
                               unseen_of(cal, candidate.head, unseen_share))
             head_policy = head_fit.policy(Policy.for_index(index))
         sr_threshold, sr_accuracy = semantic_router_fit(cal)

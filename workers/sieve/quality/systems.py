@@ -38,6 +38,11 @@ class ScoredSplit:
         """The route set scored against."""
         return self.index.route_set
 
+    @property
+    def texts(self) -> list[str]:
+        """The events' texts, in order (what a learned head with words scores)."""
+        return [example.text or "" for example in self.data.examples]
+
 
 @dataclass(frozen=True)
 class SystemRun:

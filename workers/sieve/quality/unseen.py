@@ -70,10 +70,12 @@ def leave_routes_out(
     index: RouteIndex,
     head: LearnedHead | None = None,
     held: np.ndarray | None = None,
+    texts: Sequence[str] | None = None,
 ) -> Unseen:
     """Each event with a gold route in ``index``, scored as the worker would if that route were gone.
 
-    ``route_scores``: the events' nearest-example route scores (without the head);
+    ``route_scores``: the events' nearest-example route scores (without the head); ``texts``:
+    their texts, which a head with words needs;
     ``labels``: each event's gold route names, all removed together. An event keeps its gold
     outcome: where no other route has it, no automatic decision of the event is right. Events
     whose labels name no route of the set (unlabelled default-outcome events) are skipped, as
@@ -89,7 +91,8 @@ def leave_routes_out(
     novelty = _novelty_without(np.asarray(vectors, dtype=np.float32)[rows], index, mask)
     scores = nearest
     if head is not None:
-        p = head.route_scores(np.asarray(vectors)[rows], index)
+        p = head.route_scores(np.asarray(vectors)[rows], index,
+                              None if texts is None else [texts[i] for i in rows])
         p[mask] = 0.0
         if head.kind == "softmax":  # the same model without the removed classes: renormalised
             p /= np.maximum(p.sum(axis=1, keepdims=True), np.float32(1e-12))
@@ -118,5 +121,5 @@ def unseen_of(cal: ScoredSplit, head: LearnedHead | None, share: float | None) -
         return None
     labels = [ex.labels for ex in cal.data.examples]
     out = leave_routes_out(cal.match.route_scores, cal.vectors, labels, cal.gold, cal.index, head,
-                           held_by_lists(cal))
+                           held_by_lists(cal), cal.texts)
     return out.mixed(len(cal.gold), share)
