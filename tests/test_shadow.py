@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
 from sieve.encoders.trivial import TrivialEncoder
 from sieve.flow.dedup import DecisionCache
+from sieve.flow.head import train_head
 from sieve.flow.match import RouteIndex
 from sieve.flow.pipeline import BatchResult, RouterPipeline
 from sieve.flow.shadow import ShadowStats
@@ -107,6 +109,27 @@ def test_the_shadow_decides_from_the_same_vectors_as_its_own_active_version_woul
     assert all(m["decision_id"] == decision_ids[m["event_id"]] for m in sent)
     # the decisions published are the active version's alone
     assert {d.route_set_version for d in result.decisions} == {pipeline.index.version}
+
+
+def test_a_shadow_whose_head_scores_words_decides_as_it_would_when_active() -> None:
+    encoder = TrivialEncoder()
+    shadowed = candidate()
+    rows = [(position, text) for position, route in enumerate(shadowed.routes) for text in route.utterances]
+    texts = [text for _, text in rows]
+    head = train_head(encoder.encode(texts), np.eye(len(shadowed.routes), dtype=bool)[[p for p, _ in rows]],
+                      [route.name for route in shadowed.routes], encoder.id, c=10.0, texts=texts)
+    assert head.words is not None and len(head.words) > 0
+    shadowed = shadowed.model_copy()
+    shadowed._head_bytes = head.to_bytes()  # as the route store restores a version's head
+    shadow_index = RouteIndex.build(shadowed, encoder)
+    pipeline = RouterPipeline(topology(), encoder, RouteIndex.build(route_set("base"), encoder), "t",
+                              shadow_index=shadow_index, shadow_messages=20)
+    result = pipeline.process(records())
+    as_active = RouterPipeline(topology(), encoder, shadow_index, "t").process(records()).decisions
+    reference = {d.event_id: (d.outcome, d.route) for d in as_active}
+    sent = {m["event_id"]: (m["shadow"]["outcome"], m["shadow"]["route"]) for m in shadow_messages(result)}
+    assert sent and all(reference[event_id] == verdict for event_id, verdict in sent.items())
+    assert result.shadow is not None and result.shadow.events == len(BATCH)
 
 
 def test_clean_through_another_benign_route_or_none_is_an_equivalent_decision() -> None:
