@@ -92,7 +92,8 @@ def test_learn_proposes_fits_and_compares_on_held_back_labels(tmp_path, trivial_
     bench = open_workbench(str(labels), trivial_encoder, datasets_dir=tmp_path)
     out = tmp_path / "proposed" / "chat.yaml"
     result = run_learn(bench, active, out, Targets(accuracy=0.9, z=0.0), max_per_route=5, seed=0,
-                       min_support=None, head=True)
+                       min_support=None, head=True, head_words=True)
+    assert LearnedHead.load(head_path_for(out)).words is not None  # asked for: the active set has no head
     proposed = load_route_set(out)
     assert proposed == result.proposed and proposed.name == "chat"
     assert proposed.version != load_route_set(active).version
@@ -156,6 +157,17 @@ def test_labels_it_cannot_learn_from_fail_clearly_and_write_nothing(tmp_path, ro
                                       "--encoder", "trivial", "--no-cache", "-q"])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_head_words_without_a_head_fail_clearly_and_write_nothing(tmp_path):
+    active = active_file(tmp_path)  # no head beside it
+    labels = write_labels(tmp_path / "labels.jsonl", label_rows())
+    out = tmp_path / "out" / "new.yaml"
+    result = CliRunner().invoke(app, ["routes", "learn", str(active), "--labels", str(labels), "-o", str(out),
+                                      "--encoder", "trivial", "--no-cache", "-q", "--head-words"])
+    assert result.exit_code == 2
+    assert "head words need a head" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
 
 

@@ -23,6 +23,8 @@ def routes_learn(
                                             "none; one beside the active file is always retrained.")] = False,
     head_weight: Annotated[float | None, typer.Option(
         help="Weight of the head's probability (default: the active head's, else 0.5).")] = None,
+    head_words: Annotated[bool, typer.Option(help="The head scores the text's words too (as the active "
+                                                  "head's always does when it has them).")] = False,
     min_precision: Annotated[list[str] | None, typer.Option(
         help="OUTCOME=P: automatic decisions of that outcome at least this precise (repeatable).")] = None,
     min_accuracy: Annotated[float | None, typer.Option(
@@ -84,6 +86,7 @@ def routes_learn(
         kept = load_data(str(anchors), Path(".")) if given else None  # an empty file: no anchors
         result = run_learn(bench, routes, out, targets, max_per_route=max_per_route, anchors=kept,
                            near_duplicate=near_duplicate, seed=seed, head=head, head_weight=head_weight,
+                           head_words=head_words,
                            min_support=min_support or None, novel_share=novel_share or None,
                            new_outcomes=new_outcomes, label_accuracy=label_accuracy, command=command_line(),
                            progress=progress)

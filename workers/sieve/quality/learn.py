@@ -229,6 +229,7 @@ def run_learn(
     head: bool = False,
     head_weight: float | None = None,
     head_c: float = 1.0,
+    head_words: bool = False,
     min_support: int | None = 50,
     novel_share: float | None = 0.05,
     new_outcomes: bool = False,
@@ -239,7 +240,8 @@ def run_learn(
 ) -> LearnResult:
     """Propose, fit on calibration and compare on test; write ``out`` (the proposed, fitted version).
 
-    Next to ``out``: its head (``<out>.head.npz``) when it has one, the fitted thresholds
+    Next to ``out``: its head (``<out>.head.npz``) when it has one (scoring words when the
+    active head does, or with ``head_words``), the fitted thresholds
     (``<out>.thresholds.json``) and the comparison (``<out>.learn.md``, ``<out>.learn.json``).
     Every check that can refuse the labels runs before anything is written. The targets are
     on true accuracy: with ``label_accuracy`` below 1 (how often the labels are right) the fit
@@ -269,6 +271,8 @@ def run_learn(
     if active_head is not None and active_head.encoder_id != bench.encoder.id:
         raise LearnError(f"{active_head_file}: trained on {active_head.encoder_id!r} vectors, not "
                          f"{bench.encoder.id!r}: learn with the encoder the active set is used with")
+    if head_words and not head and active_head is None:
+        raise LearnError("head words need a head: ask for one, or keep one beside the active file")
     multi = active.mode == "multi"
     fitted: dict[str, object] = {"refitted": "each category route's accept threshold (multi mode: the "
                                              "novelty threshold is kept, no head)"}
@@ -291,7 +295,8 @@ def run_learn(
                                      if softmax else (train, train_vectors, proposal.pools))
         built = with_head(BuildResult(proposal.route_set, pools, {}), head_data, vectors, bench.encoder.id,
                           c=head_c, weight=weight, seed=seed, balanced=True,
-                          words=active_head is not None and active_head.words is not None, progress=progress)
+                          words=head_words or (active_head is not None and active_head.words is not None),
+                          progress=progress)
         proposal.head = built.head
     out.parent.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {"proposed": str(out)}
