@@ -55,12 +55,16 @@ class LearnedHead:
     weight: float = 0.5
     meta: dict[str, object] = field(default_factory=dict)
     words: WordFeatures | None = None
-    word_coef: np.ndarray | None = None  # (routes, len(words))
+    word_coef: np.ndarray | None = None  # (routes, len(words)), exactly when there are words
+
+    def __post_init__(self) -> None:
+        if (self.words is None) != (self.word_coef is None):
+            raise HeadError("a head's words and their coefficients come together")
 
     def probabilities(self, vectors: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """``(n, routes)`` probabilities in ``route_names`` order (``texts``: needed by a head with words)."""
         logits = vectors.astype(np.float64) @ self.coef.T + self.intercept
-        if self.words is not None and self.word_coef is not None:
+        if self.words is not None and self.word_coef is not None:  # both or neither (__post_init__)
             if texts is None or len(texts) != vectors.shape[0]:
                 raise HeadError("this head scores words: it needs the texts of the vectors")
             logits = logits + np.asarray(self.words.transform(texts) @ self.word_coef.T.astype(np.float64))

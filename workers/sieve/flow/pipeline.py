@@ -268,7 +268,8 @@ class RouterPipeline:
             started = time.perf_counter()
             some = vectors[rows]
             match = match_batch(some, index, index.aggregation)
-            texts = [items[at[r]].event.text or "" for r in rows] if space == "text" else None
+            words = first.head is not None and first.head.words is not None  # only such a head reads texts
+            texts = [items[at[r]].event.text or "" for r in rows] if words else None
             match = replace(match, route_scores=decision_scores(match.route_scores, some, index, first.head,
                                                                 texts))
             matched = time.perf_counter()

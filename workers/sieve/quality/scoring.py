@@ -113,8 +113,8 @@ def three_way_run(
     """Sieve's policy (the route set's thresholds unless ``policy`` is given) on a scored split."""
     index = scored.index
     policy = policy or Policy.for_index(index)
-    texts = scored.texts if head is not None and head.words is not None else None  # as the worker
-    route_scores = decision_scores(scored.match.route_scores, scored.vectors, index, head, texts)
+    route_scores = decision_scores(scored.match.route_scores, scored.vectors, index, head,
+                                   scored.texts)  # as the worker
     novelty = novelty_scores(scored.match.nearest_score)
     route_scores, verdicts = decide_with_lists(route_scores, policy, novelty, scored.list_hits, index)
     forced, confidence = forced_answers(route_scores, policy)
